@@ -1,0 +1,35 @@
+"""Exceptions sppbench raises. Every message says what to do next."""
+from __future__ import annotations
+
+
+class SppBenchError(Exception):
+    """Base class of every sppbench error."""
+
+
+class UnsupportedModelError(SppBenchError, TypeError):
+    """The model (or one of its blocks) has no family adapter."""
+
+
+class BudgetError(SppBenchError, ValueError):
+    """A budget that cannot be met or is malformed."""
+
+
+class SearchDivergedError(SppBenchError, FloatingPointError):
+    """The loss became NaN or inf during a search.
+
+    ``path`` holds the solution path as it was after the last finite step, so nothing already
+    computed is lost.
+    """
+
+    def __init__(self, message: str, path=None, step: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.step = step
+
+
+class SpecError(SppBenchError, ValueError):
+    """A pruned-model spec or weights file that is missing, corrupt or does not match."""
+
+
+class DataError(SppBenchError, FileNotFoundError):
+    """Missing or malformed data."""

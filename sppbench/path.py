@@ -1,0 +1,321 @@
+"""The solution path: entry steps -> one total ranking -> a keep-set for any budget.
+
+A ``SolutionPath`` holds, for every mask entry, the step at which it entered supp(Gamma) and the
+final V and M of the search, plus the cost model of the searched architecture, so keep-sets for
+any budget (fraction per pool, parameters, MACs) are read off it with no model and no new search.
+Every keep-set is a prefix of one fixed order, hence supports are nested across budgets.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .costs import CostModel
+from .errors import BudgetError, SpecError
+from .fileio import atomic_write_text
+from .masks import POOLS, MaskGroup
+
+PATH_FORMAT = "sppbench.path/1"
+READOUTS = ("global", "per-layer")
+
+
+@dataclass
+class KeepSet:
+    """Which entries of every mask group are kept, and what that costs.
+
+    ``masks[name]`` is a bool tensor per group. ``fraction`` is kept entries / all entries,
+    ``fractions`` the same per pool; ``params`` and ``macs`` (multiply-adds per sample) are those
+    of the compressed model; ``request`` is the budget asked for; ``readout`` 'global' or 'per-layer'.
+    """
+
+    masks: dict[str, torch.Tensor]
+    fraction: float
+    fractions: dict[str, float]
+    params: int
+    macs: int
+    request: dict = field(default_factory=dict)
+    readout: str = "global"
+
+    def indices(self, group: str) -> torch.Tensor:
+        """Sorted indices of the kept entries of one group."""
+        return torch.nonzero(self.masks[group], as_tuple=False).flatten()
+
+    def widths(self) -> dict[str, int]:
+        return {n: int(m.sum()) for n, m in self.masks.items()}
+
+    def issubset(self, other: "KeepSet") -> bool:
+        return all(bool((m & ~other.masks[n]).sum() == 0) for n, m in self.masks.items())
+
+    def summary(self) -> dict:
+        return {"request": self.request, "readout": self.readout, "fraction": self.fraction,
+                "fractions": self.fractions, "params": self.params, "macs": self.macs}
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "kept": {n: self.indices(n).tolist() for n in self.masks},
+                "sizes": {n: int(m.numel()) for n, m in self.masks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "KeepSet":
+        masks = {}
+        for n, size in d["sizes"].items():
+            m = torch.zeros(int(size), dtype=torch.bool)
+            m[torch.as_tensor(d["kept"][n], dtype=torch.long)] = True
+            masks[n] = m
+        return cls(masks, float(d["fraction"]), dict(d["fractions"]), int(d["params"]), int(d["macs"]),
+                   dict(d.get("request", {})), d.get("readout", "global"))
+
+
+class SolutionPath:
+    """Entry statistics of one search, with the ranking and budget read-outs built on them.
+
+    Attributes: ``groups`` (MaskGroup list), per-group tensors ``entry_step`` (long, -1 = never
+    entered), ``support_steps`` (steps spent in the support), ``V``, ``M`` (final values);
+    ``cost_model``; ``config`` (search settings); ``history`` (list of per-record dicts: step,
+    loss, support size per pool and per group).
+    """
+
+    def __init__(self, groups: Sequence[MaskGroup], entry_step: Mapping[str, torch.Tensor],
+                 V: Mapping[str, torch.Tensor], M: Mapping[str, torch.Tensor], cost_model: CostModel,
+                 config: dict | None = None, history: list[dict] | None = None,
+                 support_steps: Mapping[str, torch.Tensor] | None = None, info: dict | None = None):
+        self.groups = list(groups)
+        names = [g.name for g in self.groups]
+        self.entry_step = {n: torch.as_tensor(entry_step[n], dtype=torch.long).clone() for n in names}
+        self.V = {n: torch.as_tensor(V[n], dtype=torch.float32).clone() for n in names}
+        self.M = {n: torch.as_tensor(M[n], dtype=torch.float32).clone() for n in names}
+        self.support_steps = {n: (torch.as_tensor(support_steps[n], dtype=torch.long).clone() if support_steps
+                                  else torch.zeros(g.size, dtype=torch.long)) for n, g in zip(names, self.groups)}
+        for g in self.groups:
+            for what in (self.entry_step, self.V, self.M, self.support_steps):
+                if what[g.name].shape != (g.size,):
+                    raise SpecError(f"path group {g.name}: expected {g.size} entries, got {tuple(what[g.name].shape)}")
+        self.cost_model = cost_model
+        self.config = dict(config or {})
+        self.history = list(history or [])
+        self.info = dict(info or {})
+        self._orders: dict[str, list[tuple[int, int]]] = {}
+
+    # -- ranking -----------------------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return self.config.get("variant", "paper")
+
+    def _sort_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(group index, entry index, rank position) over all entries, in the path's total order.
+
+        paper: entry step ascending (never entered last), ties by |V| then |M| descending.
+        official: steps spent in the support descending, ties the same way.
+        Remaining ties (exactly equal statistics) go by group then entry index: deterministic.
+        """
+        gi = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
+        ei = torch.cat([torch.arange(g.size) for g in self.groups])
+        t = torch.cat([self.entry_step[g.name] for g in self.groups]).double()
+        if self.variant == "official":
+            primary = -torch.cat([self.support_steps[g.name] for g in self.groups]).double()
+        else:
+            primary = torch.where(t < 0, torch.full_like(t, math.inf), t)
+        v = torch.cat([self.V[g.name].abs() for g in self.groups]).double()
+        m = torch.cat([self.M[g.name].abs() for g in self.groups]).double()
+        cols = list(zip(primary.tolist(), (-v).tolist(), (-m).tolist(), gi.tolist(), ei.tolist()))
+        keys = sorted(range(len(cols)), key=cols.__getitem__)
+        order = torch.as_tensor(keys, dtype=torch.long)
+        return gi[order], ei[order], order
+
+    def order(self, readout: str = "global") -> list[tuple[int, int]]:
+        """Every entry as (group index, entry index), most important first.
+
+        'global': the path's total order across layers. 'per-layer': entries interleaved so that
+        every prefix keeps about the same fraction of each group, ranked by the path inside it.
+        """
+        if readout not in READOUTS:
+            raise BudgetError(f"unknown readout {readout!r}; use one of {READOUTS}")
+        if readout not in self._orders:
+            gi, ei, _ = self._sort_keys()
+            glob = list(zip(gi.tolist(), ei.tolist()))
+            if readout == "global":
+                self._orders[readout] = glob
+            else:
+                seen = [0] * len(self.groups)
+                keyed = []
+                for pos, (g, e) in enumerate(glob):
+                    seen[g] += 1
+                    keyed.append(((seen[g] - 0.5) / self.groups[g].size, pos, g, e))
+                keyed.sort()
+                self._orders[readout] = [(g, e) for _, _, g, e in keyed]
+        return self._orders[readout]
+
+    def ranking(self, readout: str = "global") -> dict[str, torch.Tensor]:
+        """Rank position (0 = most important) of every entry, per group."""
+        ranks = {g.name: torch.empty(g.size, dtype=torch.long) for g in self.groups}
+        for pos, (g, e) in enumerate(self.order(readout)):
+            ranks[self.groups[g].name][e] = pos
+        return ranks
+
+    # -- budgets -----------------------------------------------------------------------------
+    def _keepset(self, chosen: Iterable[tuple[int, int]], request: dict, readout: str) -> KeepSet:
+        masks = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in self.groups}
+        for g, e in chosen:
+            masks[self.groups[g].name][e] = True
+        widths = {n: int(m.sum()) for n, m in masks.items()}
+        params, macs = self.cost_model.cost(widths)
+        total = sum(g.size for g in self.groups)
+        fractions = {}
+        for pool in POOLS:
+            size = sum(g.size for g in self.groups if g.pool == pool)
+            if size:
+                fractions[pool] = sum(widths[g.name] for g in self.groups if g.pool == pool) / size
+        return KeepSet(masks, sum(widths.values()) / total, fractions, params, macs, request, readout)
+
+    def smallest(self) -> tuple[int, int]:
+        """(params, MACs) of the model with every mask entry removed."""
+        return self.cost_model.cost({g.name: 0 for g in self.groups})
+
+    def dense(self) -> tuple[int, int]:
+        return self.cost_model.cost({g.name: g.size for g in self.groups})
+
+    def keep(self, fraction: float | None = None, *, params: int | None = None, macs: int | None = None,
+             readout: str = "global") -> KeepSet:
+        """The keep-set for exactly one budget, read off this path.
+
+        fraction: keep this fraction of the entries of each pool (attention, MLP), rounded to the
+            nearest entry; params / macs: the longest prefix of the ranking whose compressed model
+            fits (MACs = multiply-adds per sample). The result reports what was achieved.
+        """
+        given = {k: v for k, v in (("fraction", fraction), ("params", params), ("macs", macs)) if v is not None}
+        if len(given) != 1:
+            raise BudgetError(
+                f"give exactly one budget: fraction=, params= or macs= (got {sorted(given) or 'none'}); "
+                "read several budgets with several keep() calls on the same path"
+            )
+        (kind, value), = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BudgetError(f"{kind} must be a finite number, got {value!r}")
+        order = self.order(readout)
+        request = {kind: value}
+        if kind == "fraction":
+            if not 0.0 < value <= 1.0:
+                raise BudgetError(f"fraction must be in (0, 1] (the share of entries kept), got {value}; "
+                                  "e.g. keep(fraction=0.5) keeps half of each pool")
+            chosen = []
+            if readout == "global":
+                for pool in POOLS:
+                    members = [(g, e) for g, e in order if self.groups[g].pool == pool]
+                    chosen += members[: int(round(value * len(members)))]
+            else:  # the same share of every group, by the path's order inside the group
+                per_group: dict[int, list[int]] = {}
+                for g, e in order:
+                    per_group.setdefault(g, []).append(e)
+                for g, es in per_group.items():
+                    chosen += [(g, e) for e in es[: int(round(value * len(es)))]]
+            return self._keepset(chosen, request, readout)
+        value = int(value)
+        idx = 0 if kind == "params" else 1
+        low = self.smallest()[idx]
+        if value < low:
+            raise BudgetError(
+                f"{kind}={value:,} is below the smallest model this architecture can be pruned to "
+                f"({low:,} {kind}: embeddings, norms, head and constant branches with every mask entry "
+                f"removed); ask for at least {low:,}"
+            )
+        # longest prefix that fits; costs are monotone in the prefix length, so bisect
+        names = [g.name for g in self.groups]
+
+        def cost_of(k: int) -> int:
+            widths = dict.fromkeys(names, 0)
+            for g, _ in order[:k]:
+                widths[names[g]] += 1
+            return self.cost_model.cost(widths)[idx]
+
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost_of(mid) <= value:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self._keepset(order[:lo], request, readout)
+
+    # -- support curves ------------------------------------------------------------------------
+    def support_curve(self, by: str = "pool"):
+        """A pandas DataFrame of support size vs step, per pool ('pool') or per group ('group')."""
+        import pandas as pd
+
+        rows = []
+        for rec in self.history:
+            sizes = rec["support_pool"] if by == "pool" else rec["support_group"]
+            for name, size in sizes.items():
+                rows.append({"step": rec["step"], by: name, "support": size})
+        return pd.DataFrame(rows)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": PATH_FORMAT,
+            "config": self.config,
+            "info": self.info,
+            "groups": [g.to_dict() for g in self.groups],
+            "cost_model": self.cost_model.to_dict(),
+            "entry_step": {n: t.tolist() for n, t in self.entry_step.items()},
+            "support_steps": {n: t.tolist() for n, t in self.support_steps.items()},
+            "V": {n: t.tolist() for n, t in self.V.items()},
+            "M": {n: t.tolist() for n, t in self.M.items()},
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SolutionPath":
+        if d.get("format") != PATH_FORMAT:
+            raise SpecError(f"not a sppbench solution path (format {d.get('format')!r}, expected {PATH_FORMAT!r})")
+        groups = [MaskGroup.from_dict(g) for g in d["groups"]]
+        return cls(groups, d["entry_step"], d["V"], d["M"], CostModel.from_dict(d["cost_model"]),
+                   d.get("config"), d.get("history"), d.get("support_steps"), d.get("info"))
+
+    def save(self, file: str | os.PathLike) -> Path:
+        """Write the path as JSON, atomically (temp file + rename)."""
+        file = Path(file)
+        atomic_write_text(file, json.dumps(self.to_dict()))
+        return file
+
+    @classmethod
+    def load(cls, file: str | os.PathLike) -> "SolutionPath":
+        file = Path(file)
+        if not file.is_file():
+            raise SpecError(f"no solution path at {file}; write one with path.save(file) after a search")
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{file} is not a readable solution path ({exc}); it may be truncated: rerun the "
+                            "search or restore the file") from exc
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"{file} is missing field {exc} of a solution path; rerun the search") from exc
+
+    def entries_table(self) -> list[dict]:
+        """One row per entry: group, pool, layer, index, entry_step, support_steps, V, M, rank."""
+        ranks = self.ranking("global")
+        rows = []
+        for g in self.groups:
+            for e in range(g.size):
+                rows.append({"group": g.name, "kind": g.kind, "pool": g.pool, "layer": g.layer, "index": e,
+                             "entry_step": int(self.entry_step[g.name][e]),
+                             "support_steps": int(self.support_steps[g.name][e]),
+                             "V": float(self.V[g.name][e]), "M": float(self.M[g.name][e]),
+                             "rank": int(ranks[g.name][e])})
+        return rows
+
+    def write_csv(self, file: str | os.PathLike) -> Path:
+        rows = self.entries_table()
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        return atomic_write_text(file, buf.getvalue())

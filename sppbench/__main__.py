@@ -1,0 +1,149 @@
+"""``python -m sppbench``: search, prune, quickstart and bench from a shell (and later torchrun)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODELS = ("embedded",)
+
+
+def _model(name: str, img_size: int):
+    if name != "embedded":
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"unknown model {name!r}; available here: {', '.join(MODELS)} (the DINOv2 ViT-S/14 Fashion-MNIST "
+            "classifier). From Python, any timm ViT/DeiT works: sppbench.attach_masks(timm.create_model(...))")
+    from .embedded import embedded_classifier
+
+    return embedded_classifier(img_size)
+
+
+def _constants(args) -> dict:
+    from .experiments import search_defaults
+
+    d = search_defaults("embedded")["constants"]
+    return {k: (getattr(args, k) if getattr(args, k) is not None else d[k]) for k in ("kappa", "alpha", "nu", "lam")}
+
+
+def cmd_search(args) -> int:
+    import torch.nn.functional as F
+
+    from . import attach_masks, search
+    from .data import Batches
+
+    ec = _model(args.model, args.img_size)
+    m = attach_masks(ec.model, input_size=(3, args.img_size, args.img_size))
+    consts = _constants(args)
+    batches = Batches(ec.splits.fit, args.img_size, args.batch_size, args.steps, seed=args.seed)
+    path = search(m, batches, F.cross_entropy, steps=args.steps, variant=args.variant, seed=args.seed,
+                  log_every=args.log_every, **consts)
+    path.config.update({"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+                        "data": "Fashion-MNIST fit split", "stand_in": ec.info["label"]})
+    out = path.save(args.out)
+    entered = sum(int((t >= 0).sum()) for t in path.entry_step.values())
+    print(json.dumps({"path": str(out), "steps": args.steps, "entered": entered, **consts,
+                      "seconds": path.config.get("seconds")}))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import attach_masks, compress, save_pruned
+    from .path import SolutionPath
+
+    budgets = {k: v for k, v in (("fraction", args.fraction), ("params", args.params), ("macs", args.macs))
+               if v is not None}
+    path = SolutionPath.load(args.path)  # fail on a bad path before building the model
+    keep = path.keep(**budgets, readout=args.readout)
+    img_size = int(path.config.get("img_size") or path.info.get("input_size", [3, 56, 56])[-1])
+    ec = _model(path.config.get("model", args.model), img_size)
+    m = attach_masks(ec.model, input_size=(3, img_size, img_size))
+    small = compress(m, keep)
+    folder = save_pruned(small, args.out, overwrite=args.overwrite)
+    print(json.dumps({"saved": str(folder), **keep.summary()}))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .experiments import QuickstartConfig, run_quickstart
+
+    cfg = QuickstartConfig(steps=args.steps, fractions=tuple(args.fractions), n_test=args.n_test,
+                           readout=args.readout, seed=args.seed)
+    res = run_quickstart(cfg)
+    print(res["table"].to_string(index=False))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import search_step
+
+    if args.what == "search-step":
+        res = search_step(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                          img_size=args.img_size, threads=args.threads)
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sppbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="run one SLBI search and save its solution path (JSON)")
+    s.add_argument("--model", default="embedded", help=f"model to search ({', '.join(MODELS)})")
+    s.add_argument("--img-size", type=int, default=56)
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=32)
+    for k in ("kappa", "alpha", "nu", "lam"):
+        s.add_argument(f"--{k}", type=float, default=None, help="default: the profile's tuned value")
+    s.add_argument("--variant", choices=("paper", "official"), default="paper")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-every", type=int, default=10)
+    s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
+    s.set_defaults(fn=cmd_search)
+
+    r = sub.add_parser("prune", help="read a budget off a saved path, compress the model and save it")
+    r.add_argument("--path", type=Path, required=True)
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fraction", type=float, help="share of entries kept per pool, in (0, 1]")
+    g.add_argument("--params", type=int, help="parameter budget")
+    g.add_argument("--macs", type=int, help="multiply-adds per sample budget")
+    r.add_argument("--readout", choices=("global", "per-layer"), default="global")
+    r.add_argument("--model", default="embedded")
+    r.add_argument("--out", type=Path, required=True, help="folder for spec.json + model.safetensors")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(fn=cmd_prune)
+
+    q = sub.add_parser("quickstart", help="the quickstart study: one search, several budgets, a record")
+    q.add_argument("--steps", type=int, default=100)
+    q.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3])
+    q.add_argument("--n-test", type=int, default=1000)
+    q.add_argument("--readout", choices=("global", "per-layer"), default="global")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_quickstart)
+
+    b = sub.add_parser("bench", help="print benchmark figures")
+    b.add_argument("what", choices=("search-step",))
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--img-size", type=int, default=56)
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import SppBenchError
+
+    try:
+        return args.fn(args)
+    except SppBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""DataFrame / path -> matplotlib figure. Every figure names its model, data and settings."""
+from __future__ import annotations
+
+
+def top1_vs_macs(table, title: str = ""):
+    """Top-1 (no retraining and head re-fit) against MACs per image, dense point marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pruned = table[table["budget"] != "dense"]
+    dense = table[table["budget"] == "dense"]
+    gmacs = pruned["macs"] / 1e9
+    ax.plot(gmacs, pruned["top1_head_refit"], "o-", label="SPP, head re-fit")
+    ax.plot(gmacs, pruned["top1_no_retrain"], "s--", label="SPP, no retraining")
+    if len(dense):
+        ax.axhline(float(dense["top1_no_retrain"].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+    for _, r in pruned.iterrows():
+        ax.annotate(f"{r['fraction']:.2f}", (r["macs"] / 1e9, r["top1_head_refit"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GMACs per image (multiply-adds, attention included)")
+    ax.set_ylabel("top-1")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def support_vs_step(path, title: str = ""):
+    """Support size of Gamma per pool against the search step (the inverse scale space)."""
+    import matplotlib.pyplot as plt
+
+    df = path.support_curve("pool")
+    sizes = {pool: sum(g.size for g in path.groups if g.pool == pool) for pool in df["pool"].unique()}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pool, part in df.groupby("pool"):
+        ax.plot(part["step"], part["support"] / sizes[pool], label=f"{pool} ({sizes[pool]} entries)")
+    ax.set_xlabel("search step")
+    ax.set_ylabel("fraction of entries in supp(Gamma)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,43 @@
+"""`python -m sppbench`: subcommands exist and bad input gives a clear error, not a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sppbench.__main__ import main
+from test_path import synthetic_path
+
+
+def test_help_lists_search_and_prune():
+    out = subprocess.run([sys.executable, "-m", "sppbench", "--help"], capture_output=True, text=True, check=True)
+    assert "search" in out.stdout and "prune" in out.stdout
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["search", "--model", "resnet-nope", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet-nope'" in err and "embedded" in err
+
+
+def test_prune_with_a_missing_or_corrupt_path(tmp_path, capsys):
+    assert main(["prune", "--path", str(tmp_path / "none.json"), "--fraction", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "no solution path" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["prune", "--path", str(bad), "--fraction", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_prune_rejects_impossible_budgets_before_building_anything(tmp_path, capsys):
+    f = synthetic_path().save(tmp_path / "p.json")
+    assert main(["prune", "--path", str(f), "--fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "fraction must be in (0, 1]" in capsys.readouterr().err
+    assert main(["prune", "--path", str(f), "--params", "10", "--out", str(tmp_path / "o")]) == 2
+    assert "below the smallest" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_budgets_at_once_are_refused():
+    out = subprocess.run([sys.executable, "-m", "sppbench", "prune", "--path", "p.json", "--fraction", "0.5",
+                          "--params", "100", "--out", "o"], capture_output=True, text=True)
+    assert out.returncode == 2 and "not allowed with argument" in out.stderr

@@ -1,0 +1,111 @@
+"""The SLBI optimizer: update rules, inverse scale space, state, and failure modes."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sppbench.dynamics import SLBI, shrink
+from sppbench.errors import SearchDivergedError
+
+
+def test_shrink_is_soft_threshold():
+    v = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    assert torch.equal(shrink(v, 1.0), torch.tensor([-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]))
+
+
+def test_paper_step_matches_the_formulas():
+    m = torch.nn.Parameter(torch.tensor([1.0, 0.5]))
+    opt = SLBI([m], kappa=2.0, alpha=0.1, nu=4.0, lam=0.01)
+    st = None
+    for step in range(3):
+        g = torch.tensor([0.3, -0.2])
+        m_old = m.detach().clone()
+        st = opt.state[m] if m in opt.state else None
+        V_old = st["V"].clone() if st else torch.zeros(2)
+        G_old = st["gamma"].clone() if st else torch.zeros(2)
+        m.grad = g.clone()
+        opt.step()
+        st = opt.state[m]
+        exp_m = m_old - 2.0 * 0.1 * (g + (m_old - G_old) / 4.0)
+        exp_V = V_old + (0.1 / 4.0) * (m_old - G_old)
+        assert torch.allclose(m.detach(), exp_m)
+        assert torch.allclose(st["V"], exp_V)
+        assert torch.allclose(st["gamma"], 2.0 * shrink(exp_V, 0.01))
+
+
+def test_state_exposes_entry_steps():
+    m = torch.nn.Parameter(torch.ones(3))
+    opt = SLBI([m], kappa=1.0, alpha=1.0, nu=10.0, lam=0.25)
+    for _ in range(5):
+        m.grad = torch.tensor([-1.0, 0.0, 0.5])  # entry 0 is held up, entry 2 pushed down
+        opt.step()
+    st = opt.state[m]
+    assert set(("V", "gamma", "entry_step", "support_steps")) <= set(st)
+    assert st["entry_step"].dtype == torch.long
+    # V grows at alpha/nu * M: the held-up entry reaches lam first, the neutral one next
+    t = st["entry_step"].tolist()
+    assert 0 < t[0] < t[1], t
+    assert t[2] == -1 or t[2] > t[1], t
+    assert st["support_steps"][0] == 5 - st["entry_step"][0] + 1
+
+
+def _linear_problem(seed=0, n=400, p=8):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g)
+    w = torch.tensor([3.0, -2.2, 1.6, 1.1, -0.7, 0.4, 0.2, 0.05])[:p]  # importance known: |w_j| (X_j unit scale)
+    y = X @ w + 0.01 * torch.randn(n, generator=g)
+    return X, w, y
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_inverse_scale_space_orders_features_by_importance(variant):
+    """y = X (w * m), w frozen, one mask entry per feature: the most important enter first."""
+    X, w, y = _linear_problem()
+    m = torch.nn.Parameter(torch.ones(len(w)))
+    if variant == "paper":
+        opt = SLBI([m], kappa=5.0, alpha=0.02, nu=1.0, lam=0.1)
+    else:
+        opt = SLBI([m], kappa=1.0, alpha=0.01, nu=1.0, lam=0.05, variant="official")
+    for _ in range(3000):
+        opt.zero_grad()
+        loss = 0.5 * ((X @ (w * m) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    st = opt.state[m]
+    if variant == "paper":
+        t = st["entry_step"].double()
+        assert (t > 0).sum() >= 6, t  # most features enter within the run
+        t[t < 0] = float("inf")
+        order = torch.argsort(t, stable=True)
+    else:
+        order = torch.argsort(-st["support_steps"].double(), stable=True)
+    entered = [int(i) for i in order[: 5]]
+    assert entered == [0, 1, 2, 3, 4], (variant, order.tolist(), st["entry_step"].tolist())
+
+
+def test_nonfinite_gradient_raises_and_changes_nothing():
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = SLBI([a, b], kappa=1.0, alpha=0.1, nu=1.0, lam=0.5)
+    a.grad = torch.zeros(3)
+    b.grad = torch.tensor([0.0, float("nan")])
+    with pytest.raises(SearchDivergedError, match="non-finite"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(3)) and torch.equal(b.detach(), torch.ones(2))
+
+
+def test_bad_constants_are_rejected_and_unstable_ones_warned():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    for bad in (dict(kappa=0.0), dict(alpha=-1.0), dict(nu=float("nan")), dict(lam=-0.1)):
+        kw = {**dict(kappa=1.0, alpha=0.1, nu=1.0, lam=0.1), **bad}
+        with pytest.raises(ValueError):
+            SLBI(p, **kw)
+    with pytest.raises(ValueError, match="variant"):
+        SLBI(p, kappa=1.0, alpha=0.1, nu=1.0, lam=0.1, variant="nope")
+    with pytest.warns(RuntimeWarning, match="kappa\\*alpha/nu"):
+        SLBI(p, kappa=10.0, alpha=1.0, nu=1.0, lam=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SLBI(p, kappa=1.0, alpha=0.1, nu=1.0, lam=0.1)

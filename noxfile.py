@@ -29,7 +29,7 @@ EXECUTED = ROOT / "results" / "executed"
 
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
 REPRODUCE_PARAMS = {
-    "00_quickstart.ipynb": {"steps": 200, "n_test": 2000, "n_refit": 2000},
+    "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
 }
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import measure
 from .compress import compress
-from .data import Batches, ImageSet, preprocess
+from .data import Batches, ImageSet
 from .embedded import IMG_SIZE, STAND_IN, embedded_classifier
-from .evaluate import LinearHead, features, fit_linear_head
+from .evaluate import features, fit_linear_head
 from .masks import MaskedModel
 from .path import KeepSet, SolutionPath
 from .results import RunRecord

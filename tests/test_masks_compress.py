@@ -10,7 +10,7 @@ from torch import nn
 import sppbench
 from sppbench.costs import CostModel
 from sppbench.path import KeepSet
-from conftest import TINY, tiny_vit
+from conftest import tiny_vit
 
 
 def random_keep(m: sppbench.MaskedModel, seed: int, empty: dict | None = None) -> KeepSet:
@@ -105,7 +105,7 @@ def test_compressed_params_exact_and_macs_within_one_percent(tiny, seed):
 def test_macs_count_the_attention_matmuls():
     model = tiny_vit()
     x = torch.randn(2, 3, 32, 32)
-    N, D, h = 17, 48, 3
+    N, D = 17, 48
     linear_only = sum(N * mod.in_features * mod.out_features for b in model.blocks
                       for mod in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
     attn_matmuls = len(model.blocks) * 2 * N * N * D

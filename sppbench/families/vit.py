@@ -194,6 +194,16 @@ def _build_dense(arch: dict, device: str | torch.device = "cpu") -> "VisionTrans
 # ---------------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None) -> None:
+    """Copy the kept output rows / input columns of ``src`` into the narrow ``dst``."""
+    w = src.weight if rows is None else src.weight[rows]
+    dst.weight.copy_(w if cols is None else w[:, cols])
+    if src.bias is not None:
+        dst.bias.copy_(src.bias if rows is None else src.bias[rows])
+
+
 def _group_names(i: int) -> tuple[str, str, str]:
     return f"blocks.{i}.attn.qk", f"blocks.{i}.attn.v", f"blocks.{i}.mlp"
 
@@ -347,13 +357,8 @@ class TimmViT(Family):
         new = PrunedAttention(D, h, len(qk), len(v), attn.scale, attn.qkv.bias is not None,
                               attn.proj.bias is not None, attn.proj.out_features)
         new.to(dtype=attn.qkv.weight.dtype, device=attn.qkv.weight.device)
-        with torch.no_grad():
-            new.qkv.weight.copy_(attn.qkv.weight[rows])
-            if attn.qkv.bias is not None:
-                new.qkv.bias.copy_(attn.qkv.bias[rows])
-            new.proj.weight.copy_(attn.proj.weight[:, v_cols])
-            if attn.proj.bias is not None:
-                new.proj.bias.copy_(attn.proj.bias)
+        _copy_linear(new.qkv, attn.qkv, rows=rows)
+        _copy_linear(new.proj, attn.proj, cols=v_cols)
         blk.attn = new
 
     def _slice_mlp(self, blk, mlp, hid: torch.Tensor) -> None:
@@ -363,13 +368,8 @@ class TimmViT(Family):
         new = self._narrow_mlp(mlp.fc1.in_features, len(hid), mlp.fc2.out_features,
                                mlp.fc1.bias is not None, mlp.fc2.bias is not None, mlp.act)
         new.to(dtype=mlp.fc1.weight.dtype, device=mlp.fc1.weight.device)
-        with torch.no_grad():
-            new.fc1.weight.copy_(mlp.fc1.weight[hid])
-            if mlp.fc1.bias is not None:
-                new.fc1.bias.copy_(mlp.fc1.bias[hid])
-            new.fc2.weight.copy_(mlp.fc2.weight[:, hid])
-            if mlp.fc2.bias is not None:
-                new.fc2.bias.copy_(mlp.fc2.bias)
+        _copy_linear(new.fc1, mlp.fc1, rows=hid)
+        _copy_linear(new.fc2, mlp.fc2, cols=hid)
         blk.mlp = new
 
     @staticmethod

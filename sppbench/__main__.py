@@ -55,8 +55,14 @@ def cmd_prune(args) -> int:
 
     budgets = {k: v for k, v in (("fraction", args.fraction), ("params", args.params), ("macs", args.macs))
                if v is not None}
-    path = SolutionPath.load(args.path)  # fail on a bad path before building the model
+    # fail on a bad path, budget or output folder before building the model
+    path = SolutionPath.load(args.path)
     keep = path.keep(**budgets, readout=args.readout)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
     img_size = int(path.config.get("img_size") or path.info.get("input_size", [3, 56, 56])[-1])
     ec = _model(path.config.get("model", args.model), img_size)
     m = attach_masks(ec.model, input_size=(3, img_size, img_size))

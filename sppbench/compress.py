@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import OutputExistsError, SpecError
 from .families import get as get_family
 from .masks import MaskedModel
 from .fileio import atomic_write_text
@@ -70,7 +70,8 @@ def save_pruned(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool 
                         "(it carries the architecture spec needed to rebuild it)")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} already exists and is not empty; choose another folder or pass overwrite=True")
+        raise OutputExistsError(f"{folder} already exists and is not empty; choose another folder or pass overwrite=True "
+                                "(--overwrite on the command line)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:

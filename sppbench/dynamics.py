@@ -10,6 +10,12 @@ The V and M updates both use the M and Gamma of the previous iterate (the standa
 and Yao; the coupling gradient enters M's update *before* the step, unlike the released code which
 added it after backward() where it never reaches M).
 
+With V' = kappa * V the paper form reads M <- M - (kappa*alpha) grad L - (kappa*alpha/nu)(M - Gamma),
+V' <- V' + (kappa*alpha/nu)(M - Gamma), Gamma = shrink(V', kappa*lam): the path depends on the four
+constants only through kappa*alpha (the loss step), kappa*alpha/nu (the decay rate of a mask the loss
+does not hold up) and kappa*lam (the entry threshold, relative to V's ceiling of 1 for such a mask).
+Grids over (kappa, alpha, nu, lam) should vary these three.
+
 Official form (``variant="official"``, to compare with the released DeiT code): M moves by Adam
 on the task loss alone, V <- V + s_k (M_new - Gamma) with s_k Adam's bias-corrected step size,
 Gamma = kappa * max(shrink(V, lam), 0) (one-sided; the released code has kappa = 1, lam = 3).

@@ -33,3 +33,7 @@ class SpecError(SppBenchError, ValueError):
 
 class DataError(SppBenchError, FileNotFoundError):
     """Missing or malformed data."""
+
+
+class OutputExistsError(SppBenchError, FileExistsError):
+    """An output folder already holds results; nothing is overwritten unless asked."""

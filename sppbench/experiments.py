@@ -73,7 +73,7 @@ class QuickstartConfig:
     fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.4, 0.3)
     readout: str = "global"
     latency_batch: int = 32
-    latency_repeats: int = 5
+    latency_repeats: int = 10
     study: str = "quickstart"
 
     def resolved(self) -> "QuickstartConfig":
@@ -209,6 +209,27 @@ class TuneConfig:
     study: str = "tune_embedded"
 
 
+SELECTION_RULE = (
+    "score = mean head-refit top-1 on the validation split (training data, never the test set); among the "
+    "points scoring within one standard error of the best (se = sqrt(p(1-p)/n_val)), the one whose search "
+    "loss peaked lowest (the most stable dynamics)"
+)
+
+
+def select_constants(table, n_val: int) -> dict | None:
+    """Apply SELECTION_RULE to a tuning table; returns the chosen row as a dict."""
+    if "score" not in table:
+        return None
+    ok = table.dropna(subset=["score"])
+    if ok.empty:
+        return None
+    top = float(ok["score"].max())
+    se = (top * (1 - top) / n_val) ** 0.5
+    near = ok[ok["score"] >= top - se]
+    key = "loss_max" if "loss_max" in near else "score"
+    return near.sort_values(key, ascending=key != "score").iloc[0].to_dict()
+
+
 def run_tune(cfg: TuneConfig, progress: bool = True) -> dict:
     """Search once per grid point; score = mean head-refit top-1 on val over ``score_fractions``."""
     import pandas as pd
@@ -228,7 +249,9 @@ def run_tune(cfg: TuneConfig, progress: bool = True) -> dict:
             m.detach_masks()
             rows.append({**point, "error": repr(exc)})
             continue
-        row = {**point, "search_s": round(time.perf_counter() - t, 1)}
+        losses = [h["loss"] for h in path.history]
+        row = {**point, "search_s": round(time.perf_counter() - t, 1), "loss_first": losses[0],
+               "loss_max": max(losses), "loss_last_10": sum(losses[-10:]) / len(losses[-10:])}
         entered = sum(int((s >= 0).sum()) for s in path.entry_step.values())
         row["entered_fraction"] = entered / sum(g.size for g in path.groups)
         scores = []
@@ -245,8 +268,7 @@ def run_tune(cfg: TuneConfig, progress: bool = True) -> dict:
         if progress:
             print(f"[tune] {row}", flush=True)
     table = pd.DataFrame(rows)
-    best = table.dropna(subset=["score"]).sort_values("score", ascending=False).iloc[0].to_dict() if "score" in table else None
-    info = {"stand_in": STAND_IN, "selection": "mean head-refit top-1 on the validation split (training data)",
-            "best": best, "splits": ec.splits.sizes()}
+    best = select_constants(table, len(ec.splits.val))
+    info = {"stand_in": STAND_IN, "selection": SELECTION_RULE, "best": best, "splits": ec.splits.sizes()}
     folder = write_record(cfg.study, cfg, None, table, info)
     return {"table": table, "best": best, "record": folder}

@@ -300,7 +300,8 @@ class SolutionPath:
             raise SpecError(f"{file} is missing field {exc} of a solution path; rerun the search") from exc
 
     def entries_table(self) -> list[dict]:
-        """One row per entry: group, pool, layer, index, entry_step, support_steps, V, M, rank."""
+        """One row per entry: group, pool, layer, index, entry_step, support_steps, V, M (6 significant
+        digits), rank."""
         ranks = self.ranking("global")
         rows = []
         for g in self.groups:
@@ -308,7 +309,8 @@ class SolutionPath:
                 rows.append({"group": g.name, "kind": g.kind, "pool": g.pool, "layer": g.layer, "index": e,
                              "entry_step": int(self.entry_step[g.name][e]),
                              "support_steps": int(self.support_steps[g.name][e]),
-                             "V": float(self.V[g.name][e]), "M": float(self.M[g.name][e]),
+                             "V": float(f"{float(self.V[g.name][e]):.6g}"),
+                             "M": float(f"{float(self.M[g.name][e]):.6g}"),
                              "rank": int(ranks[g.name][e])})
         return rows
 

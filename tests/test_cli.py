@@ -41,3 +41,14 @@ def test_two_budgets_at_once_are_refused():
     out = subprocess.run([sys.executable, "-m", "sppbench", "prune", "--path", "p.json", "--fraction", "0.5",
                           "--params", "100", "--out", "o"], capture_output=True, text=True)
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
+
+
+def test_prune_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
+    f = synthetic_path().save(tmp_path / "p.json")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    assert main(["prune", "--path", str(f), "--fraction", "0.5", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "earlier work"

@@ -109,3 +109,20 @@ def test_bad_constants_are_rejected_and_unstable_ones_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SLBI(p, kappa=1.0, alpha=0.1, nu=1.0, lam=0.1)
+
+
+def test_paper_form_depends_on_kappa_alpha_decay_and_threshold_only():
+    """(kappa, alpha, nu, lam) and (2 kappa, alpha / 2, nu, lam / 2) share kappa*alpha, kappa*alpha/nu and
+    kappa*lam, so their mask trajectories and entry steps coincide."""
+    X, w, y = _linear_problem(seed=1)
+    runs = []
+    for kappa, alpha, nu, lam in ((4.0, 0.02, 1.0, 0.1), (8.0, 0.01, 1.0, 0.05)):
+        m = torch.nn.Parameter(torch.ones(len(w), dtype=torch.float64))
+        opt = SLBI([m], kappa=kappa, alpha=alpha, nu=nu, lam=lam)
+        for _ in range(400):
+            opt.zero_grad()
+            (0.5 * ((X.double() @ (w.double() * m) - y.double()) ** 2).mean()).backward()
+            opt.step()
+        runs.append((m.detach().clone(), opt.state[m]["entry_step"].clone()))
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-9)
+    assert torch.equal(runs[0][1], runs[1][1])

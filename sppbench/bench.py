@@ -25,6 +25,9 @@ def search_step(batch_size: int = 32, steps: int = 5, repeats: int = 5, img_size
     A third figure, a step with trainable weights (weight gradients), is printed for context.
     """
     from . import attach_masks, search
+    from .experiments import search_defaults
+
+    consts = search_defaults("embedded")["constants"]  # the cost of a step does not depend on them
 
     if threads:
         torch.set_num_threads(threads)
@@ -52,7 +55,7 @@ def search_step(batch_size: int = 32, steps: int = 5, repeats: int = 5, img_size
         nonlocal m
         m = attach_masks(model, input_size=(3, img_size, img_size))
         t0 = time.perf_counter()
-        search(m, data, F.cross_entropy, steps=steps, kappa=10.0, alpha=1.0, nu=250.0, lam=0.05)
+        search(m, data, F.cross_entropy, steps=steps, **consts)
         dt = (time.perf_counter() - t0) / steps
         m.detach_masks()
         return dt

@@ -72,7 +72,8 @@ def _ensure_fashion_mnist(session: nox.Session) -> None:
 
 
 def _env(session: nox.Session, results: Path | None = None) -> dict:
-    env = {"MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "SPPBENCH_REQUIRE_EMBEDDED": "1"}
+    # no MPLBACKEND: notebook kernels use the inline backend, which is headless already
+    env = {"PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "SPPBENCH_REQUIRE_EMBEDDED": "1"}
     if results is not None:
         env["SPPBENCH_RESULTS"] = str(results)
     return env

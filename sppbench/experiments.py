@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import measure
 from .compress import compress
 from .data import Batches, ImageSet
-from .embedded import IMG_SIZE, STAND_IN, embedded_classifier
+from .embedded import HEAD_WEIGHT_DECAY, IMG_SIZE, STAND_IN, embedded_classifier
 from .evaluate import features, fit_linear_head
 from .masks import MaskedModel
 from .path import KeepSet, SolutionPath
@@ -61,7 +61,7 @@ class QuickstartConfig:
     n_test: int = 1000          # test images for reporting
     n_refit: int = 1000         # training images for the head re-fit read-out
     split_seed: int = 0
-    head_weight_decay: float = 1e-2
+    head_weight_decay: float = HEAD_WEIGHT_DECAY
     steps: int = 100
     batch_size: int = 32
     kappa: float = 0.0          # 0 = the profile's tuned default (sppbench/configs/search_embedded.json)
@@ -198,7 +198,7 @@ class TuneConfig:
     n_val: int = 1000
     n_refit: int = 1000
     split_seed: int = 0
-    head_weight_decay: float = 1e-2
+    head_weight_decay: float = HEAD_WEIGHT_DECAY
     steps: int = 100
     batch_size: int = 32
     grid: tuple = ()            # tuple of dicts {kappa, alpha, nu, lam}

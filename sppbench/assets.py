@@ -35,7 +35,6 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 import warnings
 from collections import defaultdict, deque
 from typing import Any
@@ -476,19 +475,11 @@ def _read_cache(path: pathlib.Path, stamp: str) -> dict[str, torch.Tensor] | Non
 
 def _write_cache_atomic(path: pathlib.Path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write via a temp file in the same folder + os.replace, so readers never see a partial file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, save(sd, metadata=metadata))
 
 
 def dinov2_vits14_state_dict(refresh: bool = False) -> dict[str, torch.Tensor]:

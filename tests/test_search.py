@@ -25,7 +25,7 @@ def test_search_returns_a_path_over_every_mask_entry():
     assert 0 < entered <= sum(g.size for g in m.groups)
     assert len(path.history) == 30 and path.history[-1]["step"] == 30
     assert path.config["kappa"] == CONSTS["kappa"] and path.config["variant"] == "paper"
-    # support sizes recorded per step never shrink below what has entered (entry is monotone here)
+    # one support-size record per step, and the support is not empty by the end
     sizes = [h["support_pool"]["attn"] + h["support_pool"]["mlp"] for h in path.history]
     assert sizes[-1] > 0
 

@@ -127,3 +127,108 @@ class SLBI(torch.optim.Optimizer):
     def support(self) -> list[torch.Tensor]:
         """Boolean supp(Gamma) of every parameter, in parameter order."""
         return [self._state(p)["gamma"] != 0 for g in self.param_groups for p in g["params"]]
+
+
+class ProximalL1(torch.optim.Optimizer):
+    """Lasso on mask tensors: a gradient step on the loss, then the soft threshold of L1 (ISTA).
+
+        M <- shrink(M - lr * grad_M L, lr * lam)
+
+    State per parameter: ``step`` and ``last_nonzero`` (the last step after which the entry was
+    non-zero; 0 = zeroed at the first step), used to order entries that ended at zero.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, lam: float):
+        for name, val in (("lr", lr), ("lam", lam)):
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        super().__init__(params, dict(lr=float(lr), lam=float(lam)))
+
+    def _state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["last_nonzero"] = torch.zeros(p.shape, dtype=torch.long, device=p.device)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    raise SearchDivergedError("non-finite mask gradient in the Lasso search; lower its lr")
+        for group in self.param_groups:
+            lr, lam = group["lr"], group["lam"]
+            for p in group["params"]:
+                st = self._state(p)
+                st["step"] += 1
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+                p.copy_(shrink(p, lr * lam))
+                st["last_nonzero"].masked_fill_(p != 0, st["step"])
+        return None
+
+
+def group_shrink(v: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
+    """Row-wise group soft threshold of (entries, n) ``v``: v_j * max(0, 1 - thresh_j / ||v_j||)."""
+    norm = v.norm(dim=1, keepdim=True)
+    factor = torch.clamp(1 - thresh.reshape(-1, 1) / norm.clamp_min(1e-30), min=0.0)
+    return v * factor
+
+
+class DessiLBI:
+    """SLBI on the WEIGHTS (DessiLBI, Fu et al. 2020) with group sparsity over structural units.
+
+    ``units[name]`` lists the weight slices that entry j of mask group ``name`` controls (see
+    ``Family.unit_slices``); every element of a trained tensor belongs to exactly one unit. Per step,
+    with W the unit's weights (gathered as (entries, n)) and Gamma its sparse twin:
+
+        W     <- W - alpha * (grad_W L + (W - Gamma) / nu)      (the whole tensor; coupling on units)
+        V     <- V + (alpha / nu) * (W - Gamma)
+        Gamma <- kappa * group_shrink(V, lam * sqrt(n))           (sqrt(n): units of different size compare)
+
+    ``entry_step[name][j]`` is the first step at which unit j's Gamma became non-zero.
+    """
+
+    def __init__(self, units: dict, kappa: float, alpha: float, nu: float, lam: float):
+        check_constants(kappa, alpha, nu, lam)
+        self.units, self.kappa, self.alpha, self.nu, self.lam = units, kappa, alpha, nu, lam
+        self.params = list({id(s.param): s.param for sl in units.values() for s in sl}.values())
+        self.t = 0
+        self.V, self.gamma, self.entry_step, self.width = {}, {}, {}, {}
+        for name, sl in units.items():
+            w = torch.cat([s.gather().detach() for s in sl], dim=1)
+            self.V[name] = torch.zeros_like(w)
+            self.gamma[name] = torch.zeros_like(w)
+            self.entry_step[name] = torch.full((w.shape[0],), -1, dtype=torch.long)
+            self.width[name] = w.shape[1]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise SearchDivergedError("non-finite weight gradient in the DessiLBI search; lower alpha")
+        self.t += 1
+        # the coupling gradient (W - Gamma) / nu, computed from the weights before the step
+        diffs = {name: torch.cat([s.gather().detach() for s in sl], dim=1) - self.gamma[name]
+                 for name, sl in self.units.items()}
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.alpha)
+        for name, sl in self.units.items():
+            diff = diffs[name]
+            col = 0
+            for s in sl:
+                n = s.gather().shape[1]
+                upd = s.gather().detach() - (self.alpha / self.nu) * diff[:, col:col + n]
+                s.scatter_(s.param.data, upd)
+                col += n
+            self.V[name].add_(diff, alpha=self.alpha / self.nu)
+            thresh = torch.full((diff.shape[0],), self.lam * math.sqrt(self.width[name]), dtype=diff.dtype)
+            self.gamma[name] = self.kappa * group_shrink(self.V[name], thresh)
+            inside = self.gamma[name].abs().sum(dim=1) > 0
+            self.entry_step[name].masked_fill_(inside & (self.entry_step[name] < 0), self.t)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None

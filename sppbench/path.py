@@ -85,7 +85,8 @@ class SolutionPath:
     def __init__(self, groups: Sequence[MaskGroup], entry_step: Mapping[str, torch.Tensor],
                  V: Mapping[str, torch.Tensor], M: Mapping[str, torch.Tensor], cost_model: CostModel,
                  config: dict | None = None, history: list[dict] | None = None,
-                 support_steps: Mapping[str, torch.Tensor] | None = None, info: dict | None = None):
+                 support_steps: Mapping[str, torch.Tensor] | None = None, info: dict | None = None,
+                 score: Mapping[str, torch.Tensor] | None = None):
         self.groups = list(groups)
         names = [g.name for g in self.groups]
         self.entry_step = {n: torch.as_tensor(entry_step[n], dtype=torch.long).clone() for n in names}
@@ -93,8 +94,10 @@ class SolutionPath:
         self.M = {n: torch.as_tensor(M[n], dtype=torch.float32).clone() for n in names}
         self.support_steps = {n: (torch.as_tensor(support_steps[n], dtype=torch.long).clone() if support_steps
                                   else torch.zeros(g.size, dtype=torch.long)) for n, g in zip(names, self.groups)}
+        self.score = ({n: torch.as_tensor(score[n], dtype=torch.float64).clone() for n in names}
+                      if score is not None else None)
         for g in self.groups:
-            for what in (self.entry_step, self.V, self.M, self.support_steps):
+            for what in (self.entry_step, self.V, self.M, self.support_steps, self.score or {g.name: torch.zeros(g.size)}):
                 if what[g.name].shape != (g.size,):
                     raise SpecError(f"path group {g.name}: expected {g.size} entries, got {tuple(what[g.name].shape)}")
         self.cost_model = cost_model
@@ -108,17 +111,27 @@ class SolutionPath:
     def variant(self) -> str:
         return self.config.get("variant", "paper")
 
+    @property
+    def rank_by(self) -> str:
+        """'entry' (SPP paper form), 'support' (official form) or 'score' (a baseline's importance score)."""
+        if self.score is not None:
+            return "score"
+        return "support" if self.variant == "official" else "entry"
+
     def _sort_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(group index, entry index, rank position) over all entries, in the path's total order.
 
         paper: entry step ascending (never entered last), ties by |V| then |M| descending.
         official: steps spent in the support descending, ties the same way.
+        score (baselines: Lasso's |M|, magnitude, random): score descending, ties the same way.
         Remaining ties (exactly equal statistics) go by group then entry index: deterministic.
         """
         gi = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
         ei = torch.cat([torch.arange(g.size) for g in self.groups])
         t = torch.cat([self.entry_step[g.name] for g in self.groups]).double()
-        if self.variant == "official":
+        if self.rank_by == "score":
+            primary = -torch.cat([self.score[g.name] for g in self.groups]).double()
+        elif self.rank_by == "support":
             primary = -torch.cat([self.support_steps[g.name] for g in self.groups]).double()
         else:
             primary = torch.where(t < 0, torch.full_like(t, math.inf), t)
@@ -267,6 +280,7 @@ class SolutionPath:
             "support_steps": {n: t.tolist() for n, t in self.support_steps.items()},
             "V": {n: t.tolist() for n, t in self.V.items()},
             "M": {n: t.tolist() for n, t in self.M.items()},
+            **({"score": {n: t.tolist() for n, t in self.score.items()}} if self.score is not None else {}),
             "history": self.history,
         }
 
@@ -276,7 +290,7 @@ class SolutionPath:
             raise SpecError(f"not a sppbench solution path (format {d.get('format')!r}, expected {PATH_FORMAT!r})")
         groups = [MaskGroup.from_dict(g) for g in d["groups"]]
         return cls(groups, d["entry_step"], d["V"], d["M"], CostModel.from_dict(d["cost_model"]),
-                   d.get("config"), d.get("history"), d.get("support_steps"), d.get("info"))
+                   d.get("config"), d.get("history"), d.get("support_steps"), d.get("info"), d.get("score"))
 
     def save(self, file: str | os.PathLike) -> Path:
         """Write the path as JSON, atomically (temp file + rename)."""
@@ -311,6 +325,7 @@ class SolutionPath:
                              "support_steps": int(self.support_steps[g.name][e]),
                              "V": float(f"{float(self.V[g.name][e]):.6g}"),
                              "M": float(f"{float(self.M[g.name][e]):.6g}"),
+                             **({"score": float(f"{float(self.score[g.name][e]):.6g}")} if self.score is not None else {}),
                              "rank": int(ranks[g.name][e])})
         return rows
 

@@ -1,8 +1,10 @@
 """The family-adapter interface and the registry that picks an adapter for a model."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -42,6 +44,66 @@ class Family:
     def build(self, spec: dict) -> nn.Module:
         """An (uninitialised) narrow model of the architecture a spec describes, ready for a strict load."""
         raise NotImplementedError
+
+    def unit_slices(self, masked: "MaskedModel") -> dict[str, list[UnitSlice]]:
+        """The weights each mask entry controls (its structural unit), per mask group.
+
+        Default for wrappers that keep the wrapped module as ``.attn`` (a fused ``qkv`` Linear laid
+        out [q | k | v], each (heads x head_dim), and a ``proj``) or ``.mlp`` (``fc1``, ``fc2``):
+        qk entry j = the q and k rows of dimension j in every head (with their biases); v entry j =
+        the v rows of dimension j in every head plus the matching ``proj`` input columns; mlp entry
+        j = ``fc1`` row j (and bias) plus ``fc2`` column j. DessiLBI shrinks these groups and the
+        magnitude baseline scores them.
+        """
+        out: dict[str, list[UnitSlice]] = {}
+        for g in masked.groups:
+            site, _ = masked._sites[g.name]
+            if g.kind in ("qk", "v"):
+                a = site.attn
+                h, d = a.num_heads, g.size
+                heads = torch.arange(h).unsqueeze(0) * d + torch.arange(d).unsqueeze(1)  # (d, h)
+                if g.kind == "qk":
+                    rows = torch.cat([heads, heads + h * d], dim=1)
+                    out[g.name] = _linear_rows(a.qkv, rows)
+                else:
+                    out[g.name] = _linear_rows(a.qkv, heads + 2 * h * d) + [UnitSlice(a.proj.weight, 1, heads)]
+            elif g.kind == "mlp":
+                mlp = site.mlp
+                idx = torch.arange(g.size).unsqueeze(1)
+                out[g.name] = _linear_rows(mlp.fc1, idx) + [UnitSlice(mlp.fc2.weight, 1, idx)]
+            else:  # pragma: no cover - a family with other mask kinds overrides this method
+                raise NotImplementedError(f"no structural units for mask kind {g.kind!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """Entry j of a mask group controls ``param.index_select(dim, index[j])`` (index: (entries, k))."""
+
+    param: nn.Parameter
+    dim: int
+    index: torch.Tensor
+
+    def gather(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """(entries, -1): the unit's values of ``tensor`` (default the parameter itself)."""
+        t = self.param if tensor is None else tensor
+        sel = t.index_select(self.dim, self.index.flatten())
+        sel = sel.movedim(self.dim, 0).reshape(self.index.shape[0], -1)
+        return sel
+
+    def scatter_(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
+        """Write (entries, -1) ``values`` back into ``tensor`` at the unit's positions."""
+        shape = list(tensor.movedim(self.dim, 0).shape)
+        shape[0] = self.index.numel()
+        vals = values.reshape(shape).movedim(0, self.dim)
+        tensor.index_copy_(self.dim, self.index.flatten(), vals)
+
+
+def _linear_rows(lin: nn.Linear, rows: torch.Tensor) -> list[UnitSlice]:
+    out = [UnitSlice(lin.weight, 0, rows)]
+    if lin.bias is not None:
+        out.append(UnitSlice(lin.bias, 0, rows))
+    return out
 
 
 FAMILIES: dict[str, Family] = {}

@@ -1,0 +1,407 @@
+"""Every way of choosing what to prune, behind one interface, on the same masks.
+
+A method turns a MaskedModel, training batches and a list of budgets into one pruned model per
+budget. Most methods produce a *ranking* of the mask entries (a ``SolutionPath``), from which every
+budget is read off exactly as for SPP; Lasso instead runs once per budget; the Torch-Pruning peers
+prune their own (slightly different) units.
+
+=================  ===========  ==============================================================
+name               kind         what ranks the entries
+=================  ===========  ==============================================================
+spp                one search   entry step on the SLBI path (paper form, method.md section 3)
+spp-official       one search   steps spent in the support (the released code's Adam form)
+lasso              per budget   the support of an L1-penalised mask search (ISTA), lambda by a
+                                recorded bisection per budget, trimmed to the budget by |M|
+lasso-rank         one search   |M| after one Lasso search (ablation: Lasso used as a ranking)
+dessilbi           one search   entry step of SLBI on the WEIGHTS with group shrinkage over the
+                                same structural units (method.md section 7)
+magnitude          no search    RMS of the weights each entry controls
+random             no search    a random order; read per layer (the same share of every group)
+tp-magnitude       peer         Torch-Pruning, L2 magnitude, one shot per budget
+tp-taylor          peer         Torch-Pruning, first-order Taylor, one shot per budget
+=================  ===========  ==============================================================
+
+Budgets are dicts with exactly one of ``fraction``, ``params`` or ``macs`` (per sample).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .compress import compress
+from .dynamics import DessiLBI, ProximalL1
+from .errors import BudgetError, SearchDivergedError, SppBenchError
+from .masks import MaskedModel
+from .path import KeepSet, SolutionPath
+from .train import _Cycle, forward_loss, search, to_device
+
+RANKING_METHODS = ("spp", "spp-official", "lasso-rank", "dessilbi", "magnitude", "random")
+PER_BUDGET_METHODS = ("lasso",)
+PEER_METHODS = ("tp-magnitude", "tp-taylor")
+METHODS = RANKING_METHODS + PER_BUDGET_METHODS + PEER_METHODS
+
+# Defaults that are not the tuned SPP constants (those come from sppbench/configs/search_<profile>.json).
+DEFAULTS = {
+    # the released code hard-codes kappa = 1 and lambda = 3; its Adam lr is chosen here so that a mask
+    # held at 1 enters the support half-way through the search (lam / alpha = steps / 2)
+    "spp-official": {"kappa": 1.0, "lam": 3.0, "alpha": "2*lam/steps"},
+    # ISTA step on the loss = SPP's loss step (kappa*alpha); lambda in units of u = lr*lam*steps
+    # (u = 1: a mask the loss does not hold up reaches 0 exactly at the end of the search)
+    "lasso": {"lr": "kappa*alpha of spp", "u_start": 2.0, "trials": 5},
+    "lasso-rank": {"lr": "kappa*alpha of spp", "u": 2.0},
+    # SGD lr on the weights, coupling nu, kappa; lam 'auto' = a unit that keeps its initial RMS
+    # enters at mid-search: lam = (alpha/nu) * (steps/2) * median unit RMS
+    "dessilbi": {"alpha": 1e-3, "nu": 100.0, "kappa": 1.0, "lam": "auto"},
+    "random": {"readout": "per-layer"},
+}
+
+
+@dataclass
+class Pruned:
+    """One method's pruned model for one budget."""
+
+    method: str
+    budget: dict
+    model: nn.Module
+    keep: KeepSet | None
+    seconds: float              # wall time spent choosing THIS budget's model (a shared search counts once
+                                # in ``search_seconds``; this is then the read-out + compression only)
+    search_seconds: float       # the search that served this budget (shared by every budget of a path)
+    readout: str | None
+    info: dict = field(default_factory=dict)
+
+
+def check_budget(budget: dict) -> tuple[str, float]:
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("fraction", "params", "macs"):
+        raise BudgetError(f"a budget is a dict with exactly one of fraction / params / macs, got {budget!r}")
+    (kind, value), = budget.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BudgetError(f"budget {kind} must be a finite number, got {value!r}")
+    if kind == "fraction" and not 0 < value <= 1:
+        raise BudgetError(f"fraction must be in (0, 1], got {value}")
+    return kind, value
+
+
+def check_method(name: str) -> str:
+    if name not in METHODS:
+        raise SppBenchError(f"unknown pruning method {name!r}; known methods: {', '.join(METHODS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask searches other than SPP
+# ---------------------------------------------------------------------------------------------
+def _mask_loop(m: MaskedModel, batches: Iterable, loss_fn: Callable, opt, steps: int, seed: int,
+               what: str) -> list[float]:
+    """Frozen weights, masks trained by ``opt`` (eval mode, masks reset to 1 before and after)."""
+    torch.manual_seed(seed)
+    masks = m.mask_parameters()
+    weights = list(m.weight_parameters())
+    saved = [p.requires_grad for p in weights]
+    was = m.training
+    device = next(iter(masks.values())).device
+    data = _Cycle(batches)
+    losses = []
+    m.reset_masks()
+    try:
+        for p in weights:
+            p.requires_grad_(False)
+        for p in masks.values():
+            p.requires_grad_(True)
+        m.eval()
+        for step in range(1, steps + 1):
+            loss = forward_loss(m, to_device(next(data), device), loss_fn)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise SearchDivergedError(f"{what}: the loss is {value} at step {step}; lower its step size", step=step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(value)
+    finally:
+        for p, rg in zip(weights, saved):
+            p.requires_grad_(rg)
+        for p in masks.values():
+            p.grad = None
+    m.train(was)
+    return losses
+
+
+def lasso_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, lr: float, lam: float,
+                 seed: int = 0) -> SolutionPath:
+    """One Lasso (ISTA) search on the masks; the path ranks entries by score.
+
+    score = |M| for entries left non-zero; for entries at zero, last_nonzero/steps - 1 in [-1, 0)
+    (zeroed later ranks higher). ``path.info['support']`` = the non-zero widths per group.
+    """
+    masks = m.mask_parameters()
+    opt = ProximalL1(list(masks.values()), lr=lr, lam=lam)
+    t0 = time.perf_counter()
+    try:
+        losses = _mask_loop(m, batches, loss_fn, opt, steps, seed, "Lasso search")
+        final = {n: p.detach().float().cpu().clone() for n, p in masks.items()}
+        last = {n: opt._state(p)["last_nonzero"].cpu() for n, p in masks.items()}
+    finally:
+        m.reset_masks()
+    score = {n: torch.where(final[n] != 0, final[n].abs().double(), last[n].double() / steps - 1) for n in masks}
+    widths = {n: int((final[n] != 0).sum()) for n in masks}
+    zeros = {n: torch.zeros(final[n].shape) for n in masks}
+    cfg = {"method": "lasso", "lr": lr, "lam": lam, "u": lr * lam * steps, "steps": steps, "seed": seed,
+           "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0], "loss_last": losses[-1]}
+    neg = {n: torch.full(final[n].shape, -1, dtype=torch.long) for n in masks}
+    info = {**m.info, "support": widths, "support_cost": list(m.cost_model.cost(widths))}
+    return SolutionPath(m.groups, neg, zeros, final, m.cost_model, cfg, [], None, info, score=score)
+
+
+def dessilbi_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, alpha: float, nu: float,
+                    kappa: float, lam: float | str = "auto", seed: int = 0) -> SolutionPath:
+    """DessiLBI on the weights of every structural unit; the weights are restored afterwards.
+
+    The ranking is the unit's entry step (ties: larger ||V||/sqrt(n), then larger final RMS weight).
+    Only the unit weights (qkv, proj, fc1, fc2) are trained; norms, embeddings and head stay frozen.
+    """
+    units = m.family.unit_slices(m)
+    params = list({id(s.param): s.param for sl in units.values() for s in sl}.values())
+    backup = [p.detach().clone() for p in params]
+    rms0 = torch.cat([torch.cat([s.gather().detach() for s in sl], 1).pow(2).mean(1).sqrt() for sl in units.values()])
+    if lam == "auto":
+        lam = float((alpha / nu) * (steps / 2) * rms0.median())
+    opt = DessiLBI(units, kappa=kappa, alpha=alpha, nu=nu, lam=float(lam))
+    everything = list(m.parameters())
+    saved = [p.requires_grad for p in everything]
+    device = params[0].device
+    data = _Cycle(batches)
+    torch.manual_seed(seed)
+    was = m.training
+    losses = []
+    t0 = time.perf_counter()
+    m.reset_masks()
+    try:
+        trained = {id(p) for p in params}
+        for p in everything:
+            p.requires_grad_(id(p) in trained)
+        m.eval()
+        for step in range(1, steps + 1):
+            loss = forward_loss(m, to_device(next(data), device), loss_fn)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise SearchDivergedError(f"DessiLBI: the loss is {value} at step {step}; lower alpha", step=step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(value)
+        drift = float(sum((p.detach() - b).pow(2).sum() for p, b in zip(params, backup)).sqrt()
+                      / sum(b.pow(2).sum() for b in backup).sqrt())
+        V = {n: (opt.V[n].norm(dim=1) / math.sqrt(opt.width[n])).float().cpu() for n in units}
+        M = {n: torch.cat([s.gather().detach() for s in sl], 1).pow(2).mean(1).sqrt().float().cpu()
+             for n, sl in units.items()}
+        entry = {n: opt.entry_step[n].clone() for n in units}
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+        for p, rg in zip(everything, saved):
+            p.requires_grad_(rg)
+            p.grad = None
+        m.train(was)
+    cfg = {"method": "dessilbi", "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam, "steps": steps, "seed": seed,
+           "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0], "loss_last": losses[-1],
+           "weights": "trained during the search, restored afterwards: only the ranking is used, so every method "
+                      "prunes the same dense weights",
+           "relative_weight_drift": drift, "shrink_threshold": "lam * sqrt(unit size)"}
+    sup = {n: torch.where(e > 0, steps - e + 1, torch.zeros_like(e)) for n, e in entry.items()}
+    return SolutionPath(m.groups, entry, V, M, m.cost_model, cfg, [], sup, m.info)
+
+
+def magnitude_path(m: MaskedModel) -> SolutionPath:
+    """Rank entries by the RMS of the weights they control (``Family.unit_slices``)."""
+    units = m.family.unit_slices(m)
+    with torch.no_grad():
+        score = {n: torch.cat([s.gather() for s in sl], 1).pow(2).mean(1).sqrt().double().cpu()
+                 for n, sl in units.items()}
+    return _score_path(m, score, {"method": "magnitude", "score": "RMS of the unit's weights"})
+
+
+def random_path(m: MaskedModel, seed: int) -> SolutionPath:
+    g = torch.Generator().manual_seed(seed)
+    score = {grp.name: torch.rand(grp.size, generator=g, dtype=torch.float64) for grp in m.groups}
+    return _score_path(m, score, {"method": "random", "seed": seed})
+
+
+def _score_path(m: MaskedModel, score: dict, cfg: dict) -> SolutionPath:
+    neg = {g.name: torch.full((g.size,), -1, dtype=torch.long) for g in m.groups}
+    zeros = {g.name: torch.zeros(g.size) for g in m.groups}
+    return SolutionPath(m.groups, neg, zeros, zeros, m.cost_model, {**cfg, "seconds": 0.0}, [], None, m.info,
+                        score=score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lasso to a budget: bisection on lambda
+# ---------------------------------------------------------------------------------------------
+def _budget_value(keep_or_cost: tuple[int, int], kind: str) -> int:
+    return keep_or_cost[0] if kind == "params" else keep_or_cost[1]
+
+
+def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget: dict, *, steps: int, lr: float,
+                    u_start: float = 2.0, trials: int = 5, seed: int = 0) -> tuple[KeepSet, dict]:
+    """Lasso searches with lambda = u / (lr * steps), u bracketed (x2 / /2) then bisected geometrically,
+    until the support's cost brackets the budget; the run whose support is the smallest one still at or
+    above the budget is trimmed to it by its |M| ranking (or, if every run is below, the largest is filled
+    by the order in which its entries were zeroed). Every try is recorded."""
+    kind, value = check_budget(budget)
+    tries, paths = [], []
+
+    def cost_of(path: SolutionPath) -> float:
+        widths = path.info["support"]
+        if kind == "fraction":
+            return sum(widths.values()) / sum(g.size for g in path.groups)
+        return _budget_value(path.cost_model.cost(widths), kind)
+
+    def run(u: float) -> float:
+        p = lasso_search(m, batches, loss_fn, steps=steps, lr=lr, lam=u / (lr * steps), seed=seed)
+        c = cost_of(p)
+        tries.append({"u": u, "lam": p.config["lam"], "support_cost": c, "seconds": p.config["seconds"]})
+        paths.append(p)
+        return c
+
+    lo = hi = None  # u giving cost >= budget (lo) and < budget (hi)
+    u = u_start
+    for _ in range(trials):
+        if lo is not None and hi is not None:
+            u = math.sqrt(lo * hi)
+        c = run(u)
+        if c >= value:
+            lo = u
+            if hi is None:
+                u *= 2
+        else:
+            hi = u
+            if lo is None:
+                u /= 2
+    above = [(c["support_cost"], i) for i, c in enumerate(tries) if c["support_cost"] >= value]
+    i = min(above)[1] if above else max((c["support_cost"], i) for i, c in enumerate(tries))[1]
+    keep = paths[i].keep(**{kind: value}, readout="global")
+    info = {"tries": tries, "chosen_try": i, "steps": steps, "lr": lr,
+            "search_seconds": round(sum(t["seconds"] for t in tries), 3),
+            "trimmed": "support trimmed to the budget by |M|" if above else
+                       "every try was below the budget: support filled by the order entries were zeroed"}
+    return keep, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The one interface
+# ---------------------------------------------------------------------------------------------
+def ranking(method: str, m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, seed: int = 0,
+            spp: dict, settings: dict | None = None) -> SolutionPath:
+    """The solution path / ranking of a ranking method. ``spp``: the SPP constants (kappa, alpha, nu, lam)."""
+    check_method(method)
+    s = dict(settings or {})
+    if method == "spp":
+        return search(m, batches, loss_fn, steps=steps, seed=seed, variant="paper",
+                      **{k: spp[k] for k in ("kappa", "alpha", "nu", "lam")})
+    if method == "spp-official":
+        kappa, lam = s.get("kappa", 1.0), s.get("lam", 3.0)
+        alpha = s.get("alpha", 2 * lam / steps)
+        return search(m, batches, loss_fn, steps=steps, seed=seed, variant="official", kappa=kappa, alpha=alpha,
+                      nu=1.0, lam=lam)
+    if method == "lasso-rank":
+        lr = s.get("lr", spp["kappa"] * spp["alpha"])
+        return lasso_search(m, batches, loss_fn, steps=steps, lr=lr, lam=s.get("u", 2.0) / (lr * steps), seed=seed)
+    if method == "dessilbi":
+        d = {**DEFAULTS["dessilbi"], **s}
+        return dessilbi_search(m, batches, loss_fn, steps=steps, alpha=d["alpha"], nu=d["nu"], kappa=d["kappa"],
+                               lam=d["lam"], seed=seed)
+    if method == "magnitude":
+        return magnitude_path(m)
+    if method == "random":
+        return random_path(m, seed)
+    raise SppBenchError(f"{method} is not a ranking method; use prune()")
+
+
+def prune(method: str, m: MaskedModel, budgets: Sequence[dict], *, batches: Iterable, loss_fn: Callable, steps: int,
+          spp: dict, seed: int = 0, readout: str = "global", settings: dict | None = None,
+          example_inputs: torch.Tensor | None = None, path: SolutionPath | None = None) -> list[Pruned]:
+    """One pruned (compressed) model per budget, chosen by ``method`` on the masks of ``m``.
+
+    Ranking methods search once (or reuse ``path``) and read every budget off it with ``readout``
+    ('random' always reads per layer); Lasso searches per budget; peers prune a copy of the dense
+    model (``example_inputs`` needed to measure MACs). ``m`` keeps its masks at 1.
+    """
+    check_method(method)
+    for b in budgets:
+        check_budget(b)
+    out: list[Pruned] = []
+    s = dict(settings or {})
+    if method in RANKING_METHODS:
+        if path is None:
+            path = ranking(method, m, batches, loss_fn, steps=steps, seed=seed, spp=spp, settings=s)
+        ro = "per-layer" if method == "random" else readout
+        for b in budgets:
+            t = time.perf_counter()
+            keep = path.keep(**b, readout=ro)
+            small = compress(m, keep)
+            out.append(Pruned(method, dict(b), small, keep, time.perf_counter() - t, path.config.get("seconds", 0.0),
+                              ro, {"search": path.config}))
+        return out
+    if method == "lasso":
+        lr = s.get("lr", spp["kappa"] * spp["alpha"])
+        for b in budgets:
+            t = time.perf_counter()
+            keep, info = lasso_to_budget(m, batches, loss_fn, b, steps=steps, lr=lr, u_start=s.get("u_start", 2.0),
+                                         trials=s.get("trials", 5), seed=seed)
+            small = compress(m, keep)
+            out.append(Pruned(method, dict(b), small, keep, time.perf_counter() - t, info["search_seconds"],
+                              "support", {"search": info}))
+        return out
+    # peers: Torch-Pruning one shot per budget, on a dense copy
+    from . import peers
+
+    reason = peers.available().get(method)
+    if reason:
+        raise SppBenchError(f"{method} is not available: {reason}")
+    if example_inputs is None:
+        raise ValueError(f"{method} needs example_inputs to measure MACs")
+    dense = copy.deepcopy(m).detach_masks()
+    calib = None
+    if method == "tp-taylor":
+        calib = [b for _, b in zip(range(int(s.get("taylor_batches", 4))), iter(batches))]
+    for b in budgets:
+        kind, value = check_budget(b)
+        if kind == "params":
+            raise BudgetError("the Torch-Pruning peers take a macs or fraction budget, not params")
+        t = time.perf_counter()
+        model, info = peers.tp_prune(dense, importance=method.split("-", 1)[1], example_inputs=example_inputs,
+                                     **{kind: value}, batches=calib, loss_fn=loss_fn,
+                                     round_to=s.get("round_to"), global_pruning=s.get("global_pruning", False))
+        secs = time.perf_counter() - t
+        out.append(Pruned(method, dict(b), model, None, secs, secs, None, {"peer": info}))
+    return out
+
+
+def spread(keep: KeepSet, groups) -> dict:
+    """How unevenly a keep-set spreads over layers: per pool, the coefficient of variation of the
+    kept share across blocks, the min / max share, and the number of blocks left with nothing."""
+    out = {}
+    for pool in ("attn", "mlp"):
+        layers: dict[int, list[int]] = {}
+        for g in groups:
+            if g.pool != pool:
+                continue
+            k = int(keep.masks[g.name].sum())
+            acc = layers.setdefault(g.layer, [0, 0])
+            acc[0] += k
+            acc[1] += g.size
+        shares = torch.tensor([k / n for k, n in layers.values()], dtype=torch.float64)
+        if len(shares) == 0:
+            continue
+        mean = float(shares.mean())
+        out[pool] = {"cv": float(shares.std(unbiased=False) / mean) if mean > 0 else 0.0,
+                     "min": float(shares.min()), "max": float(shares.max()),
+                     "empty_blocks": int((shares == 0).sum())}
+    return out

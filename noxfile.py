@@ -5,6 +5,7 @@ machine with Python 3.11 and pip, `pip install nox && nox -s <session>` is all i
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -30,6 +31,9 @@ EXECUTED = ROOT / "results" / "executed"
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
+    "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 100, "random_seeds": 3,
+                              "lasso_trials": 4, "n_val": 1000, "n_test": 2000, "n_refit": 1000,
+                              "finetune_steps": 60},
 }
 
 
@@ -118,7 +122,8 @@ def reproduce(session: nox.Session) -> None:
     start = time.perf_counter()
     for i, nb in enumerate(books, 1):
         out = EXECUTED / nb.name
-        params = [a for k, v in REPRODUCE_PARAMS.get(nb.name, {}).items() for a in ("-p", k, str(v))]
+        over = REPRODUCE_PARAMS.get(nb.name, {})
+        params = ["-y", json.dumps(over)] if over else []
         session.log(f"[{i}/{len(books)}] {nb.name} -> {out.relative_to(ROOT)} {' '.join(params)}")
         t0 = time.perf_counter()
         try:

@@ -88,6 +88,15 @@ def check_budget(budget: dict) -> tuple[str, float]:
     return kind, value
 
 
+def peer_reason(method: str) -> str | None:
+    """Why a peer method cannot run here (None if it can; always None for sppbench's own methods)."""
+    if method not in PEER_METHODS:
+        return None
+    from . import peers
+
+    return peers.available().get(method, f"unknown peer {method!r}")
+
+
 def check_method(name: str) -> str:
     if name not in METHODS:
         raise SppBenchError(f"unknown pruning method {name!r}; known methods: {', '.join(METHODS)}")
@@ -362,7 +371,7 @@ def prune(method: str, m: MaskedModel, budgets: Sequence[dict], *, batches: Iter
     # peers: Torch-Pruning one shot per budget, on a dense copy
     from . import peers
 
-    reason = peers.available().get(method)
+    reason = peer_reason(method)
     if reason:
         raise SppBenchError(f"{method} is not available: {reason}")
     if example_inputs is None:

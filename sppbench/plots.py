@@ -43,3 +43,29 @@ def support_vs_step(path, title: str = ""):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def methods_vs_macs(summary, title: str = "", dense=None):
+    """One panel per top-1 read-out (no retraining, head re-fit, fine-tuned): mean top-1 per method
+    against the achieved MACs fraction (error bars: spread over seeds where there are several)."""
+    import matplotlib.pyplot as plt
+
+    cols = [("top1_no_retrain", "no retraining"), ("top1_head_refit", "head re-fit"), ("top1_finetuned", "fine-tuned")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    pruned = summary[summary["method"] != "dense"]
+    for ax, (col, label) in zip(axes, cols):
+        for method, part in pruned.groupby("method", sort=False):
+            part = part.sort_values("macs_fraction")
+            err = part.get(col + "_sd")
+            ax.errorbar(part["macs_fraction"], part[col], yerr=err if err is not None and err.any() else None,
+                        marker="o", ms=4, capsize=2, label=method)
+        if dense is not None and col in dense:
+            ax.axhline(float(dense[col]), color="grey", lw=1, ls=":", label="dense")
+        ax.set_title(f"top-1, {label}", fontsize=9)
+        ax.set_xlabel("MACs / dense MACs (measured)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (test split)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

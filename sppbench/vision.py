@@ -74,15 +74,29 @@ def embedded_vit_task(n_head: int = 3000, n_val: int = 1000, n_test: int = 2000,
         {**ec.info, "refit_images": len(refit), "train_split": "fit (the head's training images)"})
 
 
-TASKS: dict[str, Callable[..., VisionTask]] = {"embedded-vit": embedded_vit_task}
+def embedded_swin_task(n_val: int = 1000, n_test: int = 2000, n_refit: int = 1000, split_seed: int = 0,
+                       **_) -> VisionTask:
+    """The embedded compact Swin, trained here on Fashion-MNIST (stand-in, not a public checkpoint)."""
+    from .embedded_swin import embedded_swin_task_parts
+
+    return embedded_swin_task_parts(VisionTask, _imageset_loader, n_val=n_val, n_test=n_test, n_refit=n_refit,
+                                    split_seed=split_seed)
 
 
-def get_task(name: str, **kw) -> VisionTask:
+TASKS: dict[str, Callable[..., VisionTask]] = {"embedded-vit": embedded_vit_task, "embedded-swin": embedded_swin_task}
+
+
+def get_task(name: str, data_root: str = "", **kw) -> VisionTask:
+    """An embedded task by name, or a paper-profile model (timm name) on the ImageNet folder ``data_root``."""
+    from .profiles import PAPER_MODELS, imagenet_task, paper_config
+
+    if name in PAPER_MODELS:
+        return imagenet_task(paper_config(name), data_root or None)
     if name not in TASKS:
         from .errors import UnsupportedModelError
 
-        raise UnsupportedModelError(f"unknown vision model {name!r}; known: {', '.join(TASKS)} "
-                                    "(paper profiles: see sppbench/configs/paper_*.json)")
+        raise UnsupportedModelError(f"unknown vision model {name!r}; embedded: {', '.join(TASKS)}; paper profiles: "
+                                    f"{', '.join(PAPER_MODELS)} (sppbench/configs/paper_*.json)")
     return TASKS[name](**kw)
 
 
@@ -152,6 +166,11 @@ class VisionTableConfig:
     finetune_steps: int = 100
     finetune_batch: int = 32
     finetune_lr: float = FINETUNE_DEFAULTS["lr"]
+    kappa: float = 0.0               # SPP constants; 0 = the embedded profile's tuned defaults (embedded models
+    alpha: float = 0.0               # only: the paper profile's constants are not published and must be given,
+    nu: float = 0.0                  # chosen by the kappa/lambda study on a validation split)
+    lam: float = 0.0
+    data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
     study: str = "vision_table"
 
     def resolved(self) -> "VisionTableConfig":
@@ -163,6 +182,18 @@ class VisionTableConfig:
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
             raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
         return self
+
+
+def spp_constants(cfg: VisionTableConfig) -> dict:
+    """The SPP constants of a run: given, or the embedded profile's tuned defaults for embedded models."""
+    given = {k: getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")}
+    if all(given.values()):
+        return given
+    if not cfg.model.startswith("embedded"):
+        raise ValueError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not publish "
+                         "them for its paper form; choose them with the kappa/lambda study on a validation split")
+    d = search_defaults("embedded")["constants"]
+    return {k: (v or d[k]) for k, v in given.items()}
 
 
 def _spread_cols(keep, groups) -> dict:
@@ -185,12 +216,11 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         if progress:
             print(f"[vision {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
+    spp = spp_constants(cfg)
     if task is None:
-        task = get_task(cfg.model, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
-                                       "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
-                                      if cfg.model.startswith("embedded") else {}))
-    spp = search_defaults("embedded")["constants"] if cfg.model == "embedded-vit" else \
-        search_defaults(f"{cfg.model}")["constants"]
+        task = get_task(cfg.model, cfg.data_root, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
+                                                      "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
+                                                     if cfg.model.startswith("embedded") else {}))
     x_macs = preprocess(torch.zeros(2, 28, 28, dtype=torch.uint8), task.img_size) if task.name.startswith("embedded") \
         else torch.randn(2, 3, task.img_size, task.img_size)
     dense = task.dense
@@ -236,15 +266,16 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                         best = None
                         for ro in candidates:
                             p = methods.prune(method, m, [b], readout=ro, path=path, **common)[0]
-                            score = evaluate(p.model, task, ("val",))["val_head_refit"] if len(candidates) > 1 else None
+                            cache: dict = {}  # the head re-fit on this model's features, reused for the test split
+                            score = evaluate(p.model, task, ("val",), cache)["val_head_refit"] \
+                                if len(candidates) > 1 else None
                             if best is None or (score is not None and score > best[0]):
-                                best = (score, p)
+                                best = (score, p, cache)
                         chosen.append(best)
                 else:
-                    chosen = [(None, p) for p in methods.prune(method, m, budgets, **common)]
-                    searches[(method, seed)] = sum(p.search_seconds for _, p in chosen)
-                for (val_score, p), frac in zip(chosen, cfg.macs_fractions):
-                    cache: dict = {}
+                    chosen = [(None, p, {}) for p in methods.prune(method, m, budgets, **common)]
+                    searches[(method, seed)] = sum(p.search_seconds for _, p, _ in chosen)
+                for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
                     ev = evaluate(p.model, task, ("test",), cache)
                     ft, ft_rec = finetuned_top1(p.model, seed)
                     macs = measure.macs(p.model, x_macs)

@@ -1,0 +1,65 @@
+"""The vision-table runner end to end on a tiny random-init ViT and synthetic images (no assets)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sppbench import methods
+from sppbench.data import Batches, ImageSet, preprocess
+from sppbench.vision import VisionTableConfig, VisionTask, _imageset_loader, run_vision_table, summarize
+from conftest import tiny_vit
+
+
+def tiny_task() -> VisionTask:
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        labels = model(preprocess(images, 32)).argmax(-1)  # labels the dense model gets right
+    data = ImageSet(images, labels, torch.arange(96), "train")
+    parts = {"refit": data.subset(range(0, 32)), "val": data.subset(range(32, 64)), "test": data.subset(range(64, 96))}
+    return VisionTask("tiny-vit", "test model: tiny random-init ViT, synthetic images", model, 32, 5,
+                      lambda bs, steps, seed: Batches(parts["refit"], 32, bs, steps, seed=seed),
+                      lambda split: _imageset_loader(parts[split], 32, batch_size=16), 1e-2, {"synthetic": True})
+
+
+def test_vision_table_runs_every_method_on_the_same_budgets(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    names = ("spp", "lasso", "dessilbi", "random")
+    if methods.peer_reason("tp-magnitude") is None:
+        names += ("tp-magnitude",)
+    cfg = VisionTableConfig(model="embedded-vit", methods=names, macs_fractions=(0.8, 0.5), steps=3, batch_size=8,
+                            random_seeds=2, lasso_trials=2, finetune_steps=2, finetune_batch=8)
+    res = run_vision_table(cfg, task=tiny_task(), progress=False)
+    t = res["table"]
+    dense = t[t["method"] == "dense"].iloc[0]
+    assert dense["top1_no_retrain"] == 1.0  # labels are the dense model's own predictions
+    pruned = t[t["method"] != "dense"]
+    assert len(pruned) == (len(names) + 1) * 2  # random: two seeds
+    assert (pruned["macs"] <= pruned["target_macs"]).all()
+    assert set(pruned.loc[pruned["method"] == "random", "readout"]) == {"per-layer"}
+    assert set(pruned.loc[pruned["method"] == "spp", "readout"]) <= {"global", "per-layer"}
+    assert pruned.loc[pruned["method"] == "spp", "val_head_refit"].notna().all()  # chosen on val
+    assert (pruned.loc[pruned["method"] == "lasso", "lasso_tries"] == 2).all()
+    for col in ("top1_no_retrain", "top1_head_refit", "top1_finetuned"):
+        assert pruned[col].between(0, 1).all()
+    fc = res["info"]["family_cost"]
+    assert fc["family_size"] == 5 and 0 < fc["ratio_final_runs_only"]
+    s = summarize(t)
+    rnd = s[s["method"] == "random"]
+    assert (rnd["seeds"] == 2).all() and "top1_finetuned_sd" in s
+    rec = json.loads((res["record"] / "metrics.json").read_text())
+    assert rec["info"]["readout_rule"].startswith("per budget") and len(rec["rows"]) == len(t)
+
+
+def test_vision_table_rejects_bad_parameters():
+    with pytest.raises(TypeError):
+        VisionTableConfig(steps="10").resolved()
+    with pytest.raises(Exception, match="unknown pruning method"):
+        VisionTableConfig(methods=("spp", "obd")).resolved()
+    with pytest.raises(ValueError, match="macs_fractions"):
+        VisionTableConfig(macs_fractions=(0.5, 1.5)).resolved()
+    with pytest.raises(ValueError, match="readout"):
+        VisionTableConfig(readout="best").resolved()

@@ -1,0 +1,181 @@
+"""Write the study notebooks from their cell definitions, and store their check cells' outputs.
+
+    python tools/build_notebooks.py write 10_vision_table        # (re)write the notebook, no outputs
+    python tools/build_notebooks.py store notebooks/10_vision_table.ipynb   # run it with its defaults
+                                                                  # (papermill) and store the outputs of
+                                                                  # its untagged (deterministic) cells
+
+The nbval policy (README): volatile cells are tagged ``nbval-ignore-output`` and stored without
+outputs; untagged cells (the final check cell) store the output nbval compares.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = ["nbval-ignore-output"]
+
+
+def md(text: str):
+    return ("markdown", [], text)
+
+
+def code(text: str, tags=None):
+    return ("code", list(tags or []), text)
+
+
+NOTEBOOKS: dict[str, list] = {}
+
+NOTEBOOKS["10_vision_table"] = [
+    md("""# 10 · The vision table: SPP vs Lasso vs DessiLBI vs peers, same model, masks, data and fine-tune
+
+Every method prunes **the same dense model** to **the same MAC budgets** with **the same masks**
+(Torch-Pruning prunes its own, slightly different units: see the `units` column), and every pruned
+model gets **the same evaluations and the same short fine-tune**. Per budget the table reports top-1
+with no retraining, with the classifier head re-fit on the pruned features, and after the fine-tune,
+plus the search wall time and how unevenly the keep-set spreads over layers (coefficient of
+variation of the kept share across blocks; `empty_blocks` = branches left with nothing).
+
+Read-outs (global or per-layer) are chosen per budget on a **validation split carved from the
+training data**; the test split is only reported. The SPP constants come from the validation-split
+grid in `sppbench/configs/search_embedded.json`.
+
+**Stand-ins.** The embedded models are a real DINOv2 ViT-S/14 with a linear head trained here on
+Fashion-MNIST, and a compact Swin trained here on Fashion-MNIST (not a public checkpoint). They do
+not reproduce any paper row; the paper's ImageNet rows are shown beside ours, marked as the paper's.
+The defaults below are small so the notebook runs in minutes under `pytest --nbval`;
+`nox -s reproduce` runs it with larger settings (see `noxfile.py`)."""),
+    code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
+models = ["embedded-vit"]  # embedded-vit, embedded-swin
+methods = ["spp", "spp-official", "lasso", "lasso-rank", "dessilbi", "magnitude", "random", "tp-magnitude", "tp-taylor"]
+macs_fractions = [0.7, 0.5, 0.35]  # budgets: fractions of the dense model's MACs
+steps = 12  # search steps (the same for every searching method), batch 32
+random_seeds = 2  # 'random' keep-sets drawn with this many seeds
+lasso_trials = 3  # Lasso searches per budget (lambda bisection)
+readout = "val"  # 'val' = choose global / per-layer per budget on the validation split
+n_val = 200  # validation images (training split) for the read-out choice
+n_test = 500  # test images for reporting
+n_refit = 300  # training images for the head re-fit
+finetune_steps = 10  # shared fine-tune: AdamW + cosine, batch 32
+seed = 0""", ["parameters"]),
+    code("""import matplotlib.pyplot as plt
+import pandas as pd
+
+from sppbench import methods as M
+from sppbench import plots, reference
+from sppbench.vision import VisionTableConfig, run_vision_table, summarize
+
+pd.set_option("display.width", 200)
+pd.set_option("display.max_columns", 30)
+available = [m for m in methods if m not in M.PEER_METHODS or M.peer_reason(m) is None]
+skipped = {m: M.peer_reason(m) for m in methods if m not in available}
+print("methods run:", available)
+print("skipped (and why):", skipped or "none")
+results = {}
+for model in models:
+    cfg = VisionTableConfig(model=model, methods=tuple(available), macs_fractions=tuple(macs_fractions), steps=steps,
+                            random_seeds=random_seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
+                            n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, seed=seed)
+    results[model] = run_vision_table(cfg)""", IGNORE),
+    code("""# Ours: one row per model x method x budget (mean over seeds; *_sd = spread over seeds, 0 for one seed)
+for model, res in results.items():
+    print(res["info"]["label"])
+    s = summarize(res["table"])
+    s["gmacs"] = (s["macs_fraction"] * res["info"]["dense_macs"] / 1e9).round(4)
+    s["params_m"] = (s["params"] / 1e6).round(2)
+    cols = ["method", "budget_macs_fraction", "gmacs", "params_m", "top1_no_retrain", "top1_head_refit",
+            "top1_finetuned", "top1_finetuned_sd", "seeds", "search_s"]
+    display(s[cols].round(3))""", IGNORE),
+    code("""# Per-row details: achieved MACs, read-out used, layer spread, peers' units
+for model, res in results.items():
+    t = res["table"]
+    cols = [c for c in ["method", "seed", "budget_macs_fraction", "macs_fraction", "readout", "val_head_refit",
+                        "spread_attn_cv", "spread_mlp_cv", "empty_blocks", "lasso_tries", "units"] if c in t]
+    display(t[cols].round(3))""", IGNORE),
+    code("""# Reported by others (the paper, timm, UPop) on ImageNet: NOT measured here, never mixed with ours
+display(reference.vision_rows())""", IGNORE),
+    code("""for model, res in results.items():
+    s = summarize(res["table"])
+    dense = s[s["method"] == "dense"].iloc[0]
+    fig = plots.methods_vs_macs(s, dense=dense, title=f"{res['info']['label']} | Fashion-MNIST test "
+                                f"({n_test} images) | search {steps} steps, fine-tune {finetune_steps} steps")
+    plt.show()""", IGNORE),
+    code("""# Which method won at each budget (mean top-1 after the fine-tune; ties within the seed spread are not wins)
+for model, res in results.items():
+    s = summarize(res["table"])
+    s = s[s["method"] != "dense"]
+    for col in ("top1_head_refit", "top1_finetuned"):
+        best = s.loc[s.groupby("budget_macs_fraction")[col].idxmax(), ["budget_macs_fraction", "method", col]]
+        print(model, col)
+        print(best.to_string(index=False))
+    print("family cost (SPP's one search vs Lasso's per-budget searches, same steps):", res["info"]["family_cost"])""",
+         IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+ok_rows, ok_budget, ok_nested, ok_record, ok_methods = True, True, True, True, True
+for model, res in results.items():
+    t = res["table"]
+    pruned = t[t["method"] != "dense"]
+    expect = sum((random_seeds if m == "random" else 1) for m in available) * len(macs_fractions)
+    ok_rows &= len(pruned) == expect
+    ok_budget &= bool((pruned["macs"] <= pruned["target_macs"] * 1.0 + 1).all())
+    ok_methods &= set(pruned["method"]) == set(available)
+    ok_record &= res["record"] is not None and (res["record"] / "metrics.json").is_file()
+    for m, part in pruned[pruned["shared_search"] == True].groupby(["method", "seed"]):  # noqa: E712
+        ok_nested &= bool(part.sort_values("budget_macs_fraction")["macs"].is_monotonic_increasing)
+print("one row per method x budget (x seed):", ok_rows)
+print("every pruned model within its MAC budget (measured):", ok_budget)
+print("every requested method ran:", ok_methods)
+print("budgets from one path grow with the budget:", ok_nested)
+print("records written:", ok_record)"""),
+]
+
+
+def build(name: str) -> Path:
+    cells = []
+    for kind, tags, text in NOTEBOOKS[name]:
+        lines = text.splitlines(keepends=True)
+        cell = {"cell_type": kind, "metadata": {"tags": tags} if tags else {}, "source": lines}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        cells.append(cell)
+    nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                                      "name": "python3"}, "language_info": {"name": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    for i, c in enumerate(nb["cells"]):
+        c["id"] = f"{name[:2]}-{i:02d}"
+    out = ROOT / "notebooks" / f"{name}.ipynb"
+    out.write_text(json.dumps(nb, indent=1) + "\n")
+    return out
+
+
+def store(path: Path) -> None:
+    """Execute with the defaults and keep only the untagged cells' outputs (execution counts cleared)."""
+    path = Path(path).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        subprocess.run([sys.executable, "-m", "papermill", "--cwd", str(path.parent), str(path), str(out)], check=True)
+        ran = json.loads(out.read_text())
+    nb = json.loads(path.read_text())
+    ran_code = [c for c in ran["cells"] if c["cell_type"] == "code"]
+    for c, r in zip([c for c in nb["cells"] if c["cell_type"] == "code"], ran_code):
+        tags = c["metadata"].get("tags", [])
+        volatile = "parameters" in tags or "nbval-ignore-output" in tags or "nbval-skip" in tags
+        c["outputs"] = [] if volatile else [o for o in r["outputs"] if o.get("output_type") == "stream"]
+        c["execution_count"] = None
+        for o in c["outputs"]:
+            o.pop("execution_count", None)
+    path.write_text(json.dumps(nb, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    verb, target = sys.argv[1], sys.argv[2]
+    if verb == "write":
+        print(build(target))
+    elif verb == "store":
+        store(Path(target))
+    else:
+        raise SystemExit(__doc__)

@@ -61,6 +61,9 @@ class MaskedModel(nn.Module):
         self.groups = groups
         self.cost_model = cost_model
         self.info = info  # family-specific facts recorded with results (tokens, input size, ...)
+        # the handle starts in the wrapped model's mode: a later handle.train(was) must not switch an eval
+        # model (e.g. one with drop-path) into training mode
+        self.training = model.training
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

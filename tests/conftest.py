@@ -65,3 +65,12 @@ def synthetic_batches(model: torch.nn.Module, size: int, n: int = 4, batch: int 
             x = torch.randn(batch, 3, size, size, generator=g)
             out.append((x, model(x).argmax(-1)))
     return out
+
+
+def tiny_swin(seed: int = 0):
+    """Swin v1 (timm SwinTransformer): two stages of two blocks, shifted windows in both stages
+    (16 x 16 then 8 x 8 tokens, window 4), relative position bias, no drop-path."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return _randomize(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                      window_size=4, mlp_ratio=2.0, num_classes=5, drop_path_rate=0.0), seed)

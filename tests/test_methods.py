@@ -14,13 +14,14 @@ from sppbench.dynamics import DessiLBI, ProximalL1, group_shrink
 from sppbench.errors import BudgetError, SearchDivergedError, SppBenchError
 from sppbench.families.base import UnitSlice
 from sppbench.train import finetune
-from conftest import synthetic_batches, tiny_dinov2, tiny_vit
+from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
 
 
-def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_entry():
-    model = tiny_vit()
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_entry(family):
+    model = tiny_vit() if family == "vit" else tiny_swin()
     x = torch.randn(2, 3, 32, 32)
     m = sppbench.attach_masks(model)
     units = m.family.unit_slices(m)
@@ -34,7 +35,8 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
             c += tmp
     for c in counts.values():
         assert torch.equal(c, torch.ones_like(c))  # every element of qkv / proj / fc1 / fc2 in exactly one unit
-    for name, entry in (("blocks.1.attn.qk", 2), ("blocks.0.attn.v", 5), ("blocks.2.mlp", 7)):
+    g = [grp.name for grp in m.groups]
+    for name, entry in ((g[3], 2), (g[1], 5), (g[-1], 7)):
         with torch.no_grad():
             m.reset_masks()
             m.mask_parameters()[name][entry] = 0

@@ -12,7 +12,6 @@ from sppbench import profiles
 from sppbench.errors import DataError, SppBenchError, UnsupportedModelError
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
-VIT_MODELS = [m for m in profiles.PAPER_MODELS if m.startswith("deit")]
 
 
 @pytest.mark.parametrize("name", profiles.PAPER_MODELS)
@@ -36,7 +35,7 @@ def test_unknown_paper_model_is_a_clear_error():
         profiles.paper_config("resnet50")
 
 
-@pytest.mark.parametrize("name", VIT_MODELS)
+@pytest.mark.parametrize("name", profiles.PAPER_MODELS)
 def test_full_size_architecture_costs_match_the_reported_dense_macs(name):
     cfg = profiles.paper_config(name)
     model = profiles.paper_model(cfg, pretrained=False)
@@ -55,11 +54,11 @@ def test_full_size_architecture_costs_match_the_reported_dense_macs(name):
     assert all(a.issubset(b) for a, b in zip(keeps[1:], keeps[:-1]))
 
 
-@pytest.mark.parametrize("name", VIT_MODELS)
+@pytest.mark.parametrize("name", profiles.PAPER_MODELS)
 def test_tiny_paper_architecture_runs_the_whole_pipeline(name, tmp_path):
     cfg = profiles.paper_config(name)
     model = profiles.paper_model(cfg, tiny=True)
-    assert type(model).__name__ in ("VisionTransformer", "VisionTransformerDistilled")
+    assert type(model).__name__ in ("VisionTransformer", "VisionTransformerDistilled", "SwinTransformer")
     size = cfg["tiny_test_overrides"]["img_size"]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -121,8 +121,8 @@ def detect(model: nn.Module) -> Family:
             return fam
     raise UnsupportedModelError(
         f"sppbench has no family adapter for {type(model).__module__}.{type(model).__name__}. "
-        f"Supported families: {', '.join(FAMILIES)}. Pass a timm VisionTransformer / DeiT / DINOv2 "
-        "model (e.g. timm.create_model('deit_small_patch16_224')), or add an adapter in "
+        f"Supported families: {', '.join(FAMILIES)}. Pass a timm VisionTransformer / DeiT / DINOv2 or "
+        "SwinTransformer model (e.g. timm.create_model('deit_small_patch16_224')), or add an adapter in "
         "sppbench/families/."
     )
 

@@ -31,9 +31,9 @@ EXECUTED = ROOT / "results" / "executed"
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
-    "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 100, "random_seeds": 3,
-                              "lasso_trials": 4, "n_val": 1000, "n_test": 2000, "n_refit": 1000,
-                              "finetune_steps": 60},
+    "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 60, "random_seeds": 3,
+                              "lasso_trials": 3, "n_val": 500, "n_test": 1000, "n_refit": 1000,
+                              "finetune_steps": 40},
 }
 
 

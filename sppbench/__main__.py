@@ -92,6 +92,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_vision_table(args) -> int:
+    from .vision import VisionTableConfig, run_vision_table, summarize
+
+    cfg = VisionTableConfig(model=args.model, methods=tuple(args.methods), macs_fractions=tuple(args.macs_fractions),
+                            steps=args.steps, random_seeds=args.random_seeds, lasso_trials=args.lasso_trials,
+                            readout=args.readout, n_val=args.n_val, n_test=args.n_test, n_refit=args.n_refit,
+                            finetune_steps=args.finetune_steps, seed=args.seed, data_root=args.data_root or "",
+                            **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
+    res = run_vision_table(cfg)
+    s = summarize(res["table"])
+    print(s.round(4).to_string(index=False))
+    print(f"family cost: {res['info']['family_cost']}")
+    print(f"record: {res['record']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sppbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--readout", choices=("global", "per-layer"), default="global")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=cmd_quickstart)
+
+    from .methods import METHODS
+
+    v = sub.add_parser("vision-table", help="every method on the same model, budgets (by MACs) and fine-tune")
+    v.add_argument("--model", default="embedded-vit",
+                   help="embedded-vit, embedded-swin, or a paper model (e.g. deit_small_patch16_224) with --data-root")
+    v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    v.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    v.add_argument("--steps", type=int, default=100)
+    v.add_argument("--random-seeds", type=int, default=3)
+    v.add_argument("--lasso-trials", type=int, default=5)
+    v.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
+    v.add_argument("--n-val", type=int, default=1000)
+    v.add_argument("--n-test", type=int, default=2000)
+    v.add_argument("--n-refit", type=int, default=1000)
+    v.add_argument("--finetune-steps", type=int, default=100)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--data-root", default=None, help="paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)")
+    for k in ("kappa", "alpha", "nu", "lam"):
+        v.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
+    v.set_defaults(fn=cmd_vision_table)
 
     b = sub.add_parser("bench", help="print benchmark figures")
     b.add_argument("what", choices=("search-step",))

@@ -205,7 +205,9 @@ def spp_constants(cfg: VisionTableConfig) -> dict:
     if all(given.values()):
         return given
     if not cfg.model.startswith("embedded"):
-        raise ValueError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not publish "
+        from .errors import SppBenchError
+
+        raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not publish "
                          "them for its paper form; choose them with the kappa/lambda study on a validation split")
     d = search_defaults("embedded")["constants"]
     return {k: (v or d[k]) for k, v in given.items()}

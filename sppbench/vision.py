@@ -244,16 +244,22 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     dense_macs, dense_params = measure.macs(dense, x_macs), measure.params(dense)
     rows = []
 
-    def finetuned_top1(model: nn.Module, seed: int) -> tuple[float, dict]:
+    def finetuned_top1(model: nn.Module, seed: int, head) -> tuple[float, dict]:
+        """LP-FT: start from the head re-fit on the pruned features, then the shared AdamW fine-tune."""
         tuned = copy.deepcopy(model)
+        lin = tuned.get_classifier()
+        with torch.no_grad():
+            lin.weight.copy_(head.weight.to(lin.weight))
+            lin.bias.copy_(head.bias.to(lin.bias))
         rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
                        steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed)
         f, y = _features(tuned, task.loader("test"))
         return _own_head_top1(tuned, f, y), rec
 
     # the dense reference, with the same evaluations and the same fine-tune
-    ev = evaluate(dense, task, ("test",))
-    ft, ft_rec = finetuned_top1(dense, cfg.seed)
+    dense_cache: dict = {}
+    ev = evaluate(dense, task, ("test",), dense_cache)
+    ft, ft_rec = finetuned_top1(dense, cfg.seed, dense_cache["head"])
     rows.append({"model": task.name, "method": "dense", "seed": cfg.seed, "budget_macs_fraction": 1.0,
                  "target_macs": dense_macs, "macs": dense_macs, "params": dense_params, "macs_fraction": 1.0,
                  "readout": None, "top1_no_retrain": ev["test_no_retrain"], "top1_head_refit": ev["test_head_refit"],
@@ -294,7 +300,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                     searches[(method, seed)] = sum(p.search_seconds for _, p, _ in chosen)
                 for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
                     ev = evaluate(p.model, task, ("test",), cache)
-                    ft, ft_rec = finetuned_top1(p.model, seed)
+                    ft, ft_rec = finetuned_top1(p.model, seed, cache["head"])
                     macs = measure.macs(p.model, x_macs)
                     row = {"model": task.name, "method": method, "seed": seed, "budget_macs_fraction": frac,
                            "target_macs": p.budget["macs"], "macs": macs, "params": measure.params(p.model),
@@ -316,6 +322,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
             "spp_constants": spp, "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
             "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
+                         "start": "LP-FT: the classifier starts from the head re-fit on the pruned features",
                          "batch_size": cfg.finetune_batch, "data": "training split ('fit')",
                          "evaluated": "own head on the test split"},
             "readout_rule": "per budget, the read-out with the higher head-refit top-1 on the validation split"
@@ -323,7 +330,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             "top1_settings": {"no_retrain": "the dense model's head on the pruned features (test split)",
                               "head_refit": "L-BFGS logistic regression on the refit split's pruned features, weight "
                                             f"decay {task.head_weight_decay} (test split)",
-                              "finetuned": "after the shared AdamW + cosine fine-tune (test split)"},
+                              "finetuned": "after the shared LP-FT: re-fit head, then AdamW + cosine (test split)"},
             "family_cost": family_cost(searches, len(budgets), cfg),
             "seconds": round(time.perf_counter() - t_start, 1)}
     folder = None

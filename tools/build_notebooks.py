@@ -56,7 +56,7 @@ macs_fractions = [0.7, 0.5, 0.35]  # budgets: fractions of the dense model's MAC
 steps = 12  # search steps (the same for every searching method), batch 32
 random_seeds = 2  # 'random' keep-sets drawn with this many seeds
 lasso_trials = 3  # Lasso searches per budget (lambda bisection)
-readout = "val"  # 'val' = choose global / per-layer per budget on the validation split
+readout = "val"  # val = choose global or per-layer per budget on the validation split
 n_val = 200  # validation images (training split) for the read-out choice
 n_test = 500  # test images for reporting
 n_refit = 300  # training images for the head re-fit

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import measure, methods
 from .data import Batches, ImageSet, preprocess
+from .errors import UnsupportedModelError
 from .evaluate import fit_linear_head
 from .experiments import check_types, search_defaults, write_record
 from .path import READOUTS
@@ -108,8 +109,6 @@ def get_task(name: str, data_root: str = "", **kw) -> VisionTask:
     if name in PAPER_MODELS:
         return imagenet_task(paper_config(name), data_root or None)
     if name not in TASKS:
-        from .errors import UnsupportedModelError
-
         raise UnsupportedModelError(f"unknown vision model {name!r}; embedded: {', '.join(TASKS)}; paper profiles: "
                                     f"{', '.join(PAPER_MODELS)} (sppbench/configs/paper_*.json)")
     return TASKS[name](**kw)
@@ -199,6 +198,18 @@ class VisionTableConfig:
         return self
 
 
+def _width_spread(head_dims, mlp_hidden) -> dict:
+    """Layer spread of a peer's pruned widths (per-block kept widths; no keep-set over sppbench's masks)."""
+    if not head_dims or not mlp_hidden:
+        return {}
+    out = {}
+    for key, widths in (("spread_attn_cv", head_dims), ("spread_mlp_cv", mlp_hidden)):
+        w = torch.tensor(widths, dtype=torch.float64)
+        out[key] = float(w.std(unbiased=False) / w.mean()) if float(w.mean()) > 0 else 0.0
+    out["empty_blocks"] = 0  # Torch-Pruning keeps at least one unit of every group
+    return out
+
+
 def spp_constants(cfg: VisionTableConfig) -> dict:
     """The SPP constants of a run: given, or the embedded profile's tuned defaults for embedded models."""
     given = {k: getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")}
@@ -269,8 +280,12 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     budgets = [{"macs": int(f * dense_macs)} for f in cfg.macs_fractions]
     m = _attach(dense, task)
     searches = {}
+    skipped: dict[str, str] = {}
     try:
         for method in cfg.methods:
+            if method in methods.PEER_METHODS and methods.peer_reason(method):
+                skipped[method] = methods.peer_reason(method)
+                continue
             seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
@@ -296,7 +311,14 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                                 best = (score, p, cache)
                         chosen.append(best)
                 else:
-                    chosen = [(None, p, {}) for p in methods.prune(method, m, budgets, **common)]
+                    try:
+                        chosen = [(None, p, {}) for p in methods.prune(method, m, budgets, **common)]
+                    except UnsupportedModelError as exc:
+                        if method not in methods.PEER_METHODS:
+                            raise
+                        skipped[method] = str(exc)  # a peer that cannot prune this family: said, not hidden
+                        log(f"{method} skipped: {exc}")
+                        break
                     searches[(method, seed)] = sum(p.search_seconds for _, p, _ in chosen)
                 for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
                     ev = evaluate(p.model, task, ("test",), cache)
@@ -310,7 +332,9 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                            "shared_search": method in methods.RANKING_METHODS, "finetune_s": ft_rec["seconds"],
                            **_spread_cols(p.keep, m.groups)}
                     if "peer" in p.info:
-                        row["units"] = p.info["peer"].get("units")
+                        peer = p.info["peer"]
+                        row["units"] = "torch-pruning: q+k+v dims together (see the record), MLP neurons"
+                        row.update(_width_spread(peer.get("head_dim"), peer.get("mlp_hidden")))
                     if method == "lasso":
                         row["lasso_tries"] = len(p.info["search"]["tries"])
                     rows.append(row)
@@ -320,7 +344,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         m.detach_masks()
     table = pd.DataFrame(rows)
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
-            "spp_constants": spp, "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
+            "spp_constants": spp, "skipped": skipped, "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
             "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
                          "start": "LP-FT: the classifier starts from the head re-fit on the pruned features",
                          "batch_size": cfg.finetune_batch, "data": "training split ('fit')",

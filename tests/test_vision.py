@@ -63,3 +63,17 @@ def test_vision_table_rejects_bad_parameters():
         VisionTableConfig(macs_fractions=(0.5, 1.5)).resolved()
     with pytest.raises(ValueError, match="readout"):
         VisionTableConfig(readout="best").resolved()
+
+
+def test_a_peer_that_cannot_prune_the_family_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    pytest.importorskip("torch_pruning")
+    from conftest import tiny_swin
+
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    task = tiny_task()
+    task.dense, task.name = tiny_swin(), "tiny-swin"
+    cfg = VisionTableConfig(methods=("magnitude", "tp-magnitude"), macs_fractions=(0.6,), steps=2, batch_size=8,
+                            finetune_steps=1, finetune_batch=8)
+    res = run_vision_table(cfg, task=task, progress=False)
+    assert "SwinTransformer" in res["info"]["skipped"]["tp-magnitude"]
+    assert set(res["table"]["method"]) == {"dense", "magnitude"}

@@ -281,6 +281,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     m = _attach(dense, task)
     searches = {}
     skipped: dict[str, str] = {}
+    configs: dict[str, object] = {}  # every search's settings (Lasso: each lambda try; peers: each ratio try)
     try:
         for method in cfg.methods:
             if method in methods.PEER_METHODS and methods.peer_reason(method):
@@ -296,6 +297,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                 if method in methods.RANKING_METHODS:
                     path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp)
                     searches[(method, seed)] = path.config.get("seconds", time.perf_counter() - t0)
+                    configs[f"{method}@seed{seed}"] = path.config
                     candidates = [cfg.readout] if cfg.readout != "val" else list(READOUTS)
                     if method == "random":
                         candidates = ["per-layer"]
@@ -320,6 +322,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                         log(f"{method} skipped: {exc}")
                         break
                     searches[(method, seed)] = sum(p.search_seconds for _, p, _ in chosen)
+                    configs[f"{method}@seed{seed}"] = [p.info for _, p, _ in chosen]
                 for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
                     ev = evaluate(p.model, task, ("test",), cache)
                     ft, ft_rec = finetuned_top1(p.model, seed, cache["head"])
@@ -344,7 +347,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         m.detach_masks()
     table = pd.DataFrame(rows)
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
-            "spp_constants": spp, "skipped": skipped, "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
+            "spp_constants": spp, "skipped": skipped, "search_configs": configs,
+            "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
             "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
                          "start": "LP-FT: the classifier starts from the head re-fit on the pruned features",
                          "batch_size": cfg.finetune_batch, "data": "training split ('fit')",

@@ -108,6 +108,22 @@ def cmd_vision_table(args) -> int:
     return 0
 
 
+def cmd_paper_check(args) -> int:
+    from .errors import SppBenchError
+    from .profiles import PAPER_MODELS, check_ready, paper_config
+
+    problems = []
+    for name in args.models or PAPER_MODELS:
+        try:
+            check_ready(paper_config(name), args.data_root, min_gpus=args.min_gpus)
+            print(f"ready: {name}")
+        except SppBenchError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SppBenchError("\n".join(problems))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sppbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -165,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     for k in ("kappa", "alpha", "nu", "lam"):
         v.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
     v.set_defaults(fn=cmd_vision_table)
+
+    c = sub.add_parser("paper-check", help="say whether the paper profile can run here (data, weights, GPUs)")
+    c.add_argument("--models", nargs="*", default=None)
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--min-gpus", type=int, default=1)
+    c.set_defaults(fn=cmd_paper_check)
 
     b = sub.add_parser("bench", help="print benchmark figures")
     b.add_argument("what", choices=("search-step",))

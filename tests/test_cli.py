@@ -65,3 +65,10 @@ def test_vision_table_on_a_paper_model_needs_constants_then_imagenet(tmp_path, c
     assert main(["vision-table", "--model", "resnet50", *consts]) == 2
     assert "unknown vision model" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_paper_check_says_what_is_missing(capsys, monkeypatch):
+    monkeypatch.delenv("SPPBENCH_IMAGENET", raising=False)
+    assert main(["paper-check", "--models", "deit_small_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "needs ImageNet" in err and "GPU" in err

@@ -39,5 +39,6 @@ def test_volatile_cells_are_tagged_and_stored_outputs_are_checks(path):
             assert not c["outputs"], "a volatile cell must be stored without outputs"
         else:
             assert c["outputs"], f"an untagged cell must store the output nbval compares:\n{''.join(c['source'])}"
+            assert c.get("execution_count"), "a cell with stored outputs needs an execution count (else nbval: 'unrun')"
     last = cells[-1]
     assert last["outputs"] and "nbval-ignore-output" not in last["metadata"].get("tags", [])

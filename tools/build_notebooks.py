@@ -155,7 +155,7 @@ def build(name: str) -> Path:
 
 
 def store(path: Path) -> None:
-    """Execute with the defaults and keep only the untagged cells' outputs (execution counts cleared)."""
+    """Execute with the defaults and keep only the untagged cells' outputs (stored cells get execution count 1)."""
     path = Path(path).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / path.name
@@ -167,7 +167,8 @@ def store(path: Path) -> None:
         tags = c["metadata"].get("tags", [])
         volatile = "parameters" in tags or "nbval-ignore-output" in tags or "nbval-skip" in tags
         c["outputs"] = [] if volatile else [o for o in r["outputs"] if o.get("output_type") == "stream"]
-        c["execution_count"] = None
+        # nbval treats a cell with outputs but no execution count as "unrun" and fails it
+        c["execution_count"] = 1 if c["outputs"] else None
         for o in c["outputs"]:
             o.pop("execution_count", None)
     path.write_text(json.dumps(nb, indent=1) + "\n")

@@ -322,7 +322,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                         log(f"{method} skipped: {exc}")
                         break
                     searches[(method, seed)] = sum(p.search_seconds for _, p, _ in chosen)
-                    configs[f"{method}@seed{seed}"] = [p.info for _, p, _ in chosen]
+                    # peers' kept indices per block are bulky (the keep-set of a mask method is not stored either)
+                    configs[f"{method}@seed{seed}"] = [{k: ({kk: vv for kk, vv in v.items() if kk != "kept"}
+                                                            if isinstance(v, dict) else v) for k, v in p.info.items()}
+                                                       for _, p, _ in chosen]
                 for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
                     ev = evaluate(p.model, task, ("test",), cache)
                     ft, ft_rec = finetuned_top1(p.model, seed, cache["head"])

@@ -229,6 +229,6 @@ class DessiLBI:
             inside = self.gamma[name].abs().sum(dim=1) > 0
             self.entry_step[name].masked_fill_(inside & (self.entry_step[name] < 0), self.t)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None

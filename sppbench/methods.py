@@ -106,23 +106,22 @@ def check_method(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Mask searches other than SPP
 # ---------------------------------------------------------------------------------------------
-def _mask_loop(m: MaskedModel, batches: Iterable, loss_fn: Callable, opt, steps: int, seed: int,
-               what: str) -> list[float]:
-    """Frozen weights, masks trained by ``opt`` (eval mode, masks reset to 1 before and after)."""
+def _frozen_loop(m: MaskedModel, batches: Iterable, loss_fn: Callable, opt, trained: list, steps: int, seed: int,
+                 what: str) -> list[float]:
+    """Train only ``trained`` (masks for Lasso, unit weights for DessiLBI) with ``opt``, everything else frozen,
+    in eval mode from masks at 1; requires_grad flags, grads and the train/eval mode are restored after."""
     torch.manual_seed(seed)
-    masks = m.mask_parameters()
-    weights = list(m.weight_parameters())
-    saved = [p.requires_grad for p in weights]
+    everything = list(m.parameters())
+    saved = [p.requires_grad for p in everything]
+    ids = {id(p) for p in trained}
     was = m.training
-    device = next(iter(masks.values())).device
+    device = trained[0].device
     data = _Cycle(batches)
     losses = []
     m.reset_masks()
     try:
-        for p in weights:
-            p.requires_grad_(False)
-        for p in masks.values():
-            p.requires_grad_(True)
+        for p in everything:
+            p.requires_grad_(id(p) in ids)
         m.eval()
         for step in range(1, steps + 1):
             loss = forward_loss(m, to_device(next(data), device), loss_fn)
@@ -134,11 +133,10 @@ def _mask_loop(m: MaskedModel, batches: Iterable, loss_fn: Callable, opt, steps:
             opt.step()
             losses.append(value)
     finally:
-        for p, rg in zip(weights, saved):
+        for p, rg in zip(everything, saved):
             p.requires_grad_(rg)
-        for p in masks.values():
             p.grad = None
-    m.train(was)
+        m.train(was)
     return losses
 
 
@@ -153,7 +151,7 @@ def lasso_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps:
     opt = ProximalL1(list(masks.values()), lr=lr, lam=lam)
     t0 = time.perf_counter()
     try:
-        losses = _mask_loop(m, batches, loss_fn, opt, steps, seed, "Lasso search")
+        losses = _frozen_loop(m, batches, loss_fn, opt, list(masks.values()), steps, seed, "Lasso search")
         final = {n: p.detach().float().cpu().clone() for n, p in masks.items()}
         last = {n: opt._state(p)["last_nonzero"].cpu() for n, p in masks.items()}
     finally:
@@ -182,29 +180,9 @@ def dessilbi_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, ste
     if lam == "auto":
         lam = float((alpha / nu) * (steps / 2) * rms0.median())
     opt = DessiLBI(units, kappa=kappa, alpha=alpha, nu=nu, lam=float(lam))
-    everything = list(m.parameters())
-    saved = [p.requires_grad for p in everything]
-    device = params[0].device
-    data = _Cycle(batches)
-    torch.manual_seed(seed)
-    was = m.training
-    losses = []
     t0 = time.perf_counter()
-    m.reset_masks()
     try:
-        trained = {id(p) for p in params}
-        for p in everything:
-            p.requires_grad_(id(p) in trained)
-        m.eval()
-        for step in range(1, steps + 1):
-            loss = forward_loss(m, to_device(next(data), device), loss_fn)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise SearchDivergedError(f"DessiLBI: the loss is {value} at step {step}; lower alpha", step=step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(value)
+        losses = _frozen_loop(m, batches, loss_fn, opt, params, steps, seed, "DessiLBI")
         drift = float(sum((p.detach() - b).pow(2).sum() for p, b in zip(params, backup)).sqrt()
                       / sum(b.pow(2).sum() for b in backup).sqrt())
         V = {n: (opt.V[n].norm(dim=1) / math.sqrt(opt.width[n])).float().cpu() for n in units}
@@ -215,10 +193,6 @@ def dessilbi_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, ste
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)
-        for p, rg in zip(everything, saved):
-            p.requires_grad_(rg)
-            p.grad = None
-        m.train(was)
     cfg = {"method": "dessilbi", "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam, "steps": steps, "seed": seed,
            "seconds": round(time.perf_counter() - t0, 3), "loss_first": losses[0], "loss_last": losses[-1],
            "weights": "trained during the search, restored afterwards: only the ranking is used, so every method "

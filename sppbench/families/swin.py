@@ -43,7 +43,7 @@ from ..costs import Branch, CostModel, register_branch
 from ..errors import SpecError, UnsupportedModelError
 from ..masks import MaskedModel, MaskGroup
 from .base import Family, register
-from .vit import _ACTS, SPEC_FORMAT, ConstantBranch, MaskedMlp, TimmViT, _act_name, _copy_linear, _numel
+from .vit import _ACTS, SPEC_FORMAT, ConstantBranch, MaskedMlp, TimmViT, _act_name, _copy_linear, _numel, rebuild_block
 
 FAMILY = "timm-swin"
 
@@ -515,19 +515,9 @@ class TimmSwin(Family):
             raise SpecError(f"spec lists {len(kept_blocks)} blocks ({len(scales)} attention scales) but the "
                             f"architecture has {len(blocks)}")
         for blk, kept, scale in zip(blocks, kept_blocks, scales):
-            attn, mlp = blk.attn, blk.mlp
-            nq, nv, nh = len(kept["qk"]), len(kept["v"]), len(kept["mlp"])
-            if nv == 0:
-                self._constant(blk, 1, attn.proj.bias, attn.proj.out_features)
-            else:
-                blk.attn = PrunedWindowAttention(attn.qkv.in_features, attn.num_heads, nq, nv, attn.window_size,
-                                                 float(scale), attn.qkv.bias is not None, attn.proj.bias is not None,
-                                                 attn.proj.out_features, attn.fused_attn)
-            if nh == 0:
-                self._constant(blk, 2, mlp.fc2.bias, mlp.fc2.out_features)
-            else:
-                blk.mlp = TimmViT._narrow_mlp(mlp.fc1.in_features, nh, mlp.fc2.out_features,
-                                              mlp.fc1.bias is not None, mlp.fc2.bias is not None, mlp.act)
+            rebuild_block(self, blk, kept, lambda a, nq, nv, scale=float(scale): PrunedWindowAttention(
+                a.qkv.in_features, a.num_heads, nq, nv, a.window_size, scale, a.qkv.bias is not None,
+                a.proj.bias is not None, a.proj.out_features, a.fused_attn))
         model.sppbench_spec = spec
         return model
 

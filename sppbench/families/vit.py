@@ -387,21 +387,29 @@ class TimmViT(Family):
             raise SpecError(f"spec lists {len(blocks)} blocks but the architecture has {len(model.blocks)}")
         scale = float(spec["attention_scale"])
         for blk, kept in zip(model.blocks, blocks):
-            attn, mlp = blk.attn, blk.mlp
-            nq, nv, nh = len(kept["qk"]), len(kept["v"]), len(kept["mlp"])
-            if nv == 0:
-                self._constant(blk, 1, attn.proj.bias, attn.proj.out_features)
-            else:
-                blk.attn = PrunedAttention(attn.qkv.in_features, attn.num_heads, nq, nv, scale,
-                                           attn.qkv.bias is not None, attn.proj.bias is not None,
-                                           attn.proj.out_features)
-            if nh == 0:
-                self._constant(blk, 2, mlp.fc2.bias, mlp.fc2.out_features)
-            else:
-                blk.mlp = self._narrow_mlp(mlp.fc1.in_features, nh, mlp.fc2.out_features,
-                                           mlp.fc1.bias is not None, mlp.fc2.bias is not None, mlp.act)
+            rebuild_block(self, blk, kept, lambda a, nq, nv: PrunedAttention(
+                a.qkv.in_features, a.num_heads, nq, nv, scale, a.qkv.bias is not None, a.proj.bias is not None,
+                a.proj.out_features))
         model.sppbench_spec = spec
         return model
+
+
+def rebuild_block(family: Family, blk: nn.Module, kept: dict, make_attention) -> None:
+    """Give a dense block the narrow attention / MLP (or constant branches) that a spec's kept lists describe.
+
+    ``make_attention(dense_attn, qk_width, v_width)`` builds the family's narrow attention module.
+    """
+    attn, mlp = blk.attn, blk.mlp
+    nq, nv, nh = len(kept["qk"]), len(kept["v"]), len(kept["mlp"])
+    if nv == 0:
+        family._constant(blk, 1, attn.proj.bias, attn.proj.out_features)
+    else:
+        blk.attn = make_attention(attn, nq, nv)
+    if nh == 0:
+        family._constant(blk, 2, mlp.fc2.bias, mlp.fc2.out_features)
+    else:
+        blk.mlp = TimmViT._narrow_mlp(mlp.fc1.in_features, nh, mlp.fc2.out_features, mlp.fc1.bias is not None,
+                                      mlp.fc2.bias is not None, mlp.act)
 
 
 register(TimmViT())

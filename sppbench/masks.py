@@ -35,13 +35,16 @@ class MaskGroup:
     pool: str
     size: int
     layer: int  # block index, for per-layer read-outs and plots
+    tower: str = ""  # 'image' / 'text' in a dual encoder (CLIP); '' in a single-tower model
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "pool": self.pool, "size": self.size, "layer": self.layer}
+        d = {"name": self.name, "kind": self.kind, "pool": self.pool, "size": self.size, "layer": self.layer}
+        return {**d, "tower": self.tower} if self.tower else d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "MaskGroup":
-        return cls(str(d["name"]), str(d["kind"]), str(d["pool"]), int(d["size"]), int(d["layer"]))
+        return cls(str(d["name"]), str(d["kind"]), str(d["pool"]), int(d["size"]), int(d["layer"]),
+                   str(d.get("tower", "")))
 
 
 class MaskedModel(nn.Module):

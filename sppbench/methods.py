@@ -21,7 +21,10 @@ tp-magnitude       peer         Torch-Pruning, L2 magnitude, one shot per budget
 tp-taylor          peer         Torch-Pruning, first-order Taylor, one shot per budget
 =================  ===========  ==============================================================
 
-Budgets are dicts with exactly one of ``fraction``, ``params`` or ``macs`` (per sample).
+Budgets are dicts with exactly one of ``fraction``, ``params`` or ``macs`` (per sample). In a
+dual encoder (CLIP) a budget is joint (both towers, MACs of one image plus one caption), or for one
+tower (``{"macs": 2e9, "tower": "image"}``; the other tower stays dense), or one per tower
+(``{"towers": {"image": {"macs": 2e9}, "text": {"fraction": 0.5}}}``, ranking methods only).
 """
 from __future__ import annotations
 
@@ -78,8 +81,25 @@ class Pruned:
 
 
 def check_budget(budget: dict) -> tuple[str, float]:
+    """(kind, value) of a budget dict; a per-tower budget ``{"towers": {...}}`` gives ('towers', nan) after
+    checking each tower's own budget."""
+    if isinstance(budget, dict) and set(budget) == {"towers"}:
+        towers = budget["towers"]
+        if not isinstance(towers, dict) or not towers:
+            raise BudgetError(f"'towers' maps tower names to budgets, e.g. {{'image': {{'fraction': 0.5}}}}; "
+                              f"got {towers!r}")
+        for t, b in towers.items():
+            if not isinstance(b, dict) or "tower" in b:
+                raise BudgetError(f"tower {t!r}: give a budget dict like {{'macs': 2e9}}, got {b!r}")
+            check_budget(b)
+        return "towers", math.nan
+    if isinstance(budget, dict) and "tower" in budget:
+        if not isinstance(budget["tower"], str):
+            raise BudgetError(f"tower must be a tower name such as 'image' or 'text', got {budget['tower']!r}")
+        budget = {k: v for k, v in budget.items() if k != "tower"}
     if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("fraction", "params", "macs"):
-        raise BudgetError(f"a budget is a dict with exactly one of fraction / params / macs, got {budget!r}")
+        raise BudgetError(f"a budget is a dict with exactly one of fraction / params / macs (and optionally "
+                          f"a tower), got {budget!r}")
     (kind, value), = budget.items()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BudgetError(f"budget {kind} must be a finite number, got {value!r}")
@@ -238,13 +258,19 @@ def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget
     above the budget is trimmed to it by its |M| ranking (or, if every run is below, the largest is filled
     by the order in which its entries were zeroed). Every try is recorded."""
     kind, value = check_budget(budget)
-    tries, paths = [], []
+    if kind == "towers":
+        raise BudgetError("Lasso searches once per budget: give it a joint budget or one tower's "
+                          "({'macs': ..., 'tower': 'image'}), not a 'towers' budget")
+    tower = budget.get("tower")
 
     def cost_of(path: SolutionPath) -> float:
         widths = path.info["support"]
         if kind == "fraction":
-            return sum(widths.values()) / sum(g.size for g in path.groups)
-        return _budget_value(path.cost_model.cost(widths), kind)
+            groups = [g for g in path.groups if tower is None or g.tower == tower]
+            return sum(widths[g.name] for g in groups) / sum(g.size for g in groups)
+        return _budget_value(path.cost_model.cost(widths, part=tower), kind)
+
+    tries, paths = [], []
 
     def run(u: float) -> float:
         p = lasso_search(m, batches, loss_fn, steps=steps, lr=lr, lam=u / (lr * steps), seed=seed)
@@ -269,7 +295,7 @@ def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget
                 u /= 2
     above = [(c["support_cost"], i) for i, c in enumerate(tries) if c["support_cost"] >= value]
     i = min(above)[1] if above else max((c["support_cost"], i) for i, c in enumerate(tries))[1]
-    keep = paths[i].keep(**{kind: value}, readout="global")
+    keep = paths[i].keep(**{kind: value}, readout="global", tower=tower)
     info = {"tries": tries, "chosen_try": i, "steps": steps, "lr": lr,
             "search_seconds": round(sum(t["seconds"] for t in tries), 3),
             "trimmed": "support trimmed to the budget by |M|" if above else
@@ -327,7 +353,7 @@ def prune(method: str, m: MaskedModel, budgets: Sequence[dict], *, batches: Iter
         ro = "per-layer" if method == "random" else readout
         for b in budgets:
             t = time.perf_counter()
-            keep = path.keep(**b, readout=ro)
+            keep = path.keep_towers(b["towers"], readout=ro) if "towers" in b else path.keep(**b, readout=ro)
             small = compress(m, keep)
             out.append(Pruned(method, dict(b), small, keep, time.perf_counter() - t, path.config.get("seconds", 0.0),
                               ro, {"search": path.config}))
@@ -356,6 +382,8 @@ def prune(method: str, m: MaskedModel, budgets: Sequence[dict], *, batches: Iter
         calib = [b for _, b in zip(range(int(s.get("taylor_batches", 4))), iter(batches))]
     for b in budgets:
         kind, value = check_budget(b)
+        if kind == "towers" or "tower" in b:
+            raise BudgetError(f"{method} prunes single-tower timm ViTs only; it takes no tower budgets")
         if kind == "params":
             raise BudgetError("the Torch-Pruning peers take a macs or fraction budget, not params")
         t = time.perf_counter()
@@ -372,12 +400,12 @@ def spread(keep: KeepSet, groups) -> dict:
     kept share across blocks, the min / max share, and the number of blocks left with nothing."""
     out = {}
     for pool in ("attn", "mlp"):
-        layers: dict[int, list[int]] = {}
+        layers: dict[tuple[str, int], list[int]] = {}
         for g in groups:
             if g.pool != pool:
                 continue
             k = int(keep.masks[g.name].sum())
-            acc = layers.setdefault(g.layer, [0, 0])
+            acc = layers.setdefault((g.tower, g.layer), [0, 0])
             acc[0] += k
             acc[1] += g.size
         shares = torch.tensor([k / n for k, n in layers.values()], dtype=torch.float64)

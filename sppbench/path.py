@@ -34,6 +34,8 @@ class KeepSet:
     ``masks[name]`` is a bool tensor per group. ``fraction`` is kept entries / all entries,
     ``fractions`` the same per pool; ``params`` and ``macs`` (multiply-adds per sample) are those
     of the compressed model; ``request`` is the budget asked for; ``readout`` 'global' or 'per-layer'.
+    ``towers``: for a multi-tower model (CLIP), params, MACs (per image / per caption) and the kept
+    fraction of each tower.
     """
 
     masks: dict[str, torch.Tensor]
@@ -43,6 +45,7 @@ class KeepSet:
     macs: int
     request: dict = field(default_factory=dict)
     readout: str = "global"
+    towers: dict = field(default_factory=dict)
 
     def indices(self, group: str) -> torch.Tensor:
         """Sorted indices of the kept entries of one group."""
@@ -55,8 +58,9 @@ class KeepSet:
         return all(bool((m & ~other.masks[n]).sum() == 0) for n, m in self.masks.items())
 
     def summary(self) -> dict:
-        return {"request": self.request, "readout": self.readout, "fraction": self.fraction,
-                "fractions": self.fractions, "params": self.params, "macs": self.macs}
+        out = {"request": self.request, "readout": self.readout, "fraction": self.fraction,
+               "fractions": self.fractions, "params": self.params, "macs": self.macs}
+        return {**out, "towers": self.towers} if self.towers else out
 
     def to_dict(self) -> dict:
         return {**self.summary(), "kept": {n: self.indices(n).tolist() for n in self.masks},
@@ -70,7 +74,7 @@ class KeepSet:
             m[torch.as_tensor(d["kept"][n], dtype=torch.long)] = True
             masks[n] = m
         return cls(masks, float(d["fraction"]), dict(d["fractions"]), int(d["params"]), int(d["macs"]),
-                   dict(d.get("request", {})), d.get("readout", "global"))
+                   dict(d.get("request", {})), d.get("readout", "global"), dict(d.get("towers", {})))
 
 
 class SolutionPath:
@@ -185,22 +189,57 @@ class SolutionPath:
             size = sum(g.size for g in self.groups if g.pool == pool)
             if size:
                 fractions[pool] = sum(widths[g.name] for g in self.groups if g.pool == pool) / size
-        return KeepSet(masks, sum(widths.values()) / total, fractions, params, macs, request, readout)
+        towers = {}
+        for t in self.towers:
+            tp, tm = self.cost_model.cost(widths, part=t)
+            members = [g for g in self.groups if g.tower == t]
+            towers[t] = {"params": tp, "macs": tm,
+                         "fraction": sum(widths[g.name] for g in members) / sum(g.size for g in members)}
+        return KeepSet(masks, sum(widths.values()) / total, fractions, params, macs, request, readout, towers)
 
-    def smallest(self) -> tuple[int, int]:
-        """(params, MACs) of the model with every mask entry removed."""
-        return self.cost_model.cost({g.name: 0 for g in self.groups})
+    @property
+    def towers(self) -> list[str]:
+        """The towers of a multi-tower model (e.g. ['image', 'text'] for CLIP), else []."""
+        return sorted({g.tower for g in self.groups if g.tower})
 
-    def dense(self) -> tuple[int, int]:
-        return self.cost_model.cost({g.name: g.size for g in self.groups})
+    def smallest(self, tower: str | None = None) -> tuple[int, int]:
+        """(params, MACs) of the model (or of one tower) with every mask entry removed."""
+        return self.cost_model.cost({g.name: 0 for g in self.groups}, part=tower)
+
+    def dense(self, tower: str | None = None) -> tuple[int, int]:
+        return self.cost_model.cost({g.name: g.size for g in self.groups}, part=tower)
+
+    def _check_tower(self, tower: str) -> None:
+        if tower not in self.towers:
+            raise BudgetError(f"tower={tower!r}: this path's model has towers {self.towers or 'none (single tower)'}; "
+                              + ("use one of them" if self.towers else "leave tower unset"))
+
+    def keep_towers(self, budgets: Mapping[str, Mapping], *, readout: str = "global") -> KeepSet:
+        """One budget per tower, e.g. ``{"image": {"macs": 2e9}, "text": {"fraction": 0.5}}``: each tower is read
+        off its own part of the ranking and priced alone (MACs per image / per caption). Towers not named
+        stay dense. Supports stay nested across budgets of the same tower."""
+        if not budgets:
+            raise BudgetError("keep_towers() needs at least one tower budget, e.g. {'image': {'fraction': 0.5}}")
+        masks = None
+        for tower, b in budgets.items():
+            ks = self.keep(**dict(b), readout=readout, tower=tower)
+            mine = {g.name for g in self.groups if g.tower == tower}
+            masks = ({n: m.clone() for n, m in ks.masks.items()} if masks is None
+                     else {n: (ks.masks[n] if n in mine else m) for n, m in masks.items()})
+        index = {g.name: i for i, g in enumerate(self.groups)}
+        chosen = [(index[n], int(e)) for n, m in masks.items() for e in torch.nonzero(m).flatten().tolist()]
+        return self._keepset(chosen, {"towers": {t: dict(b) for t, b in budgets.items()}}, readout)
 
     def keep(self, fraction: float | None = None, *, params: int | None = None, macs: int | None = None,
-             readout: str = "global") -> KeepSet:
+             readout: str = "global", tower: str | None = None) -> KeepSet:
         """The keep-set for exactly one budget, read off this path.
 
         fraction: keep this fraction of the entries of each pool (attention, MLP), rounded to the
             nearest entry; params / macs: the longest prefix of the ranking whose compressed model
             fits (MACs = multiply-adds per sample). The result reports what was achieved.
+        tower: in a multi-tower model (CLIP), apply the budget to this tower alone (priced alone: MACs
+            per image or per caption) and keep the other towers dense; without it the budget is joint
+            (one image plus one caption; fractions over both towers' pools).
         """
         given = {k: v for k, v in (("fraction", fraction), ("params", params), ("macs", macs)) if v is not None}
         if len(given) != 1:
@@ -213,6 +252,12 @@ class SolutionPath:
             raise BudgetError(f"{kind} must be a finite number, got {value!r}")
         order = self.order(readout)
         request = {kind: value}
+        fixed: list[tuple[int, int]] = []  # entries outside the budgeted tower: kept
+        if tower is not None:
+            self._check_tower(tower)
+            request["tower"] = tower
+            fixed = [(g, e) for g, e in order if self.groups[g].tower != tower]
+            order = [(g, e) for g, e in order if self.groups[g].tower == tower]
         if kind == "fraction":
             if not 0.0 < value <= 1.0:
                 raise BudgetError(f"fraction must be in (0, 1] (the share of entries kept), got {value}; "
@@ -228,13 +273,14 @@ class SolutionPath:
                     per_group.setdefault(g, []).append(e)
                 for g, es in per_group.items():
                     chosen += [(g, e) for e in es[: int(round(value * len(es)))]]
-            return self._keepset(chosen, request, readout)
+            return self._keepset(fixed + chosen, request, readout)
         value = int(value)
         idx = 0 if kind == "params" else 1
-        low = self.smallest()[idx]
+        low = self.smallest(tower)[idx]
         if value < low:
             raise BudgetError(
-                f"{kind}={value:,} is below the smallest model this architecture can be pruned to "
+                f"{kind}={value:,} is below the smallest model this architecture"
+                + (f"'s {tower} tower" if tower else "") + " can be pruned to "
                 f"({low:,} {kind}: embeddings, norms, head and constant branches with every mask entry "
                 f"removed); ask for at least {low:,}"
             )
@@ -245,7 +291,7 @@ class SolutionPath:
             widths = dict.fromkeys(names, 0)
             for g, _ in order[:k]:
                 widths[names[g]] += 1
-            return self.cost_model.cost(widths)[idx]
+            return self.cost_model.cost(widths, part=tower)[idx]
 
         lo, hi = 0, len(order)
         while lo < hi:
@@ -254,7 +300,7 @@ class SolutionPath:
                 lo = mid
             else:
                 hi = mid - 1
-        return self._keepset(order[:lo], request, readout)
+        return self._keepset(fixed + order[:lo], request, readout)
 
     # -- support curves ------------------------------------------------------------------------
     def support_curve(self, by: str = "pool"):

@@ -159,11 +159,13 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
              weight_decay: float = FINETUNE_DEFAULTS["weight_decay"],
              warmup_steps: int = FINETUNE_DEFAULTS["warmup_steps"],
              label_smoothing: float = FINETUNE_DEFAULTS["label_smoothing"],
-             grad_clip: float = FINETUNE_DEFAULTS["grad_clip"], seed: int = 0, log_every: int = 0) -> dict:
+             grad_clip: float = FINETUNE_DEFAULTS["grad_clip"], seed: int = 0, log_every: int = 0,
+             loss_fn: Callable | None = None) -> dict:
     """The one fine-tuning recipe every compared method gets: AdamW, linear warmup then cosine to 0,
     cross-entropy with label smoothing, gradient-norm clipping; every parameter trained, in place.
 
-    ``batches``: re-iterable of ``(inputs, target)``. Returns the settings and the loss history (a
+    ``batches``: re-iterable of ``(inputs, target)``; ``loss_fn(outputs, target)`` replaces the
+    cross-entropy (e.g. ``sppbench.clip.contrastive_loss``). Returns the settings and the loss history (a
     record of exactly what was done). A NaN / inf loss stops with SearchDivergedError and leaves
     the model at its last finite step.
     """
@@ -171,7 +173,8 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     settings = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                 "schedule": FINETUNE_DEFAULTS["schedule"], "label_smoothing": label_smoothing, "grad_clip": grad_clip,
-                "betas": list(FINETUNE_DEFAULTS["betas"]), "steps": steps, "seed": seed}
+                "betas": list(FINETUNE_DEFAULTS["betas"]), "steps": steps, "seed": seed,
+                "loss": "cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__)}
     if steps == 0:
         return {"settings": settings, "losses": [], "seconds": 0.0}
     torch.manual_seed(seed)
@@ -194,7 +197,8 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     model.train()
     losses = []
     t0 = time.perf_counter()
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if loss_fn is None:
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     try:
         for step in range(steps):
             batch = to_device(next(data), device)

@@ -45,6 +45,14 @@ class Family:
         """An (uninitialised) narrow model of the architecture a spec describes, ready for a strict load."""
         raise NotImplementedError
 
+    def example_inputs(self, spec: dict, generator: torch.Generator) -> tuple | None:
+        """Positional inputs on which ``save_pruned`` checks that the rebuilt model computes what the saved one
+        does; default: two random images of the spec's ``input_size`` (None: no check)."""
+        size = spec.get("input_size")
+        if not size or isinstance(size, (int, dict)):
+            return None
+        return (torch.randn(2, *size, generator=generator),)
+
     def unit_slices(self, masked: "MaskedModel") -> dict[str, list[UnitSlice]]:
         """The weights each mask entry controls (its structural unit), per mask group.
 
@@ -122,7 +130,8 @@ def detect(model: nn.Module) -> Family:
     raise UnsupportedModelError(
         f"sppbench has no family adapter for {type(model).__module__}.{type(model).__name__}. "
         f"Supported families: {', '.join(FAMILIES)}. Pass a timm VisionTransformer / DeiT / DINOv2 or "
-        "SwinTransformer model (e.g. timm.create_model('deit_small_patch16_224')), or add an adapter in "
+        "SwinTransformer model (e.g. timm.create_model('deit_small_patch16_224')), an open_clip CLIP "
+        "(sppbench.clip.create_model('ViT-B-32')) or a Hugging Face BertModel, or add an adapter in "
         "sppbench/families/."
     )
 

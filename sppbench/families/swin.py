@@ -102,6 +102,7 @@ class MaskedWindowAttention(nn.Module):
     def __init__(self, attn: WindowAttention):
         super().__init__()
         self.attn = attn
+        self.train(attn.training)  # attention dropout follows the wrapped module's mode
         w = attn.qkv.weight
         d = _head_dim(attn)
         self.mask_qk = nn.Parameter(torch.ones(d, dtype=w.dtype, device=w.device))

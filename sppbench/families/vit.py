@@ -45,6 +45,7 @@ class MaskedAttention(nn.Module):
     def __init__(self, attn: "TimmAttention"):
         super().__init__()
         self.attn = attn
+        self.train(attn.training)  # attention dropout follows the wrapped module's mode
         w = attn.qkv.weight
         self.mask_qk = nn.Parameter(torch.ones(attn.head_dim, dtype=w.dtype, device=w.device))
         self.mask_v = nn.Parameter(torch.ones(attn.head_dim, dtype=w.dtype, device=w.device))
@@ -69,6 +70,7 @@ class MaskedMlp(nn.Module):
     def __init__(self, mlp: "Mlp"):
         super().__init__()
         self.mlp = mlp
+        self.train(mlp.training)
         w = mlp.fc1.weight
         self.mask = nn.Parameter(torch.ones(mlp.fc1.out_features, dtype=w.dtype, device=w.device))
 
@@ -82,8 +84,9 @@ class PrunedAttention(nn.Module):
     """Self-attention whose q/k head width (``qk_dim``) and v head width (``v_dim``) differ.
 
     The softmax scale is the ORIGINAL head width's, so the result equals the binary-masked model.
-    With ``qk_dim == 0`` every logit is 0 and attention is uniform: the output is the projection
-    of the mean value, computed once per sample on the mean token (exact, since v is affine in x).
+    With ``qk_dim == 0`` every logit is 0 and attention is uniform: without a mask the output is the
+    projection of the mean value, computed once per sample on the mean token (exact, since v is
+    affine in x); with a mask (causal, padding) each token averages the values it may see.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float,
@@ -100,10 +103,18 @@ class PrunedAttention(nn.Module):
         B, N, _ = x.shape
         h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         if dq == 0:
-            if attn_mask is not None or is_causal:
-                raise NotImplementedError("uniform attention (no q/k dims kept) with an attention mask")
-            out = self.proj(self.qkv(x.mean(dim=1, keepdim=True)))
-            return out.expand(B, N, out.shape[-1])
+            if attn_mask is None and not is_causal:
+                out = self.proj(self.qkv(x.mean(dim=1, keepdim=True)))
+                return out.expand(B, N, out.shape[-1])
+            v = self.qkv(x).reshape(B, N, h, dv).transpose(1, 2)
+            # all logits are 0: the mask alone shapes the softmax (SDPA conventions: bool True = may attend)
+            if is_causal:
+                attn_mask = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=v.dtype, device=v.device).masked_fill(~attn_mask,
+                                                                                                   float("-inf"))
+            x = torch.softmax(attn_mask.to(v.dtype), dim=-1) @ v
+            return self.proj(x.transpose(1, 2).reshape(B, N, h * dv))
         q, k, v = self.qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
         q = q.reshape(B, N, h, dq).transpose(1, 2)
         k = k.reshape(B, N, h, dq).transpose(1, 2)

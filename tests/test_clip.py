@@ -1,0 +1,258 @@
+"""open_clip dual encoders: masks on both towers (native CLIP, and a CustomTextCLIP with a timm trunk and a BERT
+text tower), exact compression, per-tower costs and budgets, the file format, the real ViT-B-32 architecture,
+the contrastive loss and the retrieval metrics."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+import sppbench  # noqa: E402
+from sppbench.clip import (ImageTower, TextTower, contrastive_loss, create_model, recall_at_k,  # noqa: E402
+                           zero_shot_accuracy)
+from sppbench.errors import BudgetError, SpecError, UnsupportedModelError  # noqa: E402
+from sppbench.families.openclip import MaskedMHA, MaskedSeqMlp  # noqa: E402
+from sppbench.methods import magnitude_path, prune  # noqa: E402
+
+from conftest import _randomize  # noqa: E402
+from test_masks_compress import random_keep  # noqa: E402
+
+
+def tiny_clip(seed: int = 0):
+    """open_clip's native CLIP at toy size (config 'sppbench-tiny-clip'): ViT 16 px / patch 8 (5 tokens), causal text
+    transformer of 8 tokens; every parameter randomised."""
+    return _randomize(create_model("sppbench-tiny-clip"), seed)
+
+
+def tiny_custom_clip(tmp_path, seed: int = 0):
+    """CustomTextCLIP: a timm ViT trunk (vit_tiny at 32 px) and a Hugging Face BERT text tower (random init)."""
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64,
+               max_position_embeddings=16).save_pretrained(tmp_path / "bert")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "token",
+                          "timm_proj": "linear", "image_size": 32},
+           "text_cfg": {"hf_model_name": str(tmp_path / "bert"), "hf_model_pretrained": False, "hf_proj_type": "linear",
+                        "hf_pooler_type": "mean_pooler", "context_length": 8}}
+    model = create_model(cfg)
+    model.visual.trunk.set_input_size(img_size=32)
+    return _randomize(model, seed)
+
+
+def inputs(model, n: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.sppbench_model_cfg["vision_cfg"]["image_size"]
+    ctx = model.sppbench_model_cfg["text_cfg"]["context_length"]
+    vocab = model.sppbench_model_cfg["text_cfg"].get("vocab_size", 64)
+    x = torch.randn(n, 3, size, size, generator=g)
+    t = torch.randint(1, vocab, (n, ctx), generator=g)
+    t[1, ctx // 2:] = 0  # a padded caption
+    return x, t
+
+
+def _diff(a, b) -> float:
+    return max((u - v).abs().max().item() for u, v in zip(a[:2], b[:2]))
+
+
+def _empty(m) -> dict:
+    """Empty groups in BOTH towers: no v in image block 0, no q/k in image block 1 and text block 0 (causal / padded
+    attention with uniform weights), no MLP in text block 1."""
+    names = {g.name for g in m.groups}
+    want = ["image.blocks.0.attn.v", "image.blocks.1.attn.qk", "text.blocks.0.attn.qk", "text.blocks.1.mlp"]
+    assert set(want) <= names
+    return dict.fromkeys(want, True)
+
+
+@pytest.fixture(params=["native", "custom"])
+def clip_model(request, tmp_path):
+    return tiny_clip() if request.param == "native" else tiny_custom_clip(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_masks_on_both_towers_leave_outputs_unchanged(clip_model):
+    x, t = inputs(clip_model)
+    with torch.no_grad():
+        ref = clip_model(x, t)
+    m = sppbench.attach_masks(clip_model)
+    assert m.info["family"] == "open-clip"
+    towers = {g.tower for g in m.groups}
+    assert towers == {"image", "text"}
+    assert all(g.name.startswith(g.tower + ".") for g in m.groups)
+    with torch.no_grad():
+        assert _diff(ref, m(x, t)) <= 1e-6
+    if isinstance(clip_model, type(tiny_clip())):
+        assert isinstance(clip_model.transformer.resblocks[0].attn, MaskedMHA)
+        assert isinstance(clip_model.visual.transformer.resblocks[0].mlp, MaskedSeqMlp)
+    m.detach_masks()
+    with torch.no_grad():
+        assert _diff(ref, clip_model(x, t)) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compressed_equals_masked_on_both_towers(clip_model, seed):
+    x, t = inputs(clip_model)
+    m = sppbench.attach_masks(clip_model)
+    keep = random_keep(m, seed, _empty(m) if seed == 2 else None)
+    m.set_masks(keep)
+    with torch.no_grad():
+        masked = m(x, t)
+        small = sppbench.compress(m, keep)
+        out = small(x, t)
+    assert _diff(masked, out) <= 1e-5
+    # the image and text embeddings separately, too
+    with torch.no_grad():
+        assert (m.model.encode_text(t) - small.encode_text(t)).abs().max() <= 1e-5
+        assert (m.model.encode_image(x) - small.encode_image(x)).abs().max() <= 1e-5
+
+
+def test_costs_per_tower_match_measured(clip_model):
+    x, t = inputs(clip_model, n=2)
+    m = sppbench.attach_masks(clip_model)
+    dense_params = sum(p.numel() for p in clip_model.parameters()) - sum(g.size for g in m.groups)
+    path = magnitude_path(m)
+    assert path.dense()[0] == dense_params
+    for seed, empty in ((0, None), (2, _empty(m))):
+        keep = random_keep(m, seed, empty)
+        small = sppbench.compress(m, keep)
+        ks = path._keepset([(i, e) for i, g in enumerate(m.groups) for e in keep.indices(g.name).tolist()], {}, "global")
+        img = sppbench.measure.macs(ImageTower(small), x)
+        txt = sppbench.measure.macs(TextTower(small), t)
+        assert abs(img - ks.towers["image"]["macs"]) <= 0.01 * img
+        assert abs(txt - ks.towers["text"]["macs"]) <= 0.01 * txt
+        assert ks.macs == ks.towers["image"]["macs"] + ks.towers["text"]["macs"]
+        assert sppbench.measure.params(small) == ks.params
+        assert ks.params == ks.towers["image"]["params"] + ks.towers["text"]["params"] + 1  # + the logit scale
+
+
+def test_tower_budgets_are_nested_and_keep_the_other_tower_dense():
+    m = sppbench.attach_masks(tiny_clip())
+    path = magnitude_path(m)
+    assert path.towers == ["image", "text"]
+    a, b = path.keep(fraction=0.7), path.keep(fraction=0.4)
+    assert b.issubset(a)
+    dense_text = path.dense("text")
+    for frac in (0.6, 0.3):
+        ks = path.keep(fraction=frac, tower="image")
+        assert ks.request == {"fraction": frac, "tower": "image"}
+        assert ks.towers["text"]["fraction"] == 1.0 and ks.towers["text"]["macs"] == dense_text[1]
+    small_budget = int(0.5 * path.dense("image")[1])
+    ks = path.keep(macs=small_budget, tower="image")
+    assert ks.towers["image"]["macs"] <= small_budget
+    assert path.keep(macs=int(0.4 * path.dense("image")[1]), tower="image").issubset(ks)
+    both = path.keep_towers({"image": {"macs": small_budget}, "text": {"fraction": 0.5}})
+    assert both.towers["image"]["macs"] == ks.towers["image"]["macs"]
+    assert both.towers["text"]["fraction"] == pytest.approx(0.5, abs=0.05)
+    assert "towers" in both.request and both.to_dict()["towers"] == both.towers
+    with pytest.raises(BudgetError, match="towers"):
+        path.keep(fraction=0.5, tower="audio")
+    with pytest.raises(BudgetError, match="smallest"):
+        path.keep(macs=1, tower="text")
+
+
+def test_save_load_round_trip_and_unsavable_models(clip_model, tmp_path):
+    x, t = inputs(clip_model)
+    m = sppbench.attach_masks(clip_model)
+    small = sppbench.compress(m, random_keep(m, 2, _empty(m)))
+    folder = sppbench.save_pruned(small, tmp_path / "pruned")
+    back = sppbench.load_pruned(folder)
+    with torch.no_grad():
+        assert _diff(small(x, t), back(x, t)) == 0.0
+    # a CLIP built without sppbench.clip.create_model has no recorded config: compress works, saving says how to fix
+    bare = tiny_clip()
+    del bare.sppbench_model_cfg
+    mb = sppbench.attach_masks(bare)
+    sb = sppbench.compress(mb, random_keep(mb, 0))
+    with pytest.raises(SpecError, match="create_model"):
+        sppbench.save_pruned(sb, tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()
+
+
+def test_search_with_the_contrastive_loss_and_methods():
+    model = tiny_clip()
+    m = sppbench.attach_masks(model)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        x, t = inputs(model, n=6, seed=int(torch.randint(100, (1,), generator=g)))
+        batches.append(((x, t), torch.arange(6)))
+    path = sppbench.search(m, batches, contrastive_loss, steps=6, kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+    assert path.towers == ["image", "text"]
+    out = prune("spp", m, [{"fraction": 0.5, "tower": "text"}, {"towers": {"image": {"fraction": 0.5},
+                                                                            "text": {"fraction": 0.6}}}],
+                batches=batches, loss_fn=contrastive_loss, steps=6, spp=dict(kappa=5.0, alpha=0.5, nu=50.0, lam=0.05),
+                path=path)
+    assert out[0].keep.towers["image"]["fraction"] == 1.0
+    assert out[1].keep.towers["image"]["fraction"] == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(BudgetError, match="Lasso"):
+        prune("lasso", m, [{"towers": {"image": {"fraction": 0.5}}}], batches=batches, loss_fn=contrastive_loss,
+              steps=2, spp=dict(kappa=5.0, alpha=0.5, nu=50.0, lam=0.05))
+    dl = prune("dessilbi", m, [{"fraction": 0.5}], batches=batches, loss_fn=contrastive_loss, steps=3,
+               spp=dict(kappa=5.0, alpha=0.5, nu=50.0, lam=0.05))
+    assert dl[0].keep.fraction == pytest.approx(0.5, abs=0.02)
+
+
+def test_contrastive_loss_is_clips_and_handles_duplicate_captions():
+    from open_clip.loss import ClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    ref = ClipLoss()(img, txt, scale)
+    assert contrastive_loss((img, txt, scale)) == pytest.approx(float(ref), rel=1e-6)
+    assert contrastive_loss((img, txt, scale), torch.arange(5)) == pytest.approx(float(ref), rel=1e-6)
+    # pairs 0 and 1 show the same caption: swapping their texts changes nothing with keys, a lot without
+    keys = torch.tensor([7, 7, 1, 2, 3])
+    txt2 = txt.clone()
+    txt2[[0, 1]] = txt[[1, 0]]
+    assert contrastive_loss((img, txt, scale), keys) == pytest.approx(float(contrastive_loss((img, txt2, scale), keys)))
+    with pytest.raises(UnsupportedModelError, match="SigLIP"):
+        contrastive_loss((img, txt, scale, torch.tensor(-10.0)))
+
+
+def test_recall_and_zero_shot_on_a_hand_made_case():
+    img = torch.eye(3)
+    txt = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 1, 0]])  # captions of images 0, 1, 2, 1
+    r = recall_at_k(img, txt, torch.arange(3), torch.tensor([0, 1, 2, 1]), ks=(1, 2))
+    # image 0 -> caption 0 (right); image 1 -> caption 3 (right); image 2 -> caption 2 (right)
+    assert r["i2t_r1"] == 100.0
+    # caption 1 ([0.9, 0.1, 0]) retrieves image 0 first (wrong), image 1 second
+    assert r["t2i_r1"] == 75.0 and r["t2i_r2"] == 100.0
+    assert zero_shot_accuracy(img, torch.tensor([0, 1, 1]), torch.eye(3)) == pytest.approx(200 / 3)
+
+
+def test_unsupported_open_clip_variants_are_refused():
+    cfg = copy.deepcopy(create_model("sppbench-tiny-clip").sppbench_model_cfg)
+    cfg["vision_cfg"]["qk_norm"] = True  # custom blocks mix the dimensions a mask removes
+    with pytest.raises(UnsupportedModelError, match="CustomResidualAttentionBlock"):
+        sppbench.attach_masks(create_model(cfg))
+    m = sppbench.attach_masks(tiny_clip())
+    with pytest.raises(UnsupportedModelError):
+        sppbench.attach_masks(m.model)
+
+
+def test_real_vit_b_32_architecture():
+    """open_clip ViT-B-32, random init, full size: 151.3 M params; MACs per tower measured == analytic."""
+    torch.manual_seed(0)
+    model = create_model("ViT-B-32")
+    m = sppbench.attach_masks(model)
+    path = magnitude_path(m)
+    params, _ = path.dense()
+    assert params == sum(p.numel() for p in model.parameters()) - sum(g.size for g in m.groups)
+    assert abs(params - 151.28e6) < 0.01e6
+    keep = path.keep(fraction=0.5)
+    small = sppbench.compress(m, keep)
+    x = torch.randn(1, 3, 224, 224)
+    t = torch.randint(1, 49408, (1, 77))
+    m.set_masks(keep)
+    with torch.no_grad():
+        assert _diff(m(x, t), small(x, t)) <= 1e-5
+    for tower, mod, inp in (("image", ImageTower(small), x), ("text", TextTower(small), t)):
+        measured = sppbench.measure.macs(mod, inp)
+        assert abs(measured - keep.towers[tower]["macs"]) <= 0.01 * measured
+    dense_img, dense_txt = path.dense("image")[1], path.dense("text")[1]
+    assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9  # open_clip reports 4.41 / 2.96 GMACs

@@ -108,14 +108,39 @@ def cmd_vision_table(args) -> int:
     return 0
 
 
+def cmd_clip_table(args) -> int:
+    from .clip_table import ClipTableConfig, run_clip_table
+
+    cfg = ClipTableConfig(model=args.model, pretrained=args.pretrained, dataset=args.dataset,
+                          data_root=args.data_root or "", methods=tuple(args.methods),
+                          macs_fractions=tuple(args.macs_fractions), budget_towers=args.budget_towers, steps=args.steps,
+                          lasso_trials=args.lasso_trials, readout=args.readout, n_val=args.n_val, n_test=args.n_test,
+                          refit_steps=args.refit_steps, finetune_steps=args.finetune_steps, seed=args.seed,
+                          **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
+    if cfg.model != "embedded-clip":
+        from .profiles import clip_check_ready, clip_paper_config
+
+        clip_check_ready(clip_paper_config(cfg.model), cfg.dataset, cfg.data_root or None, min_gpus=0)
+    res = run_clip_table(cfg)
+    cols = [c for c in ("method", "budget_macs_fraction", "macs_image_fraction", "macs_text_fraction", "readout",
+                        "no_retrain_i2t_r1", "no_retrain_t2i_r1", "refit_i2t_r1", "refit_t2i_r1", "finetuned_i2t_r1",
+                        "finetuned_t2i_r1") if c in res["table"]]
+    print(res["table"][cols].round(3).to_string(index=False))
+    print(f"record: {res['record']}")
+    return 0
+
+
 def cmd_paper_check(args) -> int:
     from .errors import SppBenchError
-    from .profiles import PAPER_MODELS, check_ready, paper_config
+    from .profiles import CLIP_PAPER_MODELS, PAPER_MODELS, check_ready, clip_check_ready, clip_paper_config, paper_config
 
     problems = []
-    for name in args.models or PAPER_MODELS:
+    for name in args.models or PAPER_MODELS + CLIP_PAPER_MODELS:
         try:
-            check_ready(paper_config(name), args.data_root, min_gpus=args.min_gpus)
+            if name in CLIP_PAPER_MODELS:
+                clip_check_ready(clip_paper_config(name), args.dataset, args.data_root, min_gpus=args.min_gpus)
+            else:
+                check_ready(paper_config(name), args.data_root, min_gpus=args.min_gpus)
             print(f"ready: {name}")
         except SppBenchError as exc:
             problems.append(str(exc))
@@ -182,8 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
     v.set_defaults(fn=cmd_vision_table)
 
+    t = sub.add_parser("clip-table", help="every method on a CLIP dual encoder: per-tower costs, retrieval R@1/5/10")
+    t.add_argument("--model", default="embedded-clip", help="embedded-clip, or ViT-B-32 / ViT-L-14 with --data-root")
+    t.add_argument("--pretrained", default="openai", help="paper models: open_clip pretrained tag or checkpoint file")
+    t.add_argument("--dataset", default="coco", choices=("coco", "flickr30k"))
+    t.add_argument("--data-root", default=None, help="paper models: the dataset folder (else $SPPBENCH_COCO / ...)")
+    t.add_argument("--methods", nargs="+", default=["spp", "lasso", "dessilbi", "magnitude", "random"],
+                   choices=[m for m in METHODS if not m.startswith("tp-")])
+    t.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    t.add_argument("--budget-towers", default="joint", choices=("joint", "image", "text", "each"))
+    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--lasso-trials", type=int, default=3)
+    t.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
+    t.add_argument("--n-val", type=int, default=500)
+    t.add_argument("--n-test", type=int, default=1000)
+    t.add_argument("--refit-steps", type=int, default=300)
+    t.add_argument("--finetune-steps", type=int, default=40)
+    t.add_argument("--seed", type=int, default=0)
+    for k in ("kappa", "alpha", "nu", "lam"):
+        t.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
+    t.set_defaults(fn=cmd_clip_table)
+
     c = sub.add_parser("paper-check", help="say whether the paper profile can run here (data, weights, GPUs)")
     c.add_argument("--models", nargs="*", default=None)
+    c.add_argument("--dataset", default="coco", choices=("coco", "flickr30k"), help="CLIP models: which dataset")
     c.add_argument("--data-root", default=None)
     c.add_argument("--min-gpus", type=int, default=1)
     c.set_defaults(fn=cmd_paper_check)

@@ -357,7 +357,7 @@ def refit_projections(model: nn.Module, images: Iterable[torch.Tensor], texts: S
     img, txt = pooled_features(model, images, texts, tokenizer)
     slots = _projection_slots(model)
     init = {t: _as_matrix(getattr(o, a)).float().cpu() for t, (o, a) in slots.items()}
-    fit = fit_projections(img, txt, keys, init=init, logit_scale=float(model.logit_scale), **kw)
+    fit = fit_projections(img, txt, keys, init=init, logit_scale=model.logit_scale.item(), **kw)
     set_projections(model, fit)
     return {"steps": len(fit["losses"]), "loss_first": fit["losses"][0], "loss_last": fit["losses"][-1],
             "pairs": len(keys), **{k: v for k, v in kw.items()}}

@@ -61,12 +61,15 @@ def dense_towers(refresh: bool = False):
     """The stand-in with the real DINOv2 trunk (56 px) and MiniLM weights; projections untrained."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # MiniLM's sentence-transformers checkpoint has no pooler: a load report says so
+    hf_logging.disable_progress_bar()
     try:
         model = create_model(model_config())
     finally:
         hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
     trunk = model.visual.trunk
     trunk.set_input_size(img_size=IMG_SIZE)
     trunk.load_state_dict(dinov2_state_dict(IMG_SIZE, refresh), strict=True)

@@ -43,11 +43,21 @@ def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return 2 * n * L * k[-2] * (e + v[-1])
 
 
+def _mha_fast_path_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of nn.MultiheadAttention's fused inference kernel (batch-first): the q / k / v and output projections
+    and the two attention matmuls; the counter does not know this kernel either."""
+    B, L, E = query
+    S = key[-2]
+    return 2 * (B * L * E * E + 2 * B * S * E * E + 2 * B * L * S * E + B * L * E * E)
+
+
 def _custom_flops() -> dict:
     ops = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        ops[op] = _sdpa_cpu_flops
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flops),
+                     ("_native_multi_head_attention", _mha_fast_path_flops)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops[op] = fn
     return ops
 
 

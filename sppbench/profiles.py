@@ -153,3 +153,43 @@ def check_ready(cfg: dict, root: str | os.PathLike | None = None, *, min_gpus: i
     if problems:
         raise SppBenchError(f"the paper profile of {cfg['model']} cannot run here:\n  - " + "\n  - ".join(problems))
     return {"gpus": gpus}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP (open_clip) paper profiles: ViT-B-32 / ViT-L-14 on COCO / Flickr30K Karpathy splits
+# ---------------------------------------------------------------------------------------------
+CLIP_PAPER_MODELS = ("ViT-B-32", "ViT-L-14")
+
+
+def clip_paper_config(model: str) -> dict:
+    """The paper profile of one open_clip model (pretrained tag, datasets, budgets, recipe)."""
+    if model not in CLIP_PAPER_MODELS:
+        raise UnsupportedModelError(f"no CLIP paper profile for {model!r}; CLIP paper profiles: "
+                                    f"{', '.join(CLIP_PAPER_MODELS)}")
+    return json.loads(resources.files("sppbench").joinpath("configs", f"paper_clip_{model}.json").read_text())
+
+
+def clip_check_ready(cfg: dict, dataset: str = "coco", root: str | os.PathLike | None = None, *,
+                     min_gpus: int = 1) -> dict:
+    """Stop a CLIP paper-profile run at once, with what to do, if its data, weights or GPUs are missing."""
+    from .captions import karpathy_paths
+
+    problems = []
+    if dataset not in cfg["data"]["datasets"]:
+        problems.append(f"dataset must be one of {cfg['data']['datasets']}, got {dataset!r}")
+    else:
+        try:
+            karpathy_paths(dataset, root)
+        except DataError as exc:
+            problems.append(str(exc))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < min_gpus:
+        problems.append(f"found {gpus} CUDA GPU(s), the paper profile needs at least {min_gpus} "
+                        f"({cfg['hardware']['note']})")
+    if os.environ.get("HF_HUB_OFFLINE") and not Path(str(cfg.get("pretrained", ""))).is_file():
+        problems.append(f"HF_HUB_OFFLINE is set and {cfg['model']}'s weights are the hub tag {cfg['pretrained']!r}: "
+                        "unset it on a machine with hub access, or pass a local checkpoint file as pretrained")
+    if problems:
+        raise SppBenchError(f"the CLIP paper profile of {cfg['model']} on {dataset} cannot run here:\n  - "
+                            + "\n  - ".join(problems))
+    return {"gpus": gpus}

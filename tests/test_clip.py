@@ -111,10 +111,13 @@ def test_compressed_equals_masked_on_both_towers(clip_model, seed):
 
 def test_costs_per_tower_match_measured(clip_model):
     x, t = inputs(clip_model, n=2)
+    # the unmasked model (nn.MultiheadAttention's fused inference kernel included) measures what the cost model says
+    dense_img, dense_txt = sppbench.measure.macs(ImageTower(clip_model), x), sppbench.measure.macs(TextTower(clip_model), t)
     m = sppbench.attach_masks(clip_model)
     dense_params = sum(p.numel() for p in clip_model.parameters()) - sum(g.size for g in m.groups)
     path = magnitude_path(m)
     assert path.dense()[0] == dense_params
+    assert (dense_img, dense_txt) == (path.dense("image")[1], path.dense("text")[1])
     for seed, empty in ((0, None), (2, _empty(m))):
         keep = random_keep(m, seed, empty)
         small = sppbench.compress(m, keep)
@@ -256,3 +259,89 @@ def test_real_vit_b_32_architecture():
         assert abs(measured - keep.towers[tower]["macs"]) <= 0.01 * measured
     dense_img, dense_txt = path.dense("image")[1], path.dense("text")[1]
     assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9  # open_clip reports 4.41 / 2.96 GMACs
+
+
+def tiny_task(seed: int = 0):
+    """A ClipTask around the tiny native CLIP: random 16 px images in 4 'classes', captions naming the class."""
+    import zlib
+
+    from sppbench.clip import ClipTask, RetrievalSet
+
+    model = tiny_clip(seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def tokenizer(texts):
+        out = torch.zeros(len(texts), 8, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [zlib.crc32(w.encode()) % 63 + 1 for w in t.split()][:8]
+            out[i, :len(ids)] = torch.as_tensor(ids)
+        return out
+
+    words = ["red square", "blue circle", "green line", "grey dot"]
+
+    def split(n):
+        keys = torch.arange(n) % 4
+        images = torch.randn(n, 3, 16, 16, generator=g) + keys.view(-1, 1, 1, 1).float()
+        caps = [f"a {words[k]} photo" for k in keys.tolist()]
+        return images, caps, keys
+
+    xi, xc, xk = split(24)
+
+    def train_batches(bs, steps, seed_):
+        gen = torch.Generator().manual_seed(seed_)
+        out = []
+        for _ in range(steps):
+            rows = torch.randperm(24, generator=gen)[:bs]
+            out.append(((xi[rows], tokenizer([xc[r] for r in rows.tolist()])), xk[rows]))
+        return out
+
+    sets = {}
+    for name in ("val", "test"):
+        im, caps, keys = split(12)
+        sets[name] = RetrievalSet([im[:6], im[6:]], caps, keys, keys, keys)
+    return ClipTask("tiny-clip", "tiny random CLIP (test)", model, tokenizer, train_batches, sets,
+                    ([xi[:12], xi[12:]], xc, xk), ("red square", "blue circle", "green line", "grey dot"),
+                    ("a {name} photo",), {"text": 8}, {"relevance": "same class"})
+
+
+@pytest.mark.parametrize("towers", ["joint", "each", "text"])
+def test_clip_table_runs_every_method_within_budget(towers):
+    from sppbench.clip_table import ClipTableConfig, run_clip_table
+
+    methods = ("spp", "dessilbi", "magnitude", "random") + (() if towers == "each" else ("lasso",))
+    cfg = ClipTableConfig(model="embedded-clip", methods=methods, macs_fractions=(0.8, 0.6), budget_towers=towers,
+                          steps=4, batch_size=8, lasso_trials=2, refit_steps=5, finetune_steps=2, finetune_batch=8,
+                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+    res = run_clip_table(cfg, task=tiny_task(), record=False, progress=False)
+    t = res["table"]
+    pruned = t[t["method"] != "dense"]
+    assert len(pruned) == len(methods) * 2 and set(pruned["method"]) == set(methods)
+    dense = t[t["method"] == "dense"].iloc[0]
+    for _, r in pruned.iterrows():
+        if towers == "joint":
+            assert r["macs_image"] + r["macs_text"] <= r["budget_macs_fraction"] * (dense["macs_image"]
+                                                                                  + dense["macs_text"]) + 1
+        elif towers == "each":
+            assert r["macs_image_fraction"] <= r["budget_macs_fraction"] + 1e-9
+            assert r["macs_text_fraction"] <= r["budget_macs_fraction"] + 1e-9
+        else:
+            assert r["macs_text_fraction"] <= r["budget_macs_fraction"] + 1e-9 and r["macs_image_fraction"] == 1.0
+        for stage in ("no_retrain", "refit", "finetuned"):
+            assert 0.0 <= r[f"{stage}_i2t_r1"] <= r[f"{stage}_i2t_r5"] <= r[f"{stage}_i2t_r10"] <= 100.0
+        assert r["params_image"] + r["params_text"] + 1 == r["params"]
+    assert res["info"]["budget_rule"]
+
+
+def test_clip_table_config_errors():
+    from sppbench.clip_table import ClipTableConfig
+
+    with pytest.raises(sppbench.SppBenchError, match="no peer"):
+        ClipTableConfig(methods=("tp-magnitude",)).resolved()
+    with pytest.raises(sppbench.SppBenchError, match="Lasso"):
+        ClipTableConfig(methods=("lasso",), budget_towers="each").resolved()
+    with pytest.raises(ValueError, match="budget_towers"):
+        ClipTableConfig(budget_towers="audio").resolved()
+    with pytest.raises(sppbench.SppBenchError, match="unknown CLIP model"):
+        ClipTableConfig(model="resnet50").resolved()
+    with pytest.raises(TypeError, match="steps"):
+        ClipTableConfig(steps="12").resolved()

@@ -1,0 +1,276 @@
+"""The CLIP table: methods x budgets on a dual encoder, with params and MACs per tower and retrieval
+recall@1/5/10 both ways, before and after retraining.
+
+Three numbers per model, as for the vision table:
+- ``no_retrain``: the pruned towers with the dense model's projections;
+- ``refit``: the two projections (and the logit scale) re-fit on the pruned towers' pooled features
+  (towers untouched) -- the counterpart of a classifier's head re-fit;
+- ``finetuned``: from the re-fit, the shared AdamW fine-tune of every weight with the contrastive loss.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+from torch import nn
+
+from . import measure, methods
+from .clip import ClipTask, ImageTower, TextTower, contrastive_loss, refit_projections
+from .errors import SppBenchError
+from .experiments import check_types, write_record
+from .path import READOUTS
+from .train import FINETUNE_DEFAULTS, finetune
+
+PAPER_CLIP_MODELS = ("ViT-B-32", "ViT-L-14")
+METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+BUDGET_TOWERS = ("joint", "image", "text", "each")
+
+
+@dataclass
+class ClipTableConfig:
+    """Parameters of one CLIP table (defaults: the embedded stand-in at reproduce size)."""
+
+    model: str = "embedded-clip"     # or a paper model: ViT-B-32 / ViT-L-14 (open_clip, hub tag below)
+    pretrained: str = "openai"       # paper models: the open_clip pretrained tag or a checkpoint file
+    dataset: str = "coco"            # paper models: coco / flickr30k (Karpathy splits under data_root)
+    data_root: str = ""              # paper models: the dataset folder (else $SPPBENCH_COCO / $SPPBENCH_FLICKR30K)
+    methods: tuple[str, ...] = ("spp", "lasso", "dessilbi", "magnitude", "random")
+    macs_fractions: tuple[float, ...] = (0.7, 0.5, 0.35)
+    budget_towers: str = "joint"     # joint: MACs of one image + one caption; image / text: that tower only (the
+                                     # other stays dense); each: every tower to the fraction of its own MACs
+    steps: int = 60
+    batch_size: int = 32
+    seed: int = 0
+    random_seeds: int = 1
+    readout: str = "val"             # 'val' = global / per-layer chosen per budget by re-fit rsum on the val split
+    lasso_trials: int = 3
+    n_fit: int = 3000
+    n_val: int = 500
+    n_test: int = 1000
+    split_seed: int = 0
+    refit_steps: int = 300
+    finetune_steps: int = 40
+    finetune_batch: int = 32
+    finetune_lr: float = 1e-5
+    kappa: float = 0.0               # SPP constants; 0 = the stand-in's defaults (configs/search_embedded_clip.json)
+    alpha: float = 0.0
+    nu: float = 0.0
+    lam: float = 0.0
+    study: str = "clip_table"
+
+    def resolved(self) -> "ClipTableConfig":
+        check_types(self)
+        for m in self.methods:
+            methods.check_method(m)
+            if m in methods.PEER_METHODS:
+                raise SppBenchError(f"{m} does not prune open_clip models (no peer does); drop it from methods")
+        if self.model != "embedded-clip" and self.model not in PAPER_CLIP_MODELS:
+            raise SppBenchError(f"unknown CLIP model {self.model!r}; use embedded-clip or one of {PAPER_CLIP_MODELS}")
+        if self.readout not in ("val", *READOUTS):
+            raise ValueError(f"readout must be 'val', 'global' or 'per-layer', got {self.readout!r}")
+        if self.budget_towers not in BUDGET_TOWERS:
+            raise ValueError(f"budget_towers must be one of {BUDGET_TOWERS}, got {self.budget_towers!r}")
+        if self.budget_towers == "each" and "lasso" in self.methods:
+            raise SppBenchError("Lasso runs once per budget and cannot meet two tower budgets with one lambda; use "
+                                "budget_towers='joint', 'image' or 'text', or drop lasso")
+        if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
+            raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
+        return self
+
+
+def clip_constants(cfg: ClipTableConfig) -> dict:
+    given = {k: getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")}
+    if all(given.values()):
+        return given
+    if cfg.model != "embedded-clip":
+        raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not "
+                            "publish them; choose them on the validation split")
+    d = json.loads(resources.files("sppbench").joinpath("configs", "search_embedded_clip.json").read_text())["constants"]
+    return {k: (v or d[k]) for k, v in given.items()}
+
+
+def get_clip_task(cfg: ClipTableConfig, progress=None) -> ClipTask:
+    if cfg.model == "embedded-clip":
+        from .embedded_clip import embedded_clip_task
+
+        return embedded_clip_task(cfg.n_fit, cfg.n_val, cfg.n_test, cfg.split_seed, progress=progress)
+    from .clip import create_model, karpathy_task
+    from .profiles import clip_paper_config
+
+    import open_clip
+
+    pcfg = clip_paper_config(cfg.model)
+    model = create_model(cfg.model, pretrained=cfg.pretrained or pcfg["pretrained"])
+    tok = open_clip.get_tokenizer(cfg.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return karpathy_task(model.to(device), tok, cfg.dataset, cfg.data_root or None, n_val=cfg.n_val or None,
+                         n_test=cfg.n_test or None)
+
+
+def _budgets(cfg: ClipTableConfig, dense: dict) -> list[dict]:
+    out = []
+    for f in cfg.macs_fractions:
+        if cfg.budget_towers == "joint":
+            out.append({"macs": int(f * (dense["image"][1] + dense["text"][1]))})
+        elif cfg.budget_towers == "each":
+            out.append({"towers": {t: {"macs": int(f * dense[t][1])} for t in ("image", "text")}})
+        else:
+            out.append({"macs": int(f * dense[cfg.budget_towers][1]), "tower": cfg.budget_towers})
+    return out
+
+
+def _example(task: ClipTask, model: nn.Module):
+    images = next(iter(task.sets["test"].images))[:2]
+    tokens = task.tokenizer(task.sets["test"].captions[:2])
+    device = next(model.parameters()).device
+    return images.to(device), tokens.to(device)
+
+
+def tower_costs(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Measured params and MACs per tower (MACs per image / per caption)."""
+    out = {}
+    for t, mod, x in (("image", ImageTower(model), images), ("text", TextTower(model), tokens)):
+        out[f"macs_{t}"] = measure.macs(mod, x)
+    enc = {"image": model.visual, "text": getattr(model, "text", None)}
+    out["params_image"] = measure.params(enc["image"])
+    out["params"] = measure.params(model)
+    out["params_text"] = out["params"] - out["params_image"] - model.logit_scale.numel() - (
+        model.logit_bias.numel() if getattr(model, "logit_bias", None) is not None else 0)
+    return out
+
+
+def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, progress: bool = True,
+                   task: ClipTask | None = None) -> dict:
+    """Run every method at every budget; returns {"table", "record", "info", "config"}."""
+    import pandas as pd
+
+    cfg = (cfg or ClipTableConfig()).resolved()
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[clip {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    spp = clip_constants(cfg)
+    if task is None:
+        task = get_clip_task(cfg, progress=log)
+    dense = task.model
+    images, tokens = _example(task, dense)
+    dense_cost = tower_costs(dense, images, tokens)
+    refit_images, refit_texts, refit_keys = task.refit_pairs
+    rows = []
+
+    def scores(model: nn.Module, split: str, prefix: str) -> dict:
+        return {f"{prefix}_{k}": v for k, v in task.evaluate(model, split).items()}
+
+    def retrained(model: nn.Module, seed: int) -> tuple[nn.Module, dict, dict]:
+        """(re-fit copy, its test scores, fine-tuned test scores + records)."""
+        refit = copy.deepcopy(model)
+        rinfo = refit_projections(refit, refit_images, refit_texts, refit_keys, task.tokenizer, steps=cfg.refit_steps,
+                                  seed=seed)
+        out = scores(refit, "test", "refit")
+        tuned = copy.deepcopy(refit)
+        rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
+                       steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed, loss_fn=contrastive_loss)
+        if cfg.finetune_steps:
+            out.update(scores(tuned, "test", "finetuned"))
+        return refit, out, {"refit": rinfo, "finetune_s": rec["seconds"]}
+
+    def row_of(model: nn.Module, method: str, seed: int, frac: float, keep, extra: dict) -> dict:
+        cost = tower_costs(model, images, tokens)
+        row = {"model": task.name, "method": method, "seed": seed, "budget_towers": cfg.budget_towers,
+               "budget_macs_fraction": frac, **cost,
+               "macs_fraction": (cost["macs_image"] + cost["macs_text"])
+               / (dense_cost["macs_image"] + dense_cost["macs_text"]),
+               "macs_image_fraction": cost["macs_image"] / dense_cost["macs_image"],
+               "macs_text_fraction": cost["macs_text"] / dense_cost["macs_text"], **extra}
+        if keep is not None:
+            s = methods.spread(keep, [g for g in m.groups])
+            row.update(empty_blocks=s["attn"]["empty_blocks"] + s["mlp"]["empty_blocks"])
+        return row
+
+    ev = scores(dense, "test", "no_retrain")
+    _, rt, rinfo = retrained(dense, cfg.seed)
+    rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, {**ev, **rt, "readout": None, "search_s": 0.0,
+                                                              "finetune_s": rinfo["finetune_s"]}))
+    log(f"dense: image {dense_cost['macs_image'] / 1e6:.1f} + text {dense_cost['macs_text'] / 1e6:.1f} MMACs, "
+        f"i2t R@1 {ev['no_retrain_i2t_r1']:.1f} / t2i R@1 {ev['no_retrain_t2i_r1']:.1f}")
+    from . import attach_masks
+
+    m = attach_masks(dense, input_size=task.input_size)
+    path0 = methods.magnitude_path(m)
+    budgets = _budgets(cfg, {t: path0.dense(t) for t in ("image", "text")})
+    searches, configs = {}, {}
+    try:
+        for method in cfg.methods:
+            seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
+            for seed in seeds:
+                batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
+                common = dict(batches=batches, loss_fn=contrastive_loss, steps=cfg.steps, spp=spp, seed=seed,
+                              settings={"trials": cfg.lasso_trials})
+                if method in methods.RANKING_METHODS:
+                    path = methods.ranking(method, m, batches, contrastive_loss, steps=cfg.steps, seed=seed, spp=spp)
+                    searches[f"{method}@seed{seed}"] = path.config.get("seconds", 0.0)
+                    configs[f"{method}@seed{seed}"] = path.config
+                    candidates = ["per-layer"] if method == "random" else (
+                        list(READOUTS) if cfg.readout == "val" else [cfg.readout])
+                    chosen = []
+                    for b in budgets:
+                        best = None
+                        for ro in candidates:
+                            p = methods.prune(method, m, [b], readout=ro, path=path, **common)[0]
+                            val = None
+                            if len(candidates) > 1:
+                                r = copy.deepcopy(p.model)
+                                refit_projections(r, refit_images, refit_texts, refit_keys, task.tokenizer,
+                                                  steps=cfg.refit_steps, seed=seed)
+                                val = task.evaluate(r, "val")["rsum"]
+                            if best is None or (val is not None and val > best[0]):
+                                best = (val, p)
+                        chosen.append(best)
+                else:
+                    chosen = [(None, p) for p in methods.prune(method, m, budgets, **common)]
+                    searches[f"{method}@seed{seed}"] = sum(p.search_seconds for _, p in chosen)
+                    configs[f"{method}@seed{seed}"] = [p.info for _, p in chosen]
+                for (val, p), frac in zip(chosen, cfg.macs_fractions):
+                    ev = scores(p.model, "test", "no_retrain")
+                    _, rt, rinfo = retrained(p.model, seed)
+                    row = row_of(p.model, method, seed, frac, p.keep,
+                                 {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
+                                  "search_s": round(p.search_seconds, 2),
+                                  "shared_search": method in methods.RANKING_METHODS,
+                                  "finetune_s": rinfo["finetune_s"]})
+                    rows.append(row)
+                    log(f"{method} seed {seed} @ {frac:.2f}: image {row['macs_image_fraction']:.2f} / text "
+                        f"{row['macs_text_fraction']:.2f} of dense MACs ({p.readout}); R@1 i2t/t2i "
+                        f"{ev['no_retrain_i2t_r1']:.1f}/{ev['no_retrain_t2i_r1']:.1f}, re-fit "
+                        f"{rt['refit_i2t_r1']:.1f}/{rt['refit_t2i_r1']:.1f}"
+                        + (f", fine-tuned {rt['finetuned_i2t_r1']:.1f}/{rt['finetuned_t2i_r1']:.1f}"
+                           if "finetuned_i2t_r1" in rt else ""))
+    finally:
+        m.detach_masks()
+    table = pd.DataFrame(rows)
+    info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp,
+            "search_configs": configs, "search_seconds": searches, "budgets": budgets,
+            "budget_rule": {"joint": "MACs of one image plus one caption", "image": "image tower MACs; text dense",
+                            "text": "text tower MACs; image dense",
+                            "each": "each tower to the fraction of its own MACs"}[cfg.budget_towers],
+            "refit": {"what": "both projections and the logit scale, towers frozen, contrastive loss, Adam lr 1e-3",
+                      "steps": cfg.refit_steps, "pairs": len(refit_keys)},
+            "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
+                         "label_smoothing": None, "loss": "symmetric InfoNCE (contrastive_loss)",
+                         "start": "from the projection re-fit", "batch_size": cfg.finetune_batch},
+            "metrics": "recall@k in % (image->text, text->image), rsum = their sum; relevance: "
+                       + task.info.get("relevance", "a caption is relevant to its own image"),
+            "readout_rule": "per budget, the read-out with the higher re-fit rsum on the validation split"
+                            if cfg.readout == "val" else f"fixed: {cfg.readout}",
+            "seconds": round(time.perf_counter() - t_start, 1)}
+    folder = write_record(cfg.study, cfg, None, table, info) if record else None
+    if folder:
+        log(f"record written: {folder}")
+    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg)}

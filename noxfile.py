@@ -34,6 +34,9 @@ REPRODUCE_PARAMS = {
     "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 60, "random_seeds": 3,
                               "lasso_trials": 3, "n_val": 500, "n_test": 1000, "n_refit": 1000,
                               "finetune_steps": 40},
+    "20_clip_retrieval.ipynb": {"methods": ["spp", "lasso", "dessilbi", "magnitude"],
+                                "macs_fractions": [0.7, 0.5, 0.35], "steps": 60, "lasso_trials": 3, "n_val": 500,
+                                "n_test": 1000, "refit_steps": 300, "finetune_steps": 20},
 }
 
 

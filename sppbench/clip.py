@@ -351,10 +351,13 @@ def set_projections(model: nn.Module, fit: dict) -> None:
 
 
 def refit_projections(model: nn.Module, images: Iterable[torch.Tensor], texts: Sequence[str], keys: torch.Tensor,
-                      tokenizer: Callable, **kw) -> dict:
+                      tokenizer: Callable, *, text_image: torch.Tensor | None = None, **kw) -> dict:
     """Re-fit a (pruned) model's two projections on its own pooled features, starting from its current ones,
-    in place; the towers are untouched. Returns the fit's settings and losses."""
+    in place; the towers are untouched. Pair j = (image ``text_image[j]``, ``texts[j]``) with key ``keys[j]``
+    (default: text j goes with image j). Returns the fit's settings and losses."""
     img, txt = pooled_features(model, images, texts, tokenizer)
+    if text_image is not None:
+        img = img[torch.as_tensor(text_image)]
     slots = _projection_slots(model)
     init = {t: _as_matrix(getattr(o, a)).float().cpu() for t, (o, a) in slots.items()}
     fit = fit_projections(img, txt, keys, init=init, logit_scale=model.logit_scale.item(), **kw)
@@ -378,7 +381,7 @@ class ClipTask:
     tokenizer: Callable
     train_batches: Callable[[int, int, int], Iterable]
     sets: dict
-    refit_pairs: tuple | None = None  # (image batches, texts, keys)
+    refit_pairs: tuple | None = None  # (image batches, texts, keys per text, image index per text)
     classnames: Sequence[str] | None = None
     templates: Sequence[str] | None = None
     input_size: dict = field(default_factory=dict)  # {"image": px, "text": tokens per caption}
@@ -439,8 +442,8 @@ def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None
         return _B()
 
     sub = train.subset(min(refit_images, len(train)))
-    refit = (DataLoader(CaptionImages(sub, tf), batch_size=eval_batch, num_workers=workers),
-             [sub.captions[sub.captions_of(i)[0]] for i in range(len(sub))], torch.arange(len(sub)))
+    refit = (DataLoader(CaptionImages(sub, tf), batch_size=eval_batch, num_workers=workers), list(sub.captions),
+             torch.as_tensor(sub.caption_image), torch.as_tensor(sub.caption_image))
     ctx = int(getattr(tokenizer, "context_length", 77) or 77)
     return ClipTask(dataset, f"paper profile: {dataset} Karpathy splits", model, tokenizer, train_batches,
                     {"val": retrieval(splits["val"]), "test": retrieval(splits["test"])}, refit,

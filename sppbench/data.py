@@ -177,3 +177,28 @@ class Batches:
             rows = perm[pos:pos + self.batch_size]
             pos += self.batch_size
             yield preprocess(self.data.images[rows], self.size), self.data.labels[rows]
+
+
+class StepBatches:
+    """A re-iterable of exactly ``steps`` batches: ``epoch(seed)`` yields one pass (a fresh shuffle each call,
+    drawn from one generator seeded by ``seed``), and passes are chained until ``steps`` batches were given."""
+
+    def __init__(self, epoch, steps: int, seed: int):
+        self.epoch, self.steps, self.seed = epoch, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        n = 0
+        while n < self.steps:
+            got = False
+            for batch in self.epoch(g):
+                got = True
+                yield batch
+                n += 1
+                if n == self.steps:
+                    return
+            if not got:
+                raise ValueError("an epoch yielded no batch: the data holds fewer items than one batch")

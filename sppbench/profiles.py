@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import StepBatches
 from .errors import DataError, SppBenchError, UnsupportedModelError
 
 PAPER_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
@@ -108,23 +109,11 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
     train_part = Subset(train, train_idx)
 
     def train_batches(batch_size: int, steps: int, seed: int):
-        class _B:
-            def __iter__(self):
-                gen = torch.Generator().manual_seed(seed)
-                loader = DataLoader(train_part, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True,
-                                    num_workers=workers)
-                n = 0
-                while n < steps:
-                    for x, y in loader:
-                        yield x, y
-                        n += 1
-                        if n == steps:
-                            return
+        def epoch(gen):
+            yield from DataLoader(train_part, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True,
+                                  num_workers=workers)
 
-            def __len__(self):
-                return steps
-
-        return _B()
+        return StepBatches(epoch, steps, seed)
 
     def loader(split: str):
         return DataLoader(sets[split], batch_size=eval_batch, shuffle=False, num_workers=workers)
@@ -136,6 +125,15 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
                        "train_images": len(train_idx), "test_images": len(test)})
 
 
+def _gpu_problem(cfg: dict, min_gpus: int, problems: list) -> int:
+    """The CUDA GPU count; appends what is wrong when it is below ``min_gpus``."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < min_gpus:
+        problems.append(f"found {gpus} CUDA GPU(s), the paper profile needs at least {min_gpus} "
+                        f"({cfg['hardware']['note']})")
+    return gpus
+
+
 def check_ready(cfg: dict, root: str | os.PathLike | None = None, *, min_gpus: int = 1) -> dict:
     """Stop a paper-profile run at once, with what to do, if its data, weights or GPUs are missing."""
     problems = []
@@ -143,10 +141,7 @@ def check_ready(cfg: dict, root: str | os.PathLike | None = None, *, min_gpus: i
         imagenet_root(root, cfg)
     except DataError as exc:
         problems.append(str(exc))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus < min_gpus:
-        problems.append(f"found {gpus} CUDA GPU(s), the paper profile needs at least {min_gpus} "
-                        f"({cfg['hardware']['note']})")
+    gpus = _gpu_problem(cfg, min_gpus, problems)
     if os.environ.get("HF_HUB_OFFLINE") and not cfg["weights"].get("file"):
         problems.append(f"HF_HUB_OFFLINE is set and no local weights file is given for {cfg['model']}: unset it on a "
                         f"machine with hub access, or download {cfg['weights']['hub']} and set weights.file")
@@ -182,10 +177,7 @@ def clip_check_ready(cfg: dict, dataset: str = "coco", root: str | os.PathLike |
             karpathy_paths(dataset, root)
         except DataError as exc:
             problems.append(str(exc))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus < min_gpus:
-        problems.append(f"found {gpus} CUDA GPU(s), the paper profile needs at least {min_gpus} "
-                        f"({cfg['hardware']['note']})")
+    gpus = _gpu_problem(cfg, min_gpus, problems)
     if os.environ.get("HF_HUB_OFFLINE") and not Path(str(cfg.get("pretrained", ""))).is_file():
         problems.append(f"HF_HUB_OFFLINE is set and {cfg['model']}'s weights are the hub tag {cfg['pretrained']!r}: "
                         "unset it on a machine with hub access, or pass a local checkpoint file as pretrained")

@@ -261,21 +261,23 @@ def test_real_vit_b_32_architecture():
     assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9  # open_clip reports 4.41 / 2.96 GMACs
 
 
-def tiny_task(seed: int = 0):
-    """A ClipTask around the tiny native CLIP: random 16 px images in 4 'classes', captions naming the class."""
+def tokenizer(texts):
+    """Words -> ids by CRC (a stand-in tokenizer for the tiny model's 64-token vocabulary), 8 tokens, 0-padded."""
     import zlib
 
+    out = torch.zeros(len(texts), 8, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids = [zlib.crc32(w.encode()) % 63 + 1 for w in t.split()][:8]
+        out[i, :len(ids)] = torch.as_tensor(ids)
+    return out
+
+
+def tiny_task(seed: int = 0):
+    """A ClipTask around the tiny native CLIP: random 16 px images in 4 'classes', captions naming the class."""
     from sppbench.clip import ClipTask, RetrievalSet
 
     model = tiny_clip(seed)
     g = torch.Generator().manual_seed(seed)
-
-    def tokenizer(texts):
-        out = torch.zeros(len(texts), 8, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [zlib.crc32(w.encode()) % 63 + 1 for w in t.split()][:8]
-            out[i, :len(ids)] = torch.as_tensor(ids)
-        return out
 
     words = ["red square", "blue circle", "green line", "grey dot"]
 
@@ -345,3 +347,46 @@ def test_clip_table_config_errors():
         ClipTableConfig(model="resnet50").resolved()
     with pytest.raises(TypeError, match="steps"):
         ClipTableConfig(steps="12").resolved()
+
+
+@pytest.mark.parametrize("dataset", ["coco", "flickr30k"])
+def test_karpathy_task_on_a_miniature(tmp_path, dataset):
+    """The paper profile's data path: a generated miniature of the COCO / Flickr30K Karpathy layout, read into a
+    ClipTask (search batches, val / test retrieval sets, re-fit pairs), then a short CLIP table on it."""
+    from sppbench.captions import write_miniature
+    from sppbench.clip import karpathy_task
+    from sppbench.clip_table import ClipTableConfig, run_clip_table
+
+    root = write_miniature(tmp_path / dataset, dataset, n_per_split={"train": 12, "val": 4, "test": 6}, size=20)
+    task = karpathy_task(tiny_clip(), tokenizer, dataset, root, workers=0, eval_batch=4)
+    assert task.info["train_images"] == 12 and task.info["test_images"] == 6
+    test = task.sets["test"]
+    assert len(test.captions) == 30 and test.caption_keys.tolist() == [i for i in range(6) for _ in range(5)]
+    (x, t), keys = next(iter(task.train_batches(4, 5, 0)))
+    assert x.shape == (4, 3, 16, 16) and t.shape == (4, 8) and len(set(keys.tolist())) == 4
+    assert len(list(task.train_batches(4, 5, 0))) == 5  # 3 batches per epoch, chained
+    scores = task.evaluate(task.model, "test")
+    assert 0 <= scores["i2t_r1"] <= scores["i2t_r10"] <= 100
+    cfg = ClipTableConfig(model="embedded-clip", methods=("spp", "magnitude"), macs_fractions=(0.7,), steps=3,
+                          batch_size=4, readout="global", refit_steps=3, finetune_steps=1, finetune_batch=4,
+                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+    res = run_clip_table(cfg, task=task, record=False, progress=False)
+    assert len(res["table"]) == 3
+
+
+def test_clip_paper_profiles_say_what_is_missing(monkeypatch, tmp_path):
+    from sppbench.profiles import CLIP_PAPER_MODELS, clip_check_ready, clip_paper_config
+
+    monkeypatch.delenv("SPPBENCH_COCO", raising=False)
+    for name in CLIP_PAPER_MODELS:
+        cfg = clip_paper_config(name)
+        assert cfg["model"] == name and cfg["pretrained"]
+        with pytest.raises(sppbench.SppBenchError, match="SPPBENCH_COCO"):
+            clip_check_ready(cfg, "coco", None, min_gpus=0)
+    from sppbench.captions import write_miniature
+
+    root = write_miniature(tmp_path / "coco", "coco")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert clip_check_ready(clip_paper_config("ViT-B-32"), "coco", root, min_gpus=0) == {"gpus": 0}
+    with pytest.raises(sppbench.SppBenchError, match="GPU"):
+        clip_check_ready(clip_paper_config("ViT-B-32"), "coco", root, min_gpus=99)

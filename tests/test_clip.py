@@ -258,7 +258,20 @@ def test_real_vit_b_32_architecture():
         measured = sppbench.measure.macs(mod, inp)
         assert abs(measured - keep.towers[tower]["macs"]) <= 0.01 * measured
     dense_img, dense_txt = path.dense("image")[1], path.dense("text")[1]
-    assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9  # open_clip reports 4.41 / 2.96 GMACs
+    assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9
+
+
+def test_vit_l_14_profile_architecture():
+    """open_clip ViT-L-14, random init: 427.62 M params (open_clip's published count); costs as the profile says."""
+    from sppbench.profiles import clip_paper_config
+
+    m = sppbench.attach_masks(create_model("ViT-L-14"))
+    path = magnitude_path(m)
+    ref = clip_paper_config("ViT-L-14")["dense_reference"]
+    assert path.dense()[0] / 1e6 == pytest.approx(427.62, abs=0.01)
+    assert path.dense("image")[1] / 1e9 == pytest.approx(ref["image_gmacs"], abs=0.01)
+    assert path.dense("text")[1] / 1e9 == pytest.approx(ref["text_gmacs"], abs=0.001)
+    assert len([g for g in m.groups if g.tower == "image"]) == 3 * 24
 
 
 def tokenizer(texts):

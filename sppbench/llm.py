@@ -1,0 +1,337 @@
+"""Zero-shot pruning of causal LMs, layer by layer: magnitude, Wanda, RIA and SPP-RIA ("Algorithm 2").
+
+The paper's LLM algorithm was never published; ``spp-ria`` is sppbench's reconstruction of it
+(method.md section 6), labelled as such in every record:
+
+1. Calibration token windows go through the model one decoder layer at a time; each layer's inputs
+   are the outputs of the already-pruned earlier layers, and only one layer's activations are held.
+2. For every Linear W (out x in) of the layer, the calibration inputs X (in x tokens) give the Gram
+   matrix G = X X^T. An element-wise mask M runs K steps of the paper-form SLBI (section 3, the same
+   ``sppbench.dynamics.SLBI`` class as every search) on the layer-wise reconstruction loss
+
+       L(M) = ||W X - (W o M) X||_F^2 / (||W X||_F^2 / numel(W)) = numel * tr(D G D^T) / tr(W G W^T),
+       D = W o (1 - M),   grad_M L = -2 numel (D G) o W / tr(W G W^T),
+
+   so a step costs O(out x in^2) whatever the number of calibration tokens. The normalisation (the
+   loss relative to the layer's output energy per weight) is sppbench's choice: it makes the mean
+   restoring force on a uniformly shrunk mask the same in every layer, so one set of constants serves
+   all layers.
+3. Rank entries by entry step (never-entered last), ties by the RIA score; keep the top (1 - sparsity)
+   of each layer (unstructured) or the top N of every M consecutive inputs of a row (N:M).
+
+Baselines on the same calibration data: ``magnitude`` (|W|, per layer), ``wanda`` (|W_ij| ||X_j||,
+compared within each output row, as Wanda does) and ``ria`` (method.md: (|W_ij| / sum_r |W_rj| +
+|W_ij| / sum_c |W_ic|) * ||X_j||^0.5, per layer).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .dynamics import SLBI
+from .errors import BudgetError, UnsupportedModelError
+
+LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria")
+# comparison group of each method's unstructured read-out
+COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer"}
+SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 1.5}
+RECONSTRUCTION = ("spp-ria is sppbench's reconstruction of the paper's unpublished 'Algorithm 2' (method.md section 6): "
+                  "SLBI on element-wise masks with the layer-wise reconstruction loss (Gram form), ranked by entry "
+                  "step, ties by RIA")
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pattern:
+    """'unstructured' at a sparsity, or N:M (keep N of every M consecutive inputs of a row)."""
+
+    kind: str
+    sparsity: float
+    n: int = 0
+    m: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"unstructured {self.sparsity:.0%}"
+
+
+def parse_pattern(pattern: str | float) -> Pattern:
+    """``0.5`` / ``"50%"`` / ``"unstructured:0.5"`` -> unstructured; ``"2:4"`` -> N:M."""
+    if isinstance(pattern, (int, float)) and not isinstance(pattern, bool):
+        s = float(pattern)
+    else:
+        text = str(pattern).strip().lower()
+        nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if nm:
+            n, m = int(nm.group(1)), int(nm.group(2))
+            if not 0 < n < m:
+                raise BudgetError(f"N:M pattern needs 0 < N < M, got {pattern!r} (e.g. '2:4')")
+            return Pattern("nm", 1 - n / m, n, m)
+        text = text.removeprefix("unstructured").strip(" :")
+        try:
+            s = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise BudgetError(f"unknown sparsity pattern {pattern!r}; use a sparsity such as 0.5 or '50%', or N:M "
+                              "such as '2:4'") from None
+    if not 0 < s < 1:
+        raise BudgetError(f"sparsity must be in (0, 1), got {s}")
+    return Pattern("unstructured", s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores and read-outs
+# ---------------------------------------------------------------------------------------------
+def wanda_score(W: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2 (Wanda)."""
+    return W.abs() * col_norm.view(1, -1)
+
+
+def ria_score(W: torch.Tensor, col_norm: torch.Tensor, a: float = 0.5) -> torch.Tensor:
+    """Relative importance times activations: (|W_ij| / sum_r |W_rj| + |W_ij| / sum_c |W_ic|) * ||X_j||^a."""
+    A = W.abs()
+    col = A.sum(0, keepdim=True).clamp_min(1e-12)  # over output rows r, per input column j
+    row = A.sum(1, keepdim=True).clamp_min(1e-12)  # over input columns c, per output row i
+    return (A / col + A / row) * col_norm.view(1, -1).pow(a)
+
+
+def order_rank(primary: torch.Tensor, secondary: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank of every entry (0 = most important) when sorting by ``primary`` descending, ties by ``secondary``
+    descending, remaining ties by flat index (a total, deterministic order)."""
+    flat = primary.reshape(-1)
+    idx = torch.arange(flat.numel())
+    if secondary is not None:
+        idx = torch.sort(-secondary.reshape(-1).double(), stable=True).indices
+    idx = idx[torch.sort(-flat[idx].double(), stable=True).indices]
+    rank = torch.empty_like(idx)
+    rank[idx] = torch.arange(idx.numel())
+    return rank.view(primary.shape)
+
+
+def keep_mask(rank: torch.Tensor, pattern: Pattern, compare: str = "layer") -> torch.Tensor:
+    """Boolean keep mask from a rank matrix (out x in) for a pattern; exact counts per layer / row / group."""
+    out_f, in_f = rank.shape
+    if pattern.kind == "nm":
+        if in_f % pattern.m:
+            raise BudgetError(f"{pattern.name}: the input width {in_f} is not a multiple of {pattern.m}")
+        g = rank.view(out_f, in_f // pattern.m, pattern.m)
+        top = g.topk(pattern.n, dim=-1, largest=False).indices
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True)
+        return keep.view(out_f, in_f)
+    if compare == "row":
+        k = int(round((1 - pattern.sparsity) * in_f))
+        top = rank.topk(k, dim=1, largest=False).indices
+        return torch.zeros_like(rank, dtype=torch.bool).scatter_(1, top, True)
+    k = int(round((1 - pattern.sparsity) * rank.numel()))
+    return rank.reshape(-1).lt(k).view(out_f, in_f)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPP on the Gram form of the reconstruction loss
+# ---------------------------------------------------------------------------------------------
+def reconstruction_loss(W: torch.Tensor, M: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """numel * ||W X - (W o M) X||^2 / ||W X||^2 from the Gram matrix G = X X^T."""
+    D = W * (1 - M)
+    return W.numel() * ((D @ G) * D).sum() / ((W @ G) * W).sum().clamp_min(1e-30)
+
+
+def reconstruction_grad(W: torch.Tensor, M: torch.Tensor, G: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``reconstruction_loss`` w.r.t. M, given energy = tr(W G W^T)."""
+    D = W * (1 - M)
+    return (-2.0 * W.numel() / energy.clamp_min(1e-30)) * (D @ G) * W
+
+
+def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alpha: float, nu: float, lam: float
+             ) -> dict:
+    """K paper-form SLBI steps on an element-wise mask of W with the Gram-form reconstruction loss.
+
+    Returns entry_step (-1: never entered), the final M and V, and the loss after each step."""
+    W = W.detach().float()
+    G = G.float()
+    energy = ((W @ G) * W).sum()
+    M = nn.Parameter(torch.ones_like(W))
+    opt = SLBI([M], kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant="paper")
+    losses = []
+    for _ in range(steps):
+        with torch.no_grad():
+            M.grad = reconstruction_grad(W, M, G, energy)
+        opt.step()
+        with torch.no_grad():
+            D = W * (1 - M)
+            losses.append(float(W.numel() * ((D @ G) * D).sum() / energy.clamp_min(1e-30)))
+    st = opt._state(M)  # initialised even after 0 steps (nothing entered)
+    return {"entry_step": st["entry_step"].clone(), "M": M.detach().clone(), "V": st["V"].clone(), "losses": losses}
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer-wise driver
+# ---------------------------------------------------------------------------------------------
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers of a LLaMA-style (LLaMA, Mistral, Qwen2, SmolLM2) or OPT causal LM."""
+    inner = getattr(model, "model", model)
+    if hasattr(inner, "layers") and isinstance(inner.layers, nn.ModuleList):
+        return inner.layers, "llama"
+    dec = getattr(inner, "decoder", None)
+    if dec is not None and isinstance(getattr(dec, "layers", None), nn.ModuleList):
+        return dec.layers, "opt"
+    raise UnsupportedModelError(f"{type(model).__name__}: sppbench prunes LLaMA-style (model.layers) and OPT "
+                                "(model.decoder.layers) causal LMs from Hugging Face transformers")
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear of a decoder layer, by its name inside the layer."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> list:
+    """(hidden_states, kwargs) entering layer 0 for each calibration batch (a pre-hook records them and stops
+    the forward there)."""
+    got = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        got.append((hidden.detach(), kw))
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(ids), batch_size):
+            try:
+                model(ids[i:i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return got
+
+
+def _run_layer(layer: nn.Module, inputs: list) -> list:
+    outs = []
+    for hidden, kw in inputs:
+        out = layer(hidden, **kw)
+        outs.append((out[0] if isinstance(out, (tuple, list)) else out, kw))
+    return outs
+
+
+@dataclass
+class LLMPruneResult:
+    """What a layer-wise pruning run did: per-Linear target and measured sparsity, timings, settings."""
+
+    method: str
+    pattern: str
+    layers: list = field(default_factory=list)  # one dict per Linear: layer, name, shape, sparsity, (spp) entered
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def sparsity(self) -> float:
+        """Measured sparsity over every pruned Linear (zeros / weights)."""
+        zeros = sum(r["zeros"] for r in self.layers)
+        return zeros / max(1, sum(r["numel"] for r in self.layers))
+
+
+@torch.no_grad()
+def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: torch.Tensor | None = None, *,
+              batch_size: int = 8, spp: dict | None = None, progress: Callable[[str], None] | None = None
+              ) -> LLMPruneResult:
+    """Prune every Linear of every decoder layer of ``model`` in place (weights zeroed), layer by layer.
+
+    ``calib_ids`` (n, seqlen) are the calibration windows (not needed by ``magnitude``). Each layer's
+    statistics come from the outputs of the already-pruned layers before it; one layer's activations
+    are held at a time. Returns per-Linear target and measured sparsity.
+    """
+    if method not in LLM_METHODS:
+        raise UnsupportedModelError(f"unknown LLM pruning method {method!r}; use one of {LLM_METHODS}")
+    pat = parse_pattern(pattern)
+    cfg = {**SPP_RIA_DEFAULTS, **(spp or {})}
+    layers, family = decoder_layers(model)
+    log = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    res = LLMPruneResult(method, pat.name, settings={
+        "family": family, "pattern": pat.name, "sparsity": pat.sparsity, "compare": COMPARE[method],
+        "calibration": None if calib_ids is None else {"n_samples": int(calib_ids.shape[0]),
+                                                       "seqlen": int(calib_ids.shape[1])},
+        **({"spp": {k: cfg[k] for k in SPP_RIA_DEFAULTS}, "note": RECONSTRUCTION} if method == "spp-ria" else {})})
+    try:
+        inputs = None
+        if method != "magnitude":
+            if calib_ids is None:
+                raise ValueError(f"{method} needs calibration token windows (calib_ids)")
+            inputs = _first_layer_inputs(model, layers, calib_ids, batch_size)
+        for li, layer in enumerate(layers):
+            lins = layer_linears(layer)
+            stats: dict[str, dict] = {n: {"tokens": 0} for n in lins}
+            hooks = []
+            if inputs is not None:
+                memo: dict = {}  # Linears fed the same tensor (q/k/v, gate/up) share one statistic per batch
+
+                def make_hook(name):
+                    def hook(mod, args, out):
+                        x = args[0]
+                        key = (x.data_ptr(), tuple(x.shape))
+                        if key not in memo:  # the entry holds x, so its memory cannot be reused within the batch
+                            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                            memo[key] = (x, x2.shape[0], x2.T @ x2 if method == "spp-ria" else x2.pow(2).sum(0))
+                        _, n, stat = memo[key]
+                        s = stats[name]
+                        s["tokens"] += n
+                        s["G" if method == "spp-ria" else "sq"] = s.get("G" if method == "spp-ria" else "sq", 0) + stat
+                    return hook
+
+                hooks = [m.register_forward_hook(make_hook(n)) for n, m in lins.items()]
+                try:
+                    for hidden, kw in inputs:
+                        layer(hidden, **kw)
+                        memo.clear()
+                finally:
+                    for h in hooks:
+                        h.remove()
+            for name, lin in lins.items():
+                W = lin.weight.data
+                s = stats[name]
+                extra = {}
+                if method == "magnitude":
+                    rank = order_rank(W.abs())
+                else:
+                    sq = torch.diagonal(s["G"]) if method == "spp-ria" else s["sq"]
+                    norm = sq.clamp_min(0).sqrt()
+                    if method == "wanda":
+                        rank = order_rank(wanda_score(W.float(), norm))
+                    else:
+                        ria = ria_score(W.float(), norm)
+                        if method == "ria":
+                            rank = order_rank(ria)
+                        else:
+                            p = spp_path(W, s["G"], **{k: cfg[k] for k in ("steps", "kappa", "alpha", "nu", "lam")})
+                            e = p["entry_step"].double()
+                            primary = -torch.where(e < 0, torch.full_like(e, math.inf), e)  # earlier entry first
+                            rank = order_rank(primary, ria)
+                            extra = {"entered": float((p["entry_step"] >= 0).float().mean()),
+                                     "loss_last": p["losses"][-1] if p["losses"] else 0.0}
+                keep = keep_mask(rank, pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
+                W.mul_(keep.to(W.dtype))
+                zeros = int((W == 0).sum())
+                res.layers.append({"layer": li, "name": name, "shape": list(W.shape), "numel": W.numel(),
+                                   "zeros": zeros, "target": pat.sparsity, "sparsity": zeros / W.numel(), **extra})
+            if inputs is not None and li + 1 < len(layers):
+                inputs = _run_layer(layer, inputs)  # the next layer sees this layer's pruned outputs
+            log(f"{method} {pat.name}: layer {li + 1}/{len(layers)} done ({time.perf_counter() - t0:.1f}s)")
+    finally:
+        model.train(was)
+    res.seconds = round(time.perf_counter() - t0, 2)
+    return res

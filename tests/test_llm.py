@@ -1,0 +1,149 @@
+"""Layer-wise LLM pruning (magnitude, Wanda, RIA, SPP-RIA) on tiny random-init LLaMA (grouped-query) and OPT models:
+exact sparsity per layer, scores against direct computations, the Gram form of the reconstruction loss, and the
+layer order (each layer sees the already-pruned layers' outputs)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
+
+from sppbench.errors import BudgetError, UnsupportedModelError  # noqa: E402
+from sppbench.llm import (LLM_METHODS, decoder_layers, keep_mask, layer_linears, order_rank, parse_pattern,  # noqa: E402
+                          prune_llm, reconstruction_grad, reconstruction_loss, ria_score, spp_path, wanda_score)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    return OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64)).eval()
+
+
+MODELS = {"llama-gqa": tiny_llama, "opt": tiny_opt}
+
+
+def ids(n: int = 6, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("method", LLM_METHODS)
+@pytest.mark.parametrize("pattern", [0.5, 0.3, "2:4"])
+def test_exact_sparsity_per_layer(family, method, pattern):
+    model = MODELS[family]()
+    res = prune_llm(model, method, pattern, ids(), batch_size=4)
+    layers, _ = decoder_layers(model)
+    target = parse_pattern(pattern)
+    assert len(res.layers) == sum(len(layer_linears(layer)) for layer in layers)
+    for rec in res.layers:
+        assert rec["target"] == target.sparsity
+        assert rec["sparsity"] == pytest.approx(target.sparsity, abs=1.0 / rec["shape"][1])
+    for layer in layers:
+        for name, lin in layer_linears(layer).items():
+            W = lin.weight
+            if target.kind == "nm":  # exactly N non-zeros in every group of M consecutive inputs of a row
+                nz = (W != 0).view(W.shape[0], -1, 4).sum(-1)
+                assert bool((nz == 2).all()), name
+            elif method == "wanda":  # Wanda compares within rows: every row at the target
+                k = round((1 - target.sparsity) * W.shape[1])
+                assert bool(((W != 0).sum(1) == k).all()), name
+            else:
+                assert int((W != 0).sum()) == round((1 - target.sparsity) * W.numel()), name
+
+
+def test_scores_match_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, generator=g)
+    X = torch.randn(4, 10, generator=g)  # in x tokens
+    norm = X.pow(2).sum(1).sqrt()
+    wanda, ria = wanda_score(W, norm), ria_score(W, norm)
+    for i in range(3):
+        for j in range(4):
+            assert float(wanda[i, j]) == pytest.approx(float(abs(W[i, j])) * float(torch.linalg.norm(X[j])), rel=1e-6)
+            col = sum(abs(W[r, j]) for r in range(3))
+            row = sum(abs(W[i, c]) for c in range(4))
+            direct = (abs(W[i, j]) / col + abs(W[i, j]) / row) * float(torch.linalg.norm(X[j])) ** 0.5
+            assert float(ria[i, j]) == pytest.approx(float(direct), rel=1e-6)
+
+
+def test_reconstruction_in_gram_form_equals_the_raw_activation_loss():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    X = torch.randn(7, 40, generator=g, dtype=torch.float64)
+    M = torch.rand(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    raw = W.numel() * ((W @ X - (W * M) @ X).pow(2).sum()) / (W @ X).pow(2).sum()
+    gram = reconstruction_loss(W, M.detach(), X @ X.T)
+    assert float(gram) == pytest.approx(float(raw.detach()), rel=1e-10)
+    raw.backward()
+    grad = reconstruction_grad(W, M.detach(), X @ X.T, ((W @ X @ X.T) * W).sum())
+    assert torch.allclose(grad, M.grad, rtol=1e-9, atol=1e-12)
+    # a step costs the same whatever the token count: the path depends on X only through G
+    p1 = spp_path(W.float(), (X @ X.T).float(), steps=5, kappa=1.0, alpha=0.3, nu=2.0, lam=1.5)
+    X2 = torch.cat([X, X], 1) / 2 ** 0.5  # other tokens, same Gram matrix
+    p2 = spp_path(W.float(), (X2 @ X2.T).float(), steps=5, kappa=1.0, alpha=0.3, nu=2.0, lam=1.5)
+    assert torch.equal(p1["entry_step"], p2["entry_step"]) and torch.allclose(p1["M"], p2["M"], atol=1e-5)
+    assert p1["losses"][-1] > 0
+
+
+def test_spp_ria_with_no_steps_is_ria_and_entered_entries_come_first():
+    a, b = tiny_llama(), tiny_llama()
+    prune_llm(a, "ria", 0.5, ids())
+    prune_llm(b, "spp-ria", 0.5, ids(), spp={"steps": 0})
+    for (na, la), (nb, lb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(la, lb), na
+    W = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    primary = -torch.tensor([[float(i % 3) for i in range(8)]] * 4)  # entry steps 0, 1, 2 (earlier first)
+    rank = order_rank(primary, ria_score(W, torch.ones(8)))
+    assert bool((rank[primary == 0].max() < rank[primary == -1].min()))
+
+
+def test_each_layer_sees_the_pruned_layers_before_it():
+    """Wanda's layer-1 masks equal those computed from inputs produced by the model with layer 0 already pruned."""
+    x = ids()
+    model = tiny_llama()
+    prune_llm(model, "wanda", 0.5, x)
+    ref = tiny_llama()
+    layers, _ = decoder_layers(ref)
+    one = copy.deepcopy(ref)
+    del one.model.layers[1]  # a model that stops after layer 0, to prune layer 0 alone
+    one.config.num_hidden_layers = 1
+    prune_llm(one, "wanda", 0.5, x)
+    layers[0].load_state_dict(one.model.layers[0].state_dict())
+    sq = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: sq.__setitem__(n, sq.get(n, 0) + a[0].reshape(-1, a[0].shape[-1])
+                                                                           .float().pow(2).sum(0)))
+             for n, m in layer_linears(layers[1]).items()]
+    with torch.no_grad():
+        ref(x, use_cache=False)
+    for h in hooks:
+        h.remove()
+    got = layer_linears(decoder_layers(model)[0][1])
+    for n, lin in layer_linears(layers[1]).items():
+        rank = order_rank(wanda_score(lin.weight.float(), sq[n].sqrt()))
+        expect = keep_mask(rank, parse_pattern(0.5), "row")
+        assert torch.equal(got[n].weight != 0, expect), n
+
+
+def test_bad_patterns_and_models():
+    for bad in (0.0, 1.0, "150%", "4:2", "half", -0.1):
+        with pytest.raises(BudgetError):
+            parse_pattern(bad)
+    assert parse_pattern("2:4").n == 2 and parse_pattern("50%").sparsity == 0.5
+    with pytest.raises(BudgetError, match="multiple"):
+        keep_mask(torch.zeros(2, 6, dtype=torch.long), parse_pattern("2:4"))
+    with pytest.raises(UnsupportedModelError):
+        prune_llm(torch.nn.Linear(2, 2), "wanda", 0.5, ids())
+    with pytest.raises(UnsupportedModelError, match="unknown"):
+        prune_llm(tiny_llama(), "sparsegpt", 0.5, ids())
+    with pytest.raises(ValueError, match="calibration"):
+        prune_llm(tiny_llama(), "wanda", 0.5, None)

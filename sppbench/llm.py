@@ -15,7 +15,9 @@ The paper's LLM algorithm was never published; ``spp-ria`` is sppbench's reconst
    so a step costs O(out x in^2) whatever the number of calibration tokens. The normalisation (the
    loss relative to the layer's output energy per weight) is sppbench's choice: it makes the mean
    restoring force on a uniformly shrunk mask the same in every layer, so one set of constants serves
-   all layers.
+   all layers. The loss gradient is clipped element-wise at +-clip (default 1): LLM activations have
+   outlier channels whose curvature is orders of magnitude above the rest, and the explicit iteration
+   would diverge on them; clipped, such an entry is held near 1 (it enters early), as it should be.
 3. Rank entries by entry step (never-entered last), ties by the RIA score; keep the top (1 - sparsity)
    of each layer (unstructured) or the top N of every M consecutive inputs of a row (N:M).
 
@@ -40,7 +42,7 @@ from .errors import BudgetError, UnsupportedModelError
 LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria")
 # comparison group of each method's unstructured read-out
 COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer"}
-SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 1.5}
+SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 1.5, "clip": 1.0}
 RECONSTRUCTION = ("spp-ria is sppbench's reconstruction of the paper's unpublished 'Algorithm 2' (method.md section 6): "
                   "SLBI on element-wise masks with the layer-wise reconstruction loss (Gram form), ranked by entry "
                   "step, ties by RIA")
@@ -148,8 +150,8 @@ def reconstruction_grad(W: torch.Tensor, M: torch.Tensor, G: torch.Tensor, energ
     return (-2.0 * W.numel() / energy.clamp_min(1e-30)) * (D @ G) * W
 
 
-def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alpha: float, nu: float, lam: float
-             ) -> dict:
+def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alpha: float, nu: float, lam: float,
+             clip: float | None = 1.0) -> dict:
     """K paper-form SLBI steps on an element-wise mask of W with the Gram-form reconstruction loss.
 
     Returns entry_step (-1: never entered), the final M and V, and the loss after each step."""
@@ -162,6 +164,8 @@ def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alph
     for _ in range(steps):
         with torch.no_grad():
             M.grad = reconstruction_grad(W, M, G, energy)
+            if clip:
+                M.grad.clamp_(-clip, clip)
         opt.step()
         with torch.no_grad():
             D = W * (1 - M)
@@ -317,7 +321,7 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                         if method == "ria":
                             rank = order_rank(ria)
                         else:
-                            p = spp_path(W, s["G"], **{k: cfg[k] for k in ("steps", "kappa", "alpha", "nu", "lam")})
+                            p = spp_path(W, s["G"], **{k: cfg[k] for k in SPP_RIA_DEFAULTS})
                             e = p["entry_step"].double()
                             primary = -torch.where(e < 0, torch.full_like(e, math.inf), e)  # earlier entry first
                             rank = order_rank(primary, ria)

@@ -151,7 +151,7 @@ def reconstruction_grad(W: torch.Tensor, M: torch.Tensor, G: torch.Tensor, energ
 
 
 def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alpha: float, nu: float, lam: float,
-             clip: float | None = 1.0) -> dict:
+             clip: float | None = 1.0, precondition: bool = False) -> dict:
     """K paper-form SLBI steps on an element-wise mask of W with the Gram-form reconstruction loss.
 
     Returns entry_step (-1: never entered), the final M and V, and the loss after each step."""
@@ -160,12 +160,18 @@ def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alph
     energy = ((W @ G) * W).sum()
     M = nn.Parameter(torch.ones_like(W))
     opt = SLBI([M], kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant="paper")
+    st = opt._state(M)
+    # the loss's diagonal curvature per entry: 2 numel W_ij^2 G_jj / energy
+    h = (2.0 * W.numel() / energy.clamp_min(1e-30)) * W.pow(2) * torch.diagonal(G).view(1, -1)
     losses = []
     for _ in range(steps):
         with torch.no_grad():
             M.grad = reconstruction_grad(W, M, G, energy)
             if clip:
                 M.grad.clamp_(-clip, clip)
+            if precondition:  # semi-implicit in the diagonal: the whole M step divided by (1 + kappa alpha h)
+                diff = (M - st["gamma"]) / nu
+                M.grad = (M.grad + diff) / (1 + kappa * alpha * h) - diff
         opt.step()
         with torch.no_grad():
             D = W * (1 - M)

@@ -147,3 +147,20 @@ def test_bad_patterns_and_models():
         prune_llm(tiny_llama(), "sparsegpt", 0.5, ids())
     with pytest.raises(ValueError, match="calibration"):
         prune_llm(tiny_llama(), "wanda", 0.5, None)
+
+
+def test_outlier_channels_diverge_unclipped_and_stay_finite_clipped_or_preconditioned():
+    """An input channel 1000x louder than the rest makes the explicit iteration unstable (kappa alpha h >> 2); the
+    default clipping, or the semi-implicit diagonal step, keeps the path finite."""
+    from sppbench.errors import SearchDivergedError
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 16, generator=g)
+    X = torch.randn(16, 64, generator=g)
+    X[3] *= 1000.0
+    G = X @ X.T
+    kw = dict(steps=60, kappa=1.0, alpha=0.3, nu=2.0, lam=1.5)
+    with pytest.raises(SearchDivergedError):
+        spp_path(W, G, clip=None, **kw)
+    for p in (spp_path(W, G, **kw), spp_path(W, G, clip=None, precondition=True, **kw)):
+        assert torch.isfinite(p["M"]).all() and all(v == v for v in p["losses"])

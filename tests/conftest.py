@@ -74,3 +74,22 @@ def tiny_swin(seed: int = 0):
 
     return _randomize(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                                       window_size=4, mlp_ratio=2.0, num_classes=5, drop_path_rate=0.0), seed)
+
+
+def mask_vs_zeroed_unit(m, unit_slices, name: str, entry: int, run):
+    """(output with mask entry ``entry`` of group ``name`` at 0, output with that entry's unit weights zeroed instead);
+    masks and weights are restored afterwards. ``run()`` computes the model's output."""
+    with torch.no_grad():
+        m.reset_masks()
+        m.mask_parameters()[name][entry] = 0
+        masked = run()
+        m.reset_masks()
+        saved = [s.param.detach().clone() for s in unit_slices]
+        for s in unit_slices:
+            vals = s.gather().detach().clone()
+            vals[entry] = 0
+            s.scatter_(s.param.data, vals)
+        zeroed = run()
+        for s, b in zip(unit_slices, saved):
+            s.param.copy_(b)
+    return masked, zeroed

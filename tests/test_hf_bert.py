@@ -12,7 +12,7 @@ import sppbench
 from sppbench import methods
 from sppbench.families.hf_bert import MaskedBertIntermediate, MaskedBertSelfAttention, PrunedBertSelfAttention
 
-from conftest import _randomize
+from conftest import _randomize, mask_vs_zeroed_unit
 from test_masks_compress import random_keep
 
 transformers = pytest.importorskip("transformers")
@@ -184,19 +184,7 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
     for c in counts.values():
         assert torch.equal(c, torch.ones_like(c))
     for name, entry in (("blocks.1.attn.qk", 2), ("blocks.0.attn.v", 5), ("blocks.2.mlp", 7)):
-        with torch.no_grad():
-            m.reset_masks()
-            m.mask_parameters()[name][entry] = 0
-            masked = run(m, ids, mask)
-            m.reset_masks()
-            saved = [s.param.detach().clone() for s in units[name]]
-            for s in units[name]:
-                vals = s.gather().detach().clone()
-                vals[entry] = 0
-                s.scatter_(s.param.data, vals)
-            zeroed = run(m, ids, mask)
-            for s, b in zip(units[name], saved):
-                s.param.copy_(b)
+        masked, zeroed = mask_vs_zeroed_unit(m, units[name], name, entry, lambda: run(m, ids, mask))
         assert (masked - zeroed).abs().max() < 1e-5, name
 
 

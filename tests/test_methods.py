@@ -14,7 +14,7 @@ from sppbench.dynamics import DessiLBI, ProximalL1, group_shrink
 from sppbench.errors import BudgetError, SearchDivergedError, SppBenchError
 from sppbench.families.base import UnitSlice
 from sppbench.train import finetune
-from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit
+from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit, mask_vs_zeroed_unit
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
 
@@ -37,19 +37,7 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
         assert torch.equal(c, torch.ones_like(c))  # every element of qkv / proj / fc1 / fc2 in exactly one unit
     g = [grp.name for grp in m.groups]
     for name, entry in ((g[3], 2), (g[1], 5), (g[-1], 7)):
-        with torch.no_grad():
-            m.reset_masks()
-            m.mask_parameters()[name][entry] = 0
-            masked = m(x)
-            m.reset_masks()
-            saved = [s.param.detach().clone() for s in units[name]]
-            for s in units[name]:
-                vals = s.gather().detach().clone()
-                vals[entry] = 0
-                s.scatter_(s.param.data, vals)
-            zeroed = m(x)
-            for s, b in zip(units[name], saved):
-                s.param.copy_(b)
+        masked, zeroed = mask_vs_zeroed_unit(m, units[name], name, entry, lambda: m(x))
         assert (masked - zeroed).abs().max() < 1e-5, name
 
 

@@ -136,8 +136,7 @@ def tower_costs(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) ->
     out = {}
     for t, mod, x in (("image", ImageTower(model), images), ("text", TextTower(model), tokens)):
         out[f"macs_{t}"] = measure.macs(mod, x)
-    enc = {"image": model.visual, "text": getattr(model, "text", None)}
-    out["params_image"] = measure.params(enc["image"])
+    out["params_image"] = measure.params(model.visual)
     out["params"] = measure.params(model)
     out["params_text"] = out["params"] - out["params_image"] - model.logit_scale.numel() - (
         model.logit_bias.numel() if getattr(model, "logit_bias", None) is not None else 0)
@@ -185,7 +184,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             out.update(scores(tuned, "test", "finetuned"))
         return refit, out, {"refit": rinfo, "finetune_s": rec["seconds"]}
 
-    def row_of(model: nn.Module, method: str, seed: int, frac: float, keep, extra: dict) -> dict:
+    def row_of(model: nn.Module, method: str, seed: int, frac: float, keep, groups, extra: dict) -> dict:
         cost = tower_costs(model, images, tokens)
         row = {"model": task.name, "method": method, "seed": seed, "budget_towers": cfg.budget_towers,
                "budget_macs_fraction": frac, **cost,
@@ -194,13 +193,13 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                "macs_image_fraction": cost["macs_image"] / dense_cost["macs_image"],
                "macs_text_fraction": cost["macs_text"] / dense_cost["macs_text"], **extra}
         if keep is not None:
-            s = methods.spread(keep, [g for g in m.groups])
+            s = methods.spread(keep, groups)
             row.update(empty_blocks=s["attn"]["empty_blocks"] + s["mlp"]["empty_blocks"])
         return row
 
     ev = scores(dense, "test", "no_retrain")
     _, rt, rinfo = retrained(dense, cfg.seed)
-    rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, {**ev, **rt, "readout": None, "search_s": 0.0,
+    rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, None, {**ev, **rt, "readout": None, "search_s": 0.0,
                                                               "finetune_s": rinfo["finetune_s"]}))
     log(f"dense: image {dense_cost['macs_image'] / 1e6:.1f} + text {dense_cost['macs_text'] / 1e6:.1f} MMACs, "
         f"i2t R@1 {ev['no_retrain_i2t_r1']:.1f} / t2i R@1 {ev['no_retrain_t2i_r1']:.1f}")
@@ -243,7 +242,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                 for (val, p), frac in zip(chosen, cfg.macs_fractions):
                     ev = scores(p.model, "test", "no_retrain")
                     _, rt, rinfo = retrained(p.model, seed)
-                    row = row_of(p.model, method, seed, frac, p.keep,
+                    row = row_of(p.model, method, seed, frac, p.keep, m.groups,
                                  {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
                                   "search_s": round(p.search_seconds, 2),
                                   "shared_search": method in methods.RANKING_METHODS,

@@ -51,8 +51,22 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Parameter names that are another name of an earlier parameter (a tied lm_head -> the embedding)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[n] = first[id(p)]
+        else:
+            first[id(p)] = n
+    return tied
+
+
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The weights to save: a tied parameter once, under its first name (safetensors refuses shared memory)."""
+    tied = tied_names(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in tied}
 
 
 def save_pruned(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -82,6 +96,7 @@ def save_pruned(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool 
         full = dict(spec)
         full["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
         full["params"] = sum(p.numel() for p in model.parameters())
+        full["tied"] = tied_names(model)
         atomic_write_text(tmp / SPEC_FILE, json.dumps(full, indent=1))
         _verify(model, tmp)
         if folder.exists():
@@ -162,7 +177,11 @@ def load_pruned(folder: str | os.PathLike, *, map_location: str | torch.device =
         weights = load_file(str(weights_file), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise SpecError(f"{weights_file} cannot be read ({exc}); the file is corrupt: save the model again") from exc
-    own = model.state_dict()
+    tied = dict(spec.get("tied") or {})
+    if tied != tied_names(model):
+        raise SpecError(f"{spec_file} says tied weights {tied} but the rebuilt model ties {tied_names(model)}; the spec "
+                        "does not match this sppbench version: save the pruned model again")
+    own = {k: v for k, v in model.state_dict().items() if k not in tied}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
@@ -173,7 +192,9 @@ def load_pruned(folder: str | os.PathLike, *, map_location: str | torch.device =
                                           for k in wrong[:3]) if wrong else "") if s)
         raise SpecError(f"the weights in {weights_file} do not match the architecture in {spec_file} ({detail}); "
                         "the two files come from different models: save the pruned model again")
-    model.load_state_dict(weights, strict=True)
+    result = model.load_state_dict(weights, strict=False)  # strict except for tied names, loaded with their twin
+    if set(result.missing_keys) - set(tied) or result.unexpected_keys:  # pragma: no cover - checked above
+        raise SpecError(f"{weights_file} does not match {spec_file}: missing {result.missing_keys[:3]}")
     model.to(map_location)
     model.eval()
     return model

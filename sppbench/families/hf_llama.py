@@ -352,36 +352,6 @@ def _layers(model: nn.Module):
     return model.base_model.layers
 
 
-def _tied_duplicates(model: nn.Module) -> list[str]:
-    """Names of parameters that are another name of an earlier parameter (a tied lm_head)."""
-    first: dict[int, str] = {}
-    dup = []
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            dup.append(n)
-        else:
-            first[id(p)] = n
-    return dup
-
-
-def _drop_tied_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    for n in _tied_duplicates(module):
-        state_dict.pop(prefix + n, None)
-
-
-def _tied_not_missing(module: nn.Module, incompatible_keys) -> None:
-    dup = set(_tied_duplicates(module))
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in dup]
-
-
-def _save_tied_once(model: nn.Module) -> None:
-    """A tied lm_head is saved once (safetensors refuses tensors sharing memory): its duplicate name leaves the
-    state dict and is not reported missing on a strict load (loading the embedding loads it)."""
-    if _tied_duplicates(model):
-        model.register_state_dict_post_hook(_drop_tied_from_state_dict)
-        model.register_load_state_dict_post_hook(_tied_not_missing)
-
-
 def _rope_problem(cfg) -> str | None:
     params = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(params, dict) and params and "rope_type" not in params and all(isinstance(v, dict)
@@ -601,7 +571,6 @@ class HFLlama(Family):
             "attn_implementation": masked.info["attn_implementation"], "input_size": masked.info["input_size"],
             "tokens": masked.info["tokens"], "blocks": blocks,
         }
-        _save_tied_once(small)
         return small
 
     def example_inputs(self, spec: dict, generator: torch.Generator) -> tuple:
@@ -646,7 +615,6 @@ class HFLlama(Family):
                 layer.input_layernorm = nn.Identity()
             if nh == 0:
                 layer.post_attention_layernorm = nn.Identity()
-        _save_tied_once(model)
         model.eval()
         model.sppbench_spec = spec
         return model

@@ -559,7 +559,8 @@ class OpenClip(Family):
 
     # -- compression -----------------------------------------------------------------------
     def compress(self, masked: MaskedModel, keep) -> nn.Module:
-        small = copy.deepcopy(masked.model)
+        # copy everything but the towers' masked transformers (each tower's adapter builds its narrow copy)
+        small = copy.deepcopy(masked.model, memo={id(sub.model): nn.Identity() for sub in masked.towers.values()})
         towers = {}
         for t, sub in masked.towers.items():
             sub_keep = KeepSet({g.name: keep.masks[f"{t}.{g.name}"] for g in sub.groups}, 0.0, {}, 0, 0)

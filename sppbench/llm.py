@@ -15,9 +15,13 @@ The paper's LLM algorithm was never published; ``spp-ria`` is sppbench's reconst
    so a step costs O(out x in^2) whatever the number of calibration tokens. The normalisation (the
    loss relative to the layer's output energy per weight) is sppbench's choice: it makes the mean
    restoring force on a uniformly shrunk mask the same in every layer, so one set of constants serves
-   all layers. The loss gradient is clipped element-wise at +-clip (default 1): LLM activations have
-   outlier channels whose curvature is orders of magnitude above the rest, and the explicit iteration
-   would diverge on them; clipped, such an entry is held near 1 (it enters early), as it should be.
+   all layers. LLM activations have outlier channels whose curvature is orders of magnitude above the
+   rest, and the explicit iteration diverges on them. Two guards, both on by default: the loss gradient
+   is clipped element-wise at +-clip (default 1), and the M step is made semi-implicit in the loss's
+   diagonal curvature h_ij = 2 numel W_ij^2 G_jj / tr(W G W^T) (``precondition``: the whole M step is
+   divided by 1 + kappa alpha h_ij, so a stiff entry relaxes to its restored value instead of
+   oscillating). Clipping alone keeps the iteration finite but orders saturated entries by the clip,
+   not by the loss; on SmolLM2 at 50% that roughly doubled the perplexity (tools/tune_llm.py).
 3. Rank entries by entry step (never-entered last), ties by the RIA score; keep the top (1 - sparsity)
    of each layer (unstructured) or the top N of every M consecutive inputs of a row (N:M).
 
@@ -42,7 +46,9 @@ from .errors import BudgetError, UnsupportedModelError
 LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria")
 # comparison group of each method's unstructured read-out
 COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer"}
-SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 1.5, "clip": 1.0}
+# lam and precondition chosen on validation windows (tools/tune_llm.py, results/runs/tune_llm_embedded/)
+SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 2.5, "clip": 1.0,
+                    "precondition": True}
 RECONSTRUCTION = ("spp-ria is sppbench's reconstruction of the paper's unpublished 'Algorithm 2' (method.md section 6): "
                   "SLBI on element-wise masks with the layer-wise reconstruction loss (Gram form), ranked by entry "
                   "step, ties by RIA")
@@ -266,6 +272,9 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
     if method not in LLM_METHODS:
         raise UnsupportedModelError(f"unknown LLM pruning method {method!r}; use one of {LLM_METHODS}")
     pat = parse_pattern(pattern)
+    unknown = set(spp or {}) - set(SPP_RIA_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown spp-ria setting(s) {sorted(unknown)}; the settings are {list(SPP_RIA_DEFAULTS)}")
     cfg = {**SPP_RIA_DEFAULTS, **(spp or {})}
     layers, family = decoder_layers(model)
     log = progress or (lambda msg: None)

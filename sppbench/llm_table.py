@@ -44,6 +44,7 @@ class LLMTableConfig:
     spp_nu: float = SPP_RIA_DEFAULTS["nu"]
     spp_lam: float = SPP_RIA_DEFAULTS["lam"]
     spp_clip: float = SPP_RIA_DEFAULTS["clip"]
+    spp_precondition: bool = SPP_RIA_DEFAULTS["precondition"]
     structured_methods: tuple[str, ...] = STRUCTURED_METHODS
     structured_fractions: tuple[float, ...] = (0.8, 0.6)  # of the dense model's MACs per sequence
     structured_steps: int = 20
@@ -121,7 +122,7 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
     log(f"dense perplexity {dense_ppl:.2f} ({test.ids.shape[0]} x {test.ids.shape[1]} tokens)")
     layers = []
     spp = {"steps": cfg.spp_steps, "kappa": cfg.spp_kappa, "alpha": cfg.spp_alpha, "nu": cfg.spp_nu, "lam": cfg.spp_lam,
-           "clip": cfg.spp_clip}
+           "clip": cfg.spp_clip, "precondition": cfg.spp_precondition}
     for pattern in cfg.patterns:
         for method in cfg.methods:
             pruned = copy.deepcopy(model)

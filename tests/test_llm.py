@@ -147,6 +147,8 @@ def test_bad_patterns_and_models():
         prune_llm(tiny_llama(), "sparsegpt", 0.5, ids())
     with pytest.raises(ValueError, match="calibration"):
         prune_llm(tiny_llama(), "wanda", 0.5, None)
+    with pytest.raises(ValueError, match="lambda"):
+        prune_llm(tiny_llama(), "spp-ria", 0.5, ids(), spp={"lambda": 2.0})
 
 
 def test_outlier_channels_diverge_unclipped_and_stay_finite_clipped_or_preconditioned():

@@ -32,13 +32,20 @@ EXECUTED = ROOT / "results" / "executed"
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
     "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 60, "random_seeds": 3,
-                              "lasso_trials": 3, "n_val": 500, "n_test": 1000, "n_refit": 1000,
-                              "finetune_steps": 40},
+                              "lasso_trials": 2, "n_val": 500, "n_test": 1000, "n_refit": 1000,
+                              "finetune_steps": 20},
     "20_clip_retrieval.ipynb": {"methods": ["spp", "lasso", "dessilbi", "magnitude"],
-                                "macs_fractions": [0.7, 0.5, 0.35], "steps": 60, "lasso_trials": 3, "n_val": 500,
+                                "macs_fractions": [0.7, 0.5, 0.35], "steps": 60, "lasso_trials": 2, "n_val": 500,
                                 "n_test": 1000, "refit_steps": 300, "finetune_steps": 20},
     "30_llm_zero_shot.ipynb": {"n_samples": 32, "seqlen": 256, "eval_seqlen": 256, "eval_windows": 32,
                                "spp_steps": 20, "structured_fractions": [0.9, 0.8], "structured_steps": 20},
+    "40_solution_path.ipynb": {"steps": 60},
+    "50_seed_stability.ipynb": {"seeds": [0, 1, 2], "macs_fractions": [0.7, 0.5, 0.35], "steps": 30,
+                                "lasso_trials": 2, "n_test": 1000, "n_refit": 1000},
+    "60_kappa_lambda.ipynb": {"kappas": [5.0, 10.0, 20.0], "lams": [0.02, 0.05, 0.2], "steps": 30, "n_val": 500,
+                              "n_refit": 1000},
+    "70_cost_latency.ipynb": {"steps": 30, "lasso_trials": 2, "step_repeats": 5, "latency_fractions": [0.75, 0.5, 0.25],
+                              "latency_repeats": 10},
 }
 
 
@@ -152,6 +159,23 @@ def reproduce(session: nox.Session) -> None:
     session.log(f"executed notebooks: {EXECUTED}; run records: {ROOT / 'results' / 'runs'}")
     if failed:
         session.error(f"{len(failed)} notebook(s) failed")
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Tables and figures from the committed run records only (results/tables, results/figures); runs nothing."""
+    _install(session)
+    session.run("python", "-m", "sppbench", "report", *session.posargs, env=_env(session))
+
+
+@nox.session
+def lab(session: nox.Session) -> None:
+    """JupyterLab on notebooks/ with this project's environment as the kernel (`nox -s lab -- --no-browser`)."""
+    _install(session)
+    _ensure_fashion_mnist(session)
+    session.run("python", "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3",
+                "--display-name", "Python 3 (sppbench)")
+    session.run("jupyter", "lab", str(NOTEBOOKS), *session.posargs, env=_env(session))
 
 
 @nox.session

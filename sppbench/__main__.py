@@ -130,6 +130,20 @@ def cmd_clip_table(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    rep = build_report(root=args.runs, out=args.out)
+    for kind in ("tables", "figures"):
+        print(f"{kind}: {len(rep[kind])}")
+        for f in rep[kind]:
+            print(f"  {f}")
+    for study, why in rep["missing"].items():
+        print(f"missing {study}: {why}")
+    print(f"index: {rep['index']}")
+    return 0
+
+
 def cmd_paper_check(args) -> int:
     from .errors import SppBenchError
     from .profiles import CLIP_PAPER_MODELS, PAPER_MODELS, check_ready, clip_check_ready, clip_paper_config, paper_config
@@ -234,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", default=None)
     c.add_argument("--min-gpus", type=int, default=1)
     c.set_defaults(fn=cmd_paper_check)
+
+    r = sub.add_parser("report", help="tables and figures from the run records only (results/tables, results/figures)")
+    r.add_argument("--runs", default=None, help="records folder (default: results/runs of this checkout)")
+    r.add_argument("--out", default=None, help="output folder (default: the records folder's parent)")
+    r.set_defaults(fn=cmd_report)
 
     b = sub.add_parser("bench", help="print benchmark figures")
     b.add_argument("what", choices=("search-step",))

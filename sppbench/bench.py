@@ -35,7 +35,9 @@ def search_step(batch_size: int = 32, steps: int = 5, repeats: int = 5, img_size
     model = model if model is not None else _embedded_model(img_size)
     model.eval()
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch_size, 3, img_size, img_size, generator=g), torch.randint(0, 10, (batch_size,), generator=g))
+    classes = int(getattr(model, "num_classes", 10) or 10)
+    data = [(torch.randn(batch_size, 3, img_size, img_size, generator=g),
+             torch.randint(0, classes, (batch_size,), generator=g))
             for _ in range(steps)]
 
     def plain(train_weights: bool) -> float:

@@ -69,3 +69,58 @@ def methods_vs_macs(summary, title: str = "", dense=None):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def support_per_layer(path, title: str = ""):
+    """Fraction of each layer's entries in supp(Gamma) against the step, one panel per pool, one line per layer."""
+    import matplotlib.pyplot as plt
+
+    df = path.support_curve("group")
+    groups = {g.name: g for g in path.groups}
+    pools = sorted({g.pool for g in path.groups})
+    fig, axes = plt.subplots(1, len(pools), figsize=(4.2 * len(pools), 3.6), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    n_layers = max(g.layer for g in path.groups) + 1
+    for ax, pool in zip(axes[0], pools):
+        for name, part in df.groupby("group", sort=False):
+            g = groups.get(name)
+            if g is None or g.pool != pool:
+                continue
+            ax.plot(part["step"], part["support"] / g.size, color=cmap(g.layer / max(1, n_layers - 1)), lw=1)
+        ax.set_title(f"{pool}", fontsize=9)
+        ax.set_xlabel("search step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of the layer's entries in supp(Gamma)")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n_layers - 1))
+    fig.colorbar(sm, ax=axes[0].tolist(), label="layer")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def entry_order_heatmap(path, title: str = ""):
+    """Per pool, a (layer x entry) map of entry steps, each layer's entries sorted by entry step; never-entered
+    entries in grey, padding (layers with fewer entries) white."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .studies import entry_matrix
+
+    pools = sorted({g.pool for g in path.groups})
+    steps = max(1, int(path.config.get("steps", 1)))
+    fig, axes = plt.subplots(len(pools), 1, figsize=(8, 1.2 + 1.6 * len(pools)), squeeze=False)
+    cmap = plt.get_cmap("magma_r").copy()
+    cmap.set_bad("0.75")  # never entered
+    cmap.set_under("white")  # padding
+    im = None
+    for ax, pool in zip(axes[:, 0], pools):
+        mat, layers = entry_matrix(path, pool)
+        arr = mat.numpy().astype(float)
+        arr = np.ma.masked_where(arr == -1, arr)
+        im = ax.imshow(arr, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=steps)
+        ax.set_ylabel(f"{pool}\nlayer", fontsize=8)
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels(layers, fontsize=6)
+        ax.set_xlabel("entries of the layer, sorted by entry step (grey: never entered)", fontsize=8)
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="entry step")
+    fig.suptitle(title, fontsize=9)
+    return fig

@@ -321,6 +321,297 @@ print("record written:", res["record"] is not None and (res["record"] / "metrics
 ]
 
 
+NOTEBOOKS["40_solution_path"] = [
+    md("""# 40 · The solution path (the paper's Figure 2)
+
+One SPP search per model. Along the path, entries of the masks enter the support of Gamma one after
+another (the inverse scale space): the **support size against the step**, per pool (q/k pairs, v
+dims, MLP neurons) and per layer; an **entry-order map** (layer x entry, each layer's entries sorted
+by the step at which they entered; grey = never entered within the search); and a check that the
+keep-sets read off the one path at decreasing MAC budgets are **nested** (each smaller model's
+entries are a subset of every larger one's), for both read-outs.
+
+**Stand-ins.** The embedded DINOv2 ViT-S/14 with a Fashion-MNIST head and the compact Swin trained
+here on Fashion-MNIST; the paper's Figure 2 is on ImageNet DeiT, so the curves are qualitative
+counterparts, not reproductions. Defaults are small for `pytest --nbval`; `nox -s reproduce` runs a
+longer search."""),
+    code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
+models = ["embedded-vit", "embedded-swin"]
+steps = 12  # SPP search steps, batch 32 (the profile's tuned constants)
+macs_fractions = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]  # budgets read off the one path
+seed = 0""", ["parameters"]),
+    code("""import pandas as pd
+
+from sppbench import plots
+from sppbench.studies import PathStudyConfig, run_path_study
+
+pd.set_option("display.width", 200)
+res = run_path_study(PathStudyConfig(models=tuple(models), steps=steps, macs_fractions=tuple(macs_fractions), seed=seed))
+for model, path in res["paths"].items():
+    print(model, "|", res["labels"][model], "| search", path.config.get("seconds"), "s")""", IGNORE),
+    code("""# Support size vs step, per pool and per layer
+for model, path in res["paths"].items():
+    plots.support_vs_step(path, f"{model}: supp(Gamma) per pool, {steps} steps").show()
+    plots.support_per_layer(path, f"{model}: supp(Gamma) per layer").show()""", IGNORE),
+    code("""# Entry order: layer x entry, sorted by entry step within each layer
+for model, path in res["paths"].items():
+    plots.entry_order_heatmap(path, f"{model}: entry step of every entry ({steps} steps)").show()""", IGNORE),
+    code("""# Budgets read off the one path, largest first; nested_in_next: the next smaller keep-set is inside this one
+display(res["nested"])""", IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+n = res["nested"]
+print("one path per model:", sorted(res["paths"]) == sorted(models))
+print("keep-sets nested at every budget, both read-outs:", bool(n["nested_in_next"].dropna().all()))
+print("every budget met:", bool((n["achieved_fraction"] <= n["macs_fraction"] + 1e-9).all()))
+print("support curves recorded at every step:",
+      all(len(p.history) == steps for p in res["paths"].values()))
+print("records written:", len(res["records"]) == len(models) and all((r / "path.csv").is_file() for r in res["records"]))"""),
+]
+
+NOTEBOOKS["50_seed_stability"] = [
+    md("""# 50 · Seed stability: does the search find the same model twice?
+
+The SPP search runs once per seed (the seed sets the order of the training batches and the
+search's torch seed); Lasso runs its per-budget searches (lambda bisection) once per seed, for
+contrast. Per budget: the **Jaccard overlap** of the keep-sets between every pair of seeds, and the
+**top-1** (mean and spread over seeds; dense head and head re-fit on the pruned features, test
+split). Over the whole ranking: **Kendall's tau** between seeds (SPP: the path order; Lasso, which
+has no ranking of its own: Lasso-rank, |M| of one Lasso run per seed, said so in the table).
+
+**Stand-in.** The embedded DINOv2 ViT-S/14 with a Fashion-MNIST head. Defaults are small for
+`pytest --nbval` (short searches are far from converged, so their overlaps are low); `nox -s
+reproduce` runs three seeds at the vision table's budgets."""),
+    code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
+model = "embedded-vit"
+methods = ["spp", "lasso"]
+seeds = [0, 1, 2]
+macs_fractions = [0.5]
+steps = 8  # search steps per search (Lasso: per lambda try), batch 32
+lasso_trials = 2  # Lasso searches per budget (lambda bisection)
+n_test = 300
+n_refit = 300""", ["parameters"]),
+    code("""import matplotlib.pyplot as plt
+import pandas as pd
+
+from sppbench.studies import SeedStudyConfig, run_seed_study
+
+pd.set_option("display.width", 200)
+res = run_seed_study(SeedStudyConfig(model=model, methods=tuple(methods), seeds=tuple(seeds),
+                                     macs_fractions=tuple(macs_fractions), steps=steps, lasso_trials=lasso_trials,
+                                     n_test=n_test, n_refit=n_refit))
+print(res["info"]["label"])""", IGNORE),
+    code("""# Per budget: keep-set overlap between seeds and top-1 over seeds
+t = res["table"]
+top = t.groupby(["method", "budget_macs_fraction"])[["top1_no_retrain", "top1_head_refit"]].agg(["mean", "std"])
+display(res["jaccard"])
+display(top.round(4))
+display(res["kendall"])""", IGNORE),
+    code("""fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+for method, part in res["jaccard"].groupby("method"):
+    axes[0].plot(part["budget_macs_fraction"], part["mean"], "o-", label=method)
+g = t.groupby(["method", "budget_macs_fraction"])["top1_head_refit"]
+for method, part in g.agg(["mean", "std"]).reset_index().groupby("method"):
+    axes[1].errorbar(part["budget_macs_fraction"], part["mean"], yerr=part["std"].fillna(0), fmt="o-", capsize=3,
+                     label=method)
+axes[0].set_ylabel("Jaccard of keep-sets (mean over seed pairs)")
+axes[1].set_ylabel("top-1, head re-fit (mean +- sd over seeds)")
+for ax in axes:
+    ax.set_xlabel("budget (fraction of dense MACs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+fig.suptitle(f"{model} (stand-in), {len(seeds)} seeds, {steps} steps", fontsize=9)
+fig.tight_layout()""", IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+print("one row per method x seed x budget:", len(t) == len(methods) * len(seeds) * len(macs_fractions))
+j = res["jaccard"]
+print("Jaccard in [0, 1]:", bool(((j["mean"] >= 0) & (j["mean"] <= 1)).all()))
+print("Kendall tau in [-1, 1]:", bool(res["kendall"]["mean"].abs().le(1).all()))
+print("budgets met:", bool((t["macs_fraction"] <= t["budget_macs_fraction"] + 1e-9).all()))
+print("record written:", res["record"] is not None and (res["record"] / "metrics.json").is_file())"""),
+]
+
+NOTEBOOKS["60_kappa_lambda"] = [
+    md("""# 60 · kappa and lambda: what the SPP constants do
+
+A grid of SPP searches over kappa (the damping of the mask dynamics) and lambda (the sparsity
+threshold of Gamma), with nu where asked. Per cell: **top-1 at one MAC budget** (validation split,
+head re-fit: this grid chooses constants, so the test split is never used), the **path length**
+(the first step at which the entries that entered alone cost the budget's MACs: the budget can be
+read off entered entries only; blank = not within the search) and the **stability** (Jaccard of
+the budget's keep-sets between two data-order seeds). The profile's tuned constants are in
+`sppbench/configs/search_embedded.json`.
+
+**Stand-in.** The embedded DINOv2 ViT-S/14 with a Fashion-MNIST head. Defaults are a 2 x 2 grid of
+short searches for `pytest --nbval`; `nox -s reproduce` runs 3 x 3."""),
+    code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
+model = "embedded-vit"
+kappas = [5.0, 20.0]
+lams = [0.02, 0.2]
+nus = [0.0]  # 0 = the profile's nu
+budget_macs_fraction = 0.5
+steps = 8  # per search, batch 32
+seeds = [0, 1]  # stability across these data-order seeds
+n_val = 300
+n_refit = 300""", ["parameters"]),
+    code("""import matplotlib.pyplot as plt
+import pandas as pd
+
+from sppbench.studies import KappaLambdaConfig, run_kappa_lambda
+
+pd.set_option("display.width", 200)
+res = run_kappa_lambda(KappaLambdaConfig(model=model, kappas=tuple(kappas), lams=tuple(lams), nus=tuple(nus),
+                                         budget_macs_fraction=budget_macs_fraction, steps=steps, seeds=tuple(seeds),
+                                         n_val=n_val, n_refit=n_refit))
+t = res["table"]
+display(t.round(4))""", IGNORE),
+    code("""cols = [("top1_head_refit", "val top-1 (head re-fit)"), ("path_length", "path length (steps)"),
+        ("stability_jaccard", "stability (Jaccard)")]
+for nu, part in t.groupby("nu"):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (col, label) in zip(axes, cols):
+        grid = part.pivot(index="kappa", columns="lam", values=col).astype(float)
+        im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("kappa")
+        ax.set_title(label, fontsize=9)
+        for (i, j), v in pd.DataFrame(grid.values).stack().items():
+            ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"{model} (stand-in), nu {nu:g}, {budget_macs_fraction:.0%} of dense MACs, {steps} steps", fontsize=9)
+    fig.tight_layout()""", IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+print("one row per grid cell:", len(t) == len(kappas) * len(lams) * len(nus))
+print("top-1 in [0, 1]:", bool(t["top1_head_refit"].between(0, 1).all()))
+print("stability in [0, 1]:", bool(t["stability_jaccard"].between(0, 1).all()))
+print("record written:", res["record"] is not None and (res["record"] / "metrics.json").is_file())"""),
+]
+
+NOTEBOOKS["70_cost_latency"] = [
+    md("""# 70 · Cost and latency: one search for every budget, and models that are really faster
+
+Measured side by side in one run, on this machine (the record names the CPU, threads and torch):
+- **(a) family cost**: SPP's ONE search, read at 5 MAC budgets, against Lasso's per-budget
+  searches with the same step count and batches (Lasso needs one search per lambda try; its lambda
+  bisection is counted separately);
+- **(b) one SPP search step** against one plain forward+backward step of the same frozen model
+  (`python -m sppbench bench search-step` measures the same);
+- **(c) latency of compressed models** at batch 1, 8 and 32 against their MACs: speedup / MACs
+  reduction (1.0 = the model is as much faster as its MACs say), for SPP's keep-sets and
+  Torch-Pruning's magnitude pruning at the same MACs; on the GPU too when one is present (its name
+  is recorded).
+
+**Stand-in.** The embedded DINOv2 ViT-S/14 at 56 px with a Fashion-MNIST head. Timings on a shared
+2-core VM are noisy; the defaults are small for `pytest --nbval`."""),
+    code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
+model = "embedded-vit"
+family_fractions = [0.9, 0.7, 0.5, 0.35, 0.25]  # the 5-budget family
+steps = 5  # search steps of SPP and of every Lasso run, batch 32
+lasso_trials = 1  # Lasso searches per budget (1 = no bisection)
+step_repeats = 2  # interleaved blocks of the search-step benchmark
+latency_fractions = [0.5]
+latency_batches = [1, 8, 32]
+latency_repeats = 3
+peers = ["tp-magnitude"]""", ["parameters"]),
+    code("""import matplotlib.pyplot as plt
+import pandas as pd
+
+from sppbench import methods as M
+from sppbench.studies import CostLatencyConfig, run_cost_latency
+
+pd.set_option("display.width", 200)
+peers_run = [p for p in peers if M.peer_reason(p) is None]
+res = run_cost_latency(CostLatencyConfig(model=model, family_fractions=tuple(family_fractions), steps=steps,
+                                         lasso_trials=lasso_trials, step_repeats=step_repeats,
+                                         latency_fractions=tuple(latency_fractions),
+                                         latency_batches=tuple(latency_batches), latency_repeats=latency_repeats,
+                                         peers=tuple(peers_run)))
+print("(a) family cost:", {k: v for k, v in res["family_cost"].items() if k != "note"})
+print("   ", res["family_cost"]["note"])
+print("(b) search step / plain step:", round(res["search_step"]["ratio"], 3), res["search_step"]["settings"])
+print("GPU:", res["info"]["gpu"])""", IGNORE),
+    code("""# (c) latency vs MACs
+lat = res["latency"]
+display(lat.round(3))
+fig, ax = plt.subplots(figsize=(6, 4))
+for (method, b), part in lat[lat["method"] != "dense"].groupby(["method", "batch_size"]):
+    ax.plot(part["macs_reduction"], part["speedup"], "o-", label=f"{method}, batch {b}")
+top = float(lat["macs_reduction"].max())
+ax.plot([1, top], [1, top], "k:", lw=1, label="speedup = MACs reduction")
+ax.set_xlabel("MACs reduction (dense / pruned)")
+ax.set_ylabel("measured speedup (dense / pruned latency)")
+ax.set_title(f"{model} (stand-in), {res['info']['threads']} CPU threads, torch {res['info']['torch']}", fontsize=9)
+ax.legend(fontsize=7)
+ax.grid(alpha=0.3)""", IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+f = res["family_cost"]
+print("family of", len(family_fractions), "budgets:", f["budgets"] == len(family_fractions))
+print("Lasso ran once per budget and try:", f["lasso_runs"] == len(family_fractions) * lasso_trials)
+print("latency rows for every model and batch:",
+      len(lat) == (1 + len(latency_fractions) * (1 + len(peers_run))) * len(latency_batches) * len(set(lat["device"])))
+print("pruned models within their MACs:", bool((lat["macs_fraction"] <= lat["macs_fraction_target"] + 0.01).all()))
+print("record written:", res["record"] is not None and (res["record"] / "metrics.json").is_file())"""),
+]
+
+NOTEBOOKS["90_report"] = [
+    md("""# 90 · The report: every table and figure, from the run records only
+
+This notebook runs nothing. It reads **only the run records** under `results/runs/<study>/<run-id>/`
+(written by notebooks 00-70 and `nox -s reproduce`) and writes the tables to `results/tables/*.csv`,
+the figures to `results/figures/*.png` and an index, `results/report.md`, that names the run each
+file came from. Each study uses its newest record (`vision_table` and `solution_path`: the newest
+record per model). A study with no record, or whose newest record cannot be read, is listed as
+missing with the reason and the notebook that writes it; an older record is never used in its place.
+
+Every table has a `source_run` column (the run id). Rows measured on a **stand-in** (the embedded
+DINOv2 / Swin / CLIP models on Fashion-MNIST, SmolLM2 for the paper's LLaMA-2) carry the stand-in's
+label in a `stand_in` column, and every figure's title names the model, the data and the run. The
+paper's reported numbers (and timm's / UPop's) are written **beside** ours, in their own
+`paper_*.csv` tables marked `source = "paper (reported, not measured here)"`: they are theirs,
+measured on ImageNet / COCO / LLaMA-2, and are never mixed with our rows."""),
+    code("""# Parameters: literals only (papermill overrides them)
+runs = ""  # records folder ('' = results/runs of this checkout)
+out = ""  # output folder ('' = results/)""", ["parameters"]),
+    code("""from pathlib import Path
+
+import pandas as pd
+from IPython.display import Image, display
+
+from sppbench import report
+
+pd.set_option("display.width", 200)
+pd.set_option("display.max_columns", 30)
+rep = report.build_report(root=runs or None, out=out or None)
+print("records used (study: run id):")
+for study, run in rep["sources"].items():
+    print(f"  {study}: {run}")
+print("missing:")
+for study, reason in rep["missing"].items():
+    print(f"  {study}: {reason}")
+print("index:", rep["index"])
+for t in rep["tables"]:
+    print(Path(t).name)
+    display(pd.read_csv(t).head())
+for f in rep["figures"]:
+    print(Path(f).name)
+    display(Image(filename=f))""", IGNORE),
+    code("""# Deterministic checks (their output is compared by nbval)
+tables = [Path(t) for t in rep["tables"]]
+figures = [Path(f) for f in rep["figures"]]
+heads = {t: pd.read_csv(t, nrows=1) for t in tables}
+index = Path(rep["index"]).read_text()
+print("tables and figures written:", bool(tables) and bool(figures))
+print("every table has source_run:", all("source_run" in h.columns for h in heads.values()))
+print("paper rows marked as reported, not measured here:",
+      all((pd.read_csv(t)["source"] == report.PAPER_SOURCE).all() for t in tables if t.name.startswith("paper_")))
+print("figures written are PNG files:", all(f.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n" for f in figures))
+print("every study has a record or a stated reason:",
+      set(rep["sources"]) | set(rep["missing"]) == set(report.STUDIES))
+print("the index names every file written:", all(p.name in index for p in tables + figures))"""),
+]
+
+
 def build(name: str) -> Path:
     cells = []
     for kind, tags, text in NOTEBOOKS[name]:

@@ -1,0 +1,658 @@
+"""The report: run records in, tables and figures out.
+
+    from sppbench.report import build_report
+    rep = build_report()          # reads results/runs/, writes results/tables/*.csv, results/figures/*.png
+                                  # and results/report.md (an index of what was written and from which run)
+
+Only finished run records (``results/runs/<study>/<run-id>/``) are read; nothing is recomputed. Each
+study uses its newest record (``vision_table`` and ``solution_path``: the newest record per model).
+A study without a record, or whose newest record cannot be read, is listed in ``missing`` with the
+reason; it never raises. Every table carries the run it came from (``source_run``) and, for rows
+measured on a stand-in model, the stand-in's label (``stand_in``). Numbers reported by others (the
+paper, timm, UPop; ``sppbench.reference``) are written to their own ``paper_*.csv`` tables, marked
+``source = "paper (reported, not measured here)"``, never mixed with ours.
+
+Spread over seeds (``*_sd``) is the population standard deviation (ddof=0; 0 for one seed), as in
+``sppbench.vision.summarize``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .fileio import atomic_write_bytes, atomic_write_text
+from .results import list_records, load_record, results_root
+
+PAPER_SOURCE = "paper (reported, not measured here)"
+PAPER_SOURCE_RUN = "none (reported by others, not a run of this project)"
+
+# study -> the notebook that writes its record (named in the reason when a study has no record)
+NOTEBOOKS = {
+    "quickstart": "00",
+    "vision_table": "10",
+    "clip_table": "20",
+    "llm_table": "30",
+    "solution_path": "40",
+    "seed_stability": "50",
+    "kappa_lambda": "60",
+    "cost_latency": "70",
+}
+STUDIES = tuple(NOTEBOOKS)
+PER_MODEL = ("vision_table", "solution_path")  # newest record per params["model"], concatenated
+
+# models whose records are stand-ins even when their label does not say so
+_STAND_IN_MODELS = ("smollm2",)
+
+
+class RecordError(Exception):
+    """A record that cannot be read or lacks what the report needs."""
+
+
+# ----------------------------------------------------------------------------------------- records
+
+def _check(rec: dict) -> dict:
+    params, metrics = rec.get("params"), rec.get("metrics")
+    if not isinstance(params, dict):
+        raise RecordError("params.json is missing or not a JSON object")
+    if not isinstance(metrics, dict):
+        raise RecordError("metrics.json is missing or not a JSON object")
+    rows = metrics.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise RecordError("metrics.json has no 'rows' (a non-empty list of objects)")
+    if not isinstance(metrics.get("info"), dict):
+        raise RecordError("metrics.json has no 'info' object")
+    return rec
+
+
+def _load(folder: Path) -> dict:
+    try:
+        rec = load_record(folder)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise RecordError(f"unreadable JSON or file: {type(e).__name__}: {e}") from None
+    return _check(rec)
+
+
+def _model_of(rec: dict) -> str:
+    model = rec["params"].get("model") or rec["metrics"]["rows"][0].get("model")
+    if not model:
+        raise RecordError("no 'model' in params.json or in the rows")
+    return str(model)
+
+
+def _params_model(folder: Path) -> str | None:
+    """The model named in a record's params.json, if that file alone can be read."""
+    try:
+        params = json.loads((folder / "params.json").read_text())
+        return str(params["model"]) if isinstance(params, dict) and params.get("model") else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def select_records(study: str, root: Path) -> tuple[list[dict], list[str]]:
+    """The records the report uses for ``study`` and the problems met.
+
+    Single-record studies: the newest record, or nothing when it is malformed (an older record is
+    not silently used in its place). Per-model studies: the newest record of each model."""
+    folders = list_records(study, root)
+    problems: list[str] = []
+    if study not in PER_MODEL:
+        if not folders:
+            return [], problems
+        try:
+            return [_load(folders[-1])], problems
+        except RecordError as e:
+            problems.append(f"newest record {folders[-1].name} is malformed ({e}); older records are not "
+                            f"used in its place")
+            return [], problems
+    chosen: dict[str, dict] = {}
+    failed: set[str] = set()
+    for folder in reversed(folders):  # newest first
+        try:
+            rec = _load(folder)
+            model = _model_of(rec)
+        except RecordError as e:
+            model = _params_model(folder)
+            if model is None:
+                problems.append(f"record {folder.name} is malformed ({e})")
+            elif model not in chosen and model not in failed:
+                failed.add(model)
+                problems.append(f"newest record of model {model}, {folder.name}, is malformed ({e}); older "
+                                f"records are not used in its place")
+            continue
+        if model not in chosen and model not in failed:
+            chosen[model] = rec
+    return [chosen[m] for m in sorted(chosen)], problems
+
+
+def stand_in(rec: dict) -> str | None:
+    """The stand-in label of a record's rows, or None when they come from the model named in the paper."""
+    info = rec["metrics"].get("info") or {}
+    if isinstance(info.get("stand_in"), str) and info["stand_in"]:
+        return info["stand_in"]
+    label = info.get("label")
+    model = str((rec.get("params") or {}).get("model") or "")
+    if isinstance(label, str) and label.lower().startswith("stand-in"):
+        return label
+    if model.startswith("embedded") or model in _STAND_IN_MODELS:
+        return label if isinstance(label, str) and label else f"stand-in: {model}"
+    return None
+
+
+def _label(rec: dict) -> str:
+    info = rec["metrics"].get("info") or {}
+    for key in ("label", "stand_in", "model"):
+        if isinstance(info.get(key), str) and info[key]:
+            return info[key]
+    return str((rec.get("params") or {}).get("model") or rec["study"])
+
+
+def _tag(df, rec: dict):
+    """Add source_run (and stand_in where the rows come from a stand-in) to a table of one record."""
+    df = df.copy()
+    df["source_run"] = rec["run_id"]
+    s = stand_in(rec)
+    if s is not None:
+        df["stand_in"] = s
+    return df
+
+
+def _concat(frames):
+    import pandas as pd
+
+    frames = [f for f in frames if len(f.columns)]
+    return pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+
+
+def _paper(df):
+    df = df.rename(columns={"source": "reported_by"}).copy()
+    df["source"] = PAPER_SOURCE
+    df["source_run"] = PAPER_SOURCE_RUN
+    return df
+
+
+def _mean_over_seeds(df, keys: list[str], sd_cols: Iterable[str]):
+    """Mean of the numeric columns per ``keys`` (seed dropped), *_sd (ddof=0) of ``sd_cols``, seeds =
+    the number of rows averaged, and text columns joined (distinct values, in order)."""
+    import pandas as pd
+
+    keys = [k for k in keys if k in df]
+    skip = set(keys) | {"seed", "source_run", "stand_in"}
+    num = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
+           and not pd.api.types.is_bool_dtype(df[c])]
+    text = [c for c in ("readout", "units", "source_run", "stand_in") if c in df and c not in keys]
+    g = df.groupby(keys, sort=False, dropna=False)
+    out = g[num].mean() if num else g.size().to_frame("_n").drop(columns="_n")
+    for c in sd_cols:
+        if c in num:
+            out[c + "_sd"] = g[c].std(ddof=0).fillna(0.0)
+    out["seeds"] = g.size()
+    for c in text:
+        out[c] = g[c].agg(lambda s: ", ".join(dict.fromkeys(str(v) for v in s if v is not None and v == v)))
+    return out.reset_index()
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+def _fig(nrows: int = 1, ncols: int = 1, size=(6.0, 4.0)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _title(fig, label: str, runs: str, what: str = "", panels: int = 1) -> str:
+    """'what | model / data label | run id', wrapped to the width of one of ``panels`` panels (8 pt text)."""
+    head = f"{what} | " if what else ""
+    return textwrap.fill(f"{head}{label} | run {runs}", max(40, int(fig.get_figwidth() / panels * 14)))
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------- the studies
+# Each builder takes the study's records and returns (tables, figures): {file name: DataFrame} and
+# {file name: Figure}; nothing is written until every table and figure of the study is built.
+
+def _quickstart(recs):
+    import pandas as pd
+
+    rec = recs[0]
+    return {"quickstart.csv": _tag(pd.DataFrame(rec["metrics"]["rows"]), rec)}, {}
+
+
+def _vision(recs):
+    import pandas as pd
+
+    rows = _concat([_tag(pd.DataFrame(r["metrics"]["rows"]), r) for r in recs])
+    for c in ("model", "method", "budget_macs_fraction", "macs_fraction", "top1_head_refit"):
+        if c not in rows:
+            raise RecordError(f"vision rows lack the column {c!r}")
+    s = _mean_over_seeds(rows, ["model", "method", "budget_macs_fraction"],
+                         ["top1_no_retrain", "top1_head_refit", "top1_finetuned", "macs_fraction"])
+    if "macs" in s:
+        s["gmacs"] = s["macs"] / 1e9
+    first = ["model", "method", "budget_macs_fraction", "seeds", "macs_fraction", "gmacs", "params", "readout",
+             "top1_no_retrain", "top1_no_retrain_sd", "top1_head_refit", "top1_head_refit_sd", "top1_finetuned",
+             "top1_finetuned_sd", "search_s"]
+    cols = [c for c in first if c in s] + [c for c in s.columns if c not in first and c not in ("source_run", "stand_in")]
+    s = s[cols + [c for c in ("source_run", "stand_in") if c in s]]
+    from . import reference
+
+    tables = {"vision_table.csv": s, "paper_vision.csv": _paper(reference.vision_rows())}
+
+    fig, axes = _fig(1, len(recs), size=(6.0, 4.6))
+    for ax, rec in zip(axes[0], recs):
+        model = _model_of(rec)
+        part = s[s["model"] == model]
+        pruned = part[part["method"] != "dense"]
+        for method, m in pruned.groupby("method", sort=False):
+            m = m.sort_values("macs_fraction")
+            err = m["top1_head_refit_sd"] if "top1_head_refit_sd" in m and m["top1_head_refit_sd"].any() else None
+            ax.errorbar(m["macs_fraction"], m["top1_head_refit"], yerr=err, marker="o", ms=4, capsize=2, label=method)
+        dense = part[part["method"] == "dense"]
+        if len(dense):
+            ax.axhline(float(dense["top1_head_refit"].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+        ax.set_xlabel("MACs / dense MACs (measured)")
+        ax.set_ylabel("top-1 after head re-fit (test split)")
+        ax.set_title(textwrap.fill(f"{model}: {_label(rec)} | run {rec['run_id']}", 70), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("vision_table: top-1 after head re-fit vs MACs fraction (mean over seeds, bars: sd)", fontsize=9)
+    fig.tight_layout()
+    return tables, {"vision_top1_vs_macs.png": fig}
+
+
+def _clip(recs):
+    import pandas as pd
+
+    rec = recs[0]
+    rows = _tag(pd.DataFrame(rec["metrics"]["rows"]), rec)
+    for c in ("method", "budget_macs_fraction", "macs_fraction", "refit_rsum"):
+        if c not in rows:
+            raise RecordError(f"clip rows lack the column {c!r}")
+    keys = ["model", "method", "budget_towers", "budget_macs_fraction"]
+    s = _mean_over_seeds(rows, keys, ["no_retrain_rsum", "refit_rsum", "finetuned_rsum"])
+    from . import reference
+
+    tables = {"clip_table.csv": s, "paper_clip.csv": _paper(reference.clip_rows())}
+
+    fig, axes = _fig(1, 1, size=(6.5, 4.6))
+    ax = axes[0][0]
+    pruned = s[s["method"] != "dense"]
+    for method, m in pruned.groupby("method", sort=False):
+        m = m.sort_values("macs_fraction")
+        err = m["refit_rsum_sd"] if "refit_rsum_sd" in m and m["refit_rsum_sd"].any() else None
+        ax.errorbar(m["macs_fraction"], m["refit_rsum"], yerr=err, marker="o", ms=4, capsize=2, label=method)
+    dense = s[s["method"] == "dense"]
+    if len(dense):
+        ax.axhline(float(dense["refit_rsum"].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+    towers = ", ".join(str(v) for v in s["budget_towers"].dropna().unique()) if "budget_towers" in s else "joint"
+    ax.set_xlabel(f"MACs / dense MACs (measured; budget: {towers or 'joint'})")
+    ax.set_ylabel("rsum after projection re-fit (R@1+5+10, both directions, %)")
+    ax.set_title(_title(fig, _label(rec), rec["run_id"], "clip_table: retrieval rsum after re-fit vs MACs"), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return tables, {"clip_rsum_vs_macs.png": fig}
+
+
+def _llm(recs):
+    import pandas as pd
+
+    rec = recs[0]
+    info = rec["metrics"]["info"]
+    rows = _tag(pd.DataFrame(rec["metrics"]["rows"]), rec)
+    for c in ("method", "pattern", "perplexity"):
+        if c not in rows:
+            raise RecordError(f"llm rows lack the column {c!r}")
+    from . import reference
+
+    tables = {"llm_table.csv": rows}
+    structured = info.get("structured")
+    if structured:
+        tables["llm_structured.csv"] = _tag(pd.DataFrame(structured), rec)
+    tables["paper_llm.csv"] = _paper(reference.llm_rows())
+
+    fig, axes = _fig(1, 1, size=(7.0, 4.6))
+    ax = axes[0][0]
+    pruned = rows[rows["method"] != "dense"]
+    patterns = list(dict.fromkeys(pruned["pattern"]))
+    methods = list(dict.fromkeys(pruned["method"]))
+    width = 0.8 / max(len(methods), 1)
+    for j, method in enumerate(methods):
+        xs, ys = [], []
+        for i, pattern in enumerate(patterns):
+            v = pruned[(pruned["method"] == method) & (pruned["pattern"] == pattern)]["perplexity"]
+            if len(v) and v.iloc[0] is not None and math.isfinite(float(v.iloc[0])):
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(float(v.iloc[0]))
+        ax.bar(xs, ys, width=width, label=method)
+    dense = rows[rows["method"] == "dense"]["perplexity"]
+    if len(dense):
+        ax.axhline(float(dense.iloc[0]), color="grey", lw=1, ls=":", label=f"dense ({float(dense.iloc[0]):.3g})")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(patterns)))
+    ax.set_xticklabels([f"sparsity {p}" if str(p)[:1].isdigit() and ":" not in str(p) else str(p) for p in patterns])
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(_title(fig, _label(rec), rec["run_id"], "llm_table: perplexity per method and pattern"), fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return tables, {"llm_perplexity.png": fig}
+
+
+def _entry_matrix(part, max_step: int):
+    """rows = layers, columns = that layer's entries sorted by entry step; never entered -> max_step + 1,
+    padding (layers with fewer entries) -> NaN."""
+    import numpy as np
+
+    layers = sorted(part["layer"].unique())
+    steps = {layer: np.sort(np.where(g["entry_step"].to_numpy() < 0, max_step + 1, g["entry_step"].to_numpy()))
+             for layer, g in part.groupby("layer")}
+    width = max(len(v) for v in steps.values())
+    mat = np.full((len(layers), width), np.nan)
+    for i, layer in enumerate(layers):
+        mat[i, :len(steps[layer])] = steps[layer]
+    return layers, mat
+
+
+def _solution_path(recs):
+    import matplotlib
+    import pandas as pd
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    nested = _concat([_tag(pd.DataFrame(r["metrics"]["rows"]), r) for r in recs])
+    tables = {"solution_path_nested.csv": nested}
+    figures = {}
+    for rec in recs:
+        model = _model_of(rec)
+        folder = Path(rec["dir"])
+        try:
+            history = json.loads((folder / "history.json").read_text())
+            path = pd.read_csv(folder / "path.csv")
+        except (OSError, ValueError) as e:
+            raise RecordError(f"record {rec['run_id']}: history.json / path.csv unreadable ({type(e).__name__}: {e})")
+        for c in ("pool", "layer", "entry_step"):
+            if c not in path:
+                raise RecordError(f"record {rec['run_id']}: path.csv lacks the column {c!r}")
+        if not isinstance(history, list) or not history:
+            raise RecordError(f"record {rec['run_id']}: history.json is not a non-empty list")
+        sizes = dict(rec["metrics"]["info"].get("pool_sizes") or {})
+        for pool, n in path.groupby("pool").size().items():
+            sizes.setdefault(pool, int(n))
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model)
+
+        fig, axes = _fig(1, 1, size=(6.5, 4.4))
+        ax = axes[0][0]
+        steps = [h["step"] for h in history]
+        for pool in sorted(sizes):
+            counts = [(h.get("support_pool") or {}).get(pool) for h in history]
+            if all(c is None for c in counts):
+                continue
+            ax.plot(steps, [float("nan") if c is None else c / sizes[pool] for c in counts],
+                    label=f"{pool} ({sizes[pool]} entries)")
+        ax.set_xlabel("search step")
+        ax.set_ylabel("fraction of entries in supp(Gamma)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}: support vs step"), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures[f"path_support_{safe}.png"] = fig
+
+        max_step = int(max([*steps, *path["entry_step"].tolist(), 0]))
+        pools = sorted(path["pool"].unique())
+        fig, axes = _fig(len(pools), 1, size=(9.0, 3.2))
+        cmap = matplotlib.colormaps["viridis"].with_extremes(over="black", bad="white")
+        entered = path["entry_step"][path["entry_step"] >= 0]
+        lo = float(entered.min()) if len(entered) else 0.0  # colours span the entered steps
+        norm = Normalize(vmin=lo, vmax=max(float(max_step), lo + 0.5))
+        for ax, pool in zip(axes[:, 0], pools):
+            layers, mat = _entry_matrix(path[path["pool"] == pool], max_step)
+            im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+            ax.set_yticks(range(len(layers)))
+            ax.set_yticklabels([str(layer) for layer in layers], fontsize=6)
+            ax.set_ylabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(f"{pool} entries of the layer, sorted by entry step")
+            never = int((path[path["pool"] == pool]["entry_step"] < 0).sum())
+            ax.set_title(f"{pool}: {mat.shape[1]} entries per layer at most, {never} never entered", fontsize=8)
+            fig.colorbar(im, ax=ax, extend="max", label=f"entry step (black: never, shown as {max_step + 1})")
+        fig.suptitle(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}: order of entry"), fontsize=8)
+        fig.tight_layout()
+        figures[f"path_entry_order_{safe}.png"] = fig
+    return tables, figures
+
+
+def _seed_stability(recs):
+    import pandas as pd
+
+    rec = recs[0]
+    info = rec["metrics"]["info"]
+    rows = pd.DataFrame(rec["metrics"]["rows"])
+    for c in ("method", "seed", "budget_macs_fraction", "top1_head_refit"):
+        if c not in rows:
+            raise RecordError(f"seed_stability rows lack the column {c!r}")
+    s = _mean_over_seeds(rows, ["method", "budget_macs_fraction"],
+                         ["top1_no_retrain", "top1_head_refit", "macs_fraction"])
+    jac = pd.DataFrame(info.get("jaccard") or [])
+    if not len(jac):
+        jac = pd.DataFrame(columns=["method", "budget_macs_fraction", "mean", "min", "pairs"])
+    jac = jac.rename(columns={"mean": "jaccard_mean", "min": "jaccard_min", "pairs": "jaccard_pairs"})
+    s = s.merge(jac, on=["method", "budget_macs_fraction"], how="left")
+    ken = pd.DataFrame(info.get("kendall") or [])
+    if not len(ken):
+        ken = pd.DataFrame(columns=["method", "mean", "min", "pairs"])
+    ken = ken.rename(columns={"mean": "kendall_tau_mean", "min": "kendall_tau_min", "pairs": "kendall_pairs"})
+    tables = {"seed_stability.csv": _tag(s, rec), "seed_kendall.csv": _tag(ken, rec)}
+
+    fig, axes = _fig(1, 2, size=(6.0, 4.4))
+    a, b = axes[0]
+    for method, m in jac.groupby("method", sort=False):
+        m = m.sort_values("budget_macs_fraction")
+        a.plot(m["budget_macs_fraction"], m["jaccard_mean"], marker="o", ms=4, label=method)
+    a.set_xlabel("budget (fraction of dense MACs)")
+    a.set_ylabel("Jaccard of kept sets between seeds (mean over pairs)")
+    a.set_ylim(0, 1.02)
+    for method, m in s.groupby("method", sort=False):
+        m = m.sort_values("budget_macs_fraction")
+        b.errorbar(m["budget_macs_fraction"], m["top1_head_refit"], yerr=m["top1_head_refit_sd"], marker="o", ms=4,
+                   capsize=2, label=method)
+    b.set_xlabel("budget (fraction of dense MACs)")
+    b.set_ylabel("top-1 after head re-fit, mean over seeds (bars: sd)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(fig, _label(rec), rec["run_id"], "seed_stability"), fontsize=8)
+    fig.tight_layout()
+    return tables, {"seed_stability.png": fig}
+
+
+def _kappa_lambda(recs):
+    import numpy as np
+    import pandas as pd
+
+    rec = recs[0]
+    rows = pd.DataFrame(rec["metrics"]["rows"])
+    for c in ("kappa", "lam"):
+        if c not in rows:
+            raise RecordError(f"kappa_lambda rows lack the column {c!r}")
+    tables = {"kappa_lambda.csv": _tag(rows, rec)}
+    metrics = [(c, t) for c, t in (("top1_head_refit", "top-1 after head re-fit"), ("path_length", "path length"),
+                                   ("stability_jaccard", "stability (Jaccard between seeds)")) if c in rows]
+    nus = list(dict.fromkeys(rows["nu"])) if "nu" in rows else [None]
+    fig, axes = _fig(len(nus), max(len(metrics), 1), size=(4.6, 3.8))
+    for i, nu in enumerate(nus):
+        part = rows if nu is None else rows[rows["nu"] == nu]
+        for j, (col, title) in enumerate(metrics):
+            ax = axes[i][j]
+            # groupby keeps all-missing cells (e.g. stability with one seed), pivot_table would drop them
+            piv = pd.to_numeric(part[col], errors="coerce").groupby([part["kappa"], part["lam"]]).mean().unstack("lam")
+            piv = piv.sort_index().reindex(sorted(piv.columns), axis=1)
+            vals = piv.to_numpy(dtype=float)
+            im = ax.imshow(vals, aspect="auto", interpolation="nearest", cmap="viridis")
+            ax.set_xticks(range(len(piv.columns)))
+            ax.set_xticklabels([f"{v:g}" for v in piv.columns], fontsize=7)
+            ax.set_yticks(range(len(piv.index)))
+            ax.set_yticklabels([f"{v:g}" for v in piv.index], fontsize=7)
+            ax.set_xlabel("lambda")
+            ax.set_ylabel("kappa")
+            finite = vals[np.isfinite(vals)]
+            mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+            for (r, c), v in np.ndenumerate(vals):
+                if np.isfinite(v):
+                    ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7,
+                            color="black" if v > mid else "white")
+            ax.set_title(title + ("" if nu is None else f", nu = {nu:g}"), fontsize=8)
+            if finite.size:
+                fig.colorbar(im, ax=ax)
+            else:
+                ax.text(0.5, 0.5, "no values in this record", ha="center", va="center", transform=ax.transAxes)
+    budget = rec["metrics"]["info"].get("budget_macs_fraction")
+    what = "kappa_lambda" + (f" at {budget:g} of dense MACs" if isinstance(budget, (int, float)) else "")
+    fig.suptitle(_title(fig, _label(rec), rec["run_id"], what), fontsize=8)
+    fig.tight_layout()
+    return tables, {"kappa_lambda.png": fig}
+
+
+def _cost_latency(recs):
+    import pandas as pd
+
+    rec = recs[0]
+    info = rec["metrics"]["info"]
+    rows = pd.DataFrame(rec["metrics"]["rows"])
+    for c in ("speedup", "macs_reduction", "batch_size"):
+        if c not in rows:
+            raise RecordError(f"cost_latency rows lack the column {c!r}")
+    summary = []
+    for key, what in (("family_cost", "family cost (SPP's one search / the Lasso family's searches)"),
+                      ("search_step", "search step (SPP step / plain training step)")):
+        d = info.get(key)
+        if isinstance(d, dict):  # one row per ratio it holds (ratio, ratio_final_runs_only, ...)
+            rest = json.dumps({k: v for k, v in d.items() if not k.startswith("ratio")}, sort_keys=True)
+            for k in sorted(k for k in d if k.startswith("ratio")):
+                summary.append({"figure": f"{what}: {k}", "value": d[k], "settings": rest})
+    summary.append({"figure": "GPU", "value": None, "settings": info.get("gpu") or "none (CPU only)"})
+    tables = {"cost_latency.csv": _tag(rows, rec), "cost_summary.csv": _tag(pd.DataFrame(summary), rec)}
+
+    pruned = rows[rows["method"] != "dense"] if "method" in rows else rows
+    devices = list(dict.fromkeys(pruned["device"].fillna("?"))) if "device" in pruned else [None]
+    fig, axes = _fig(1, max(len(devices), 1), size=(6.0, 4.8))
+    markers = "osD^v<>pPX*"
+    methods = list(dict.fromkeys(pruned["method"])) if "method" in pruned else [None]
+    batches = sorted(pruned["batch_size"].dropna().unique())
+    colours = {b: f"C{i % 10}" for i, b in enumerate(batches)}
+    vals = pd.concat([rows["macs_reduction"], rows["speedup"]]).astype(float)
+    lo, hi = min(1.0, float(vals.min())), max(1.0, float(vals.max()))
+    for ax, device in zip(axes[0], devices):
+        on = pruned if device is None else pruned[pruned["device"].fillna("?") == device]
+        for bs in batches:
+            for k, method in enumerate(methods):
+                m = on[on["batch_size"] == bs]
+                m = (m if method is None else m[m["method"] == method]).sort_values("macs_reduction")
+                if len(m):
+                    ax.plot(m["macs_reduction"], m["speedup"], marker=markers[k % len(markers)], color=colours[bs],
+                            lw=1, label=f"batch {bs:g}" + ("" if method is None else f", {method}"))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x (speed-up equals MAC reduction)")
+        ax.set_xlabel("MAC reduction (dense MACs / pruned MACs)")
+        ax.set_ylabel("measured speed-up (dense latency / pruned latency)")
+        what = "cost_latency" + ("" if device is None else f" on {device}")
+        if device == "cuda" and info.get("gpu"):
+            what += f" ({info['gpu']})"
+        ax.set_title(_title(fig, _label(rec), rec["run_id"], what, panels=len(devices)), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return tables, {"latency_vs_macs.png": fig}
+
+
+BUILDERS: dict[str, Callable] = {
+    "quickstart": _quickstart,
+    "vision_table": _vision,
+    "clip_table": _clip,
+    "llm_table": _llm,
+    "solution_path": _solution_path,
+    "seed_stability": _seed_stability,
+    "kappa_lambda": _kappa_lambda,
+    "cost_latency": _cost_latency,
+}
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def _no_record(study: str, root: Path) -> str:
+    return f"no record under {root / study}; run notebook {NOTEBOOKS[study]} or nox -s reproduce"
+
+
+def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, str]) -> str:
+    lines = ["# sppbench report", "",
+             f"Built from the run records under `{root}` only (each study: its newest record; vision_table and "
+             "solution_path: the newest record per model). Rows from a stand-in model carry its label in "
+             f"`stand_in`; `paper_*.csv` hold numbers reported by others, marked `source = \"{PAPER_SOURCE}\"`.",
+             "", "| file | study | source run(s) |", "|---|---|---|"]
+    for rel, study, runs in written:
+        lines.append(f"| `{rel}` | {study} | {runs} |")
+    lines += ["", "## Missing", ""]
+    if missing:
+        lines += [f"- **{study}**: {reason}" for study, reason in missing.items()]
+    else:
+        lines.append("none")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                 studies: Iterable[str] | None = None) -> dict:
+    """Tables and figures from the newest run records.
+
+    root: the runs folder (default ``results_root()``, i.e. ``results/runs``); out: where ``tables/``,
+    ``figures/`` and ``report.md`` go (default: the runs folder's parent). Returns {"tables": [paths],
+    "figures": [paths], "missing": {study: reason}, "sources": {study: run id(s) used, comma-separated
+    for per-model studies}, "index": path of report.md}. A study may be both in sources and missing
+    when only some of its per-model records could be used."""
+    root = Path(root) if root else results_root()
+    out = Path(out) if out else root.parent
+    chosen = list(STUDIES) if studies is None else list(studies)
+    unknown = [s for s in chosen if s not in BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown studies {unknown}; known: {list(STUDIES)}")
+    tables_dir, figures_dir = out / "tables", out / "figures"
+    result: dict = {"tables": [], "figures": [], "missing": {}, "sources": {}}
+    written: list[tuple[str, str, str]] = []
+    for study in chosen:
+        recs, problems = select_records(study, root)
+        if not recs:
+            result["missing"][study] = "; ".join(problems) if problems else _no_record(study, root)
+            continue
+        runs = ", ".join(r["run_id"] for r in recs)
+        try:
+            tables, figures = BUILDERS[study](recs)
+        except Exception as e:  # a record that parses but lacks what the study needs: reported, not raised
+            reason = f"record {runs} is malformed for this study ({type(e).__name__}: {e})"
+            result["missing"][study] = "; ".join([*problems, reason])
+            continue
+        if problems:
+            result["missing"][study] = "; ".join(problems)
+        result["sources"][study] = runs
+        for name, df in tables.items():
+            path = atomic_write_text(tables_dir / name, df.to_csv(index=False))
+            result["tables"].append(str(path))
+            written.append((f"tables/{name}", study, PAPER_SOURCE if name.startswith("paper_") else runs))
+        for name, fig in figures.items():
+            path = atomic_write_bytes(figures_dir / name, _png(fig))  # temp file in the folder, then os.replace
+            result["figures"].append(str(path))
+            written.append((f"figures/{name}", study, runs))
+    result["index"] = str(atomic_write_text(out / "report.md", _index(root, written, result["missing"])))
+    return result
+
+
+__all__ = ["build_report", "select_records", "stand_in", "STUDIES", "NOTEBOOKS", "PAPER_SOURCE", "RecordError"]

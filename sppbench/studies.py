@@ -1,0 +1,492 @@
+"""The studies behind notebooks 40-70: the solution path, seed stability, the kappa/lambda grid, cost and latency.
+
+Each ``run_*`` takes a config dataclass (literals only, so papermill can set every field), runs on an
+embedded vision model (a stand-in: labelled so in every record), writes one record per run under
+``results/runs/<study>/`` and returns pandas tables plus the objects a notebook plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import measure, methods
+from .compress import compress
+from .experiments import check_types, write_record
+from .path import READOUTS, KeepSet, SolutionPath
+from .vision import _attach, evaluate, get_task, spp_constants, VisionTableConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement measures
+# ---------------------------------------------------------------------------------------------
+def flat_keep(keep: KeepSet) -> torch.Tensor:
+    """All groups' keep masks as one bool vector (groups in name order)."""
+    return torch.cat([keep.masks[n].flatten() for n in sorted(keep.masks)])
+
+
+def jaccard(a: KeepSet, b: KeepSet) -> float:
+    """|A & B| / |A | B| over every (group, entry) pair; 1.0 for two empty sets."""
+    x, y = flat_keep(a), flat_keep(b)
+    union = int((x | y).sum())
+    return 1.0 if union == 0 else int((x & y).sum()) / union
+
+
+def flat_ranking(path: SolutionPath, readout: str = "global") -> torch.Tensor:
+    """The path's rank of every entry (0 = kept first), groups in name order."""
+    r = path.ranking(readout)
+    return torch.cat([r[n].flatten() for n in sorted(r)]).long()
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Kendall's tau between two rankings of the same items without ties (tau-a = tau-b then), in O(n log n):
+    1 - 2 * discordant pairs / all pairs, discordant pairs counted as inversions by a Fenwick tree."""
+    a, b = torch.as_tensor(a).flatten(), torch.as_tensor(b).flatten()
+    n = a.numel()
+    if n != b.numel():
+        raise ValueError(f"rankings of different lengths: {n} vs {b.numel()}")
+    if n < 2:
+        return 1.0
+    if torch.unique(a).numel() != n or torch.unique(b).numel() != n:
+        raise ValueError("kendall_tau takes rankings without ties")
+    seq = torch.argsort(torch.argsort(b[torch.argsort(a)])).tolist()  # b's ranks in a's order, as 0..n-1
+    tree = [0] * (n + 1)
+    inversions = 0
+    for seen, v in enumerate(seq):
+        i, smaller = v + 1, 0  # count earlier values below v
+        while i > 0:
+            smaller += tree[i]
+            i -= i & -i
+        inversions += seen - smaller
+        i = v + 1
+        while i <= n:
+            tree[i] += 1
+            i += i & -i
+    return 1.0 - 4.0 * inversions / (n * (n - 1))
+
+
+def path_length(path: SolutionPath, macs: int) -> int | None:
+    """First recorded step at which the support of Gamma (entered entries) costs at least ``macs`` MACs, i.e. the
+    budget can be read off entered entries alone; None if the search ended before."""
+    for rec in path.history:
+        widths = {g.name: int(rec["support_group"].get(g.name, 0)) for g in path.groups}
+        if path.cost_model.cost(widths)[1] >= macs:
+            return int(rec["step"])
+    return None
+
+
+def _check_fractions(name: str, fractions) -> None:
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ValueError(f"{name} must be fractions in (0, 1], got {fractions!r}")
+
+
+def _dense_macs(m) -> int:
+    return m.cost_model.cost({g.name: g.size for g in m.groups})[1]
+
+
+def _task(model: str, n_val: int, n_test: int, n_refit: int):
+    return get_task(model, n_val=n_val, n_test=n_test, n_refit=n_refit)
+
+
+def _spp(model: str) -> dict:
+    return spp_constants(VisionTableConfig(model=model))
+
+
+# ---------------------------------------------------------------------------------------------
+# 40: the solution path
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PathStudyConfig:
+    """One SPP search per model; support vs step, entry order, and nestedness of the read-outs."""
+
+    models: tuple[str, ...] = ("embedded-vit", "embedded-swin")
+    steps: int = 60
+    batch_size: int = 32
+    macs_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    seed: int = 0
+    study: str = "solution_path"
+
+    def resolved(self) -> "PathStudyConfig":
+        check_types(self)
+        _check_fractions("macs_fractions", self.macs_fractions)
+        return self
+
+
+def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, progress: bool = True,
+                   tasks: dict | None = None) -> dict:
+    """Returns {"paths": {model: SolutionPath}, "nested": DataFrame, "labels": {model: label}, "records": [...]}."""
+    import pandas as pd
+
+    cfg = (cfg or PathStudyConfig()).resolved()
+    out = {"paths": {}, "labels": {}, "records": [], "nested": None}
+    rows = []
+    for model in cfg.models:
+        task = (tasks or {}).get(model) or _task(model, 10, 10, 10)
+        m = _attach(task.dense, task)
+        try:
+            spp = _spp(model)
+            path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, cfg.steps, cfg.seed), F.cross_entropy,
+                                   steps=cfg.steps, seed=cfg.seed, spp=spp)
+            dense = _dense_macs(m)
+            fr = sorted(set(cfg.macs_fractions), reverse=True)
+            mine = []
+            for ro in READOUTS:
+                keeps = [path.keep(macs=int(f * dense), readout=ro) for f in fr]
+                for i, (f, k) in enumerate(zip(fr, keeps)):
+                    nxt = keeps[i + 1] if i + 1 < len(keeps) else None
+                    mine.append({"model": model, "readout": ro, "macs_fraction": f, "kept_entries": int(flat_keep(k).sum()),
+                                 "macs": k.macs, "achieved_fraction": k.macs / dense,
+                                 "nested_in_next": None if nxt is None else nxt.issubset(k)})
+        finally:
+            m.detach_masks()
+        sizes = {}
+        for g in path.groups:
+            sizes[g.pool] = sizes.get(g.pool, 0) + g.size
+        info = {"label": task.label, "model": model, "pool_sizes": sizes, "spp_constants": spp,
+                "dense_macs": dense, "search_seconds": path.config.get("seconds"),
+                "nested_rule": "nested_in_next: the next smaller budget's keep-set is a subset of this one"}
+        table = pd.DataFrame(mine)
+        if record:
+            out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model}, path, table, info))
+        if progress:
+            print(f"[path] {model}: {cfg.steps} steps in {path.config.get('seconds', 0):.1f}s; nested at every budget: "
+                  f"{bool(table['nested_in_next'].dropna().all())}", flush=True)
+        out["paths"][model] = path
+        out["labels"][model] = task.label
+        rows += mine
+    out["nested"] = pd.DataFrame(rows)
+    return out
+
+
+def entry_matrix(path: SolutionPath, pool: str) -> tuple[torch.Tensor, list[int]]:
+    """(layers x entries) entry steps of one pool, each layer's entries sorted by entry step (never entered,
+    -1, last); rows padded with -2 where a layer has fewer entries. Returns the matrix and the layer ids."""
+    groups = sorted((g for g in path.groups if g.pool == pool), key=lambda g: (g.tower or "", g.layer))
+    width = max(g.size for g in groups)
+    mat = torch.full((len(groups), width), -2, dtype=torch.long)
+    for i, g in enumerate(groups):
+        e = path.entry_step[g.name].clone()
+        key = torch.where(e < 0, torch.full_like(e, 1 << 30), e)
+        mat[i, :g.size] = e[torch.argsort(key, stable=True)]
+    return mat, [g.layer for g in groups]
+
+
+# ---------------------------------------------------------------------------------------------
+# 50: seed stability
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SeedStudyConfig:
+    """SPP (one search per seed) and Lasso (per-budget searches per seed) over data-order seeds."""
+
+    model: str = "embedded-vit"
+    methods: tuple[str, ...] = ("spp", "lasso")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    macs_fractions: tuple[float, ...] = (0.7, 0.5, 0.35)
+    steps: int = 40
+    batch_size: int = 32
+    lasso_trials: int = 3
+    n_val: int = 200
+    n_test: int = 1000
+    n_refit: int = 1000
+    study: str = "seed_stability"
+
+    def resolved(self) -> "SeedStudyConfig":
+        check_types(self)
+        _check_fractions("macs_fractions", self.macs_fractions)
+        bad = [m for m in self.methods if m not in ("spp", "lasso")]
+        if bad:
+            raise ValueError(f"the seed study compares 'spp' and 'lasso', got {bad}")
+        if len(set(self.seeds)) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seed stability needs at least 2 distinct seeds (no repeats), got {self.seeds!r}")
+        return self
+
+
+def _pairs(values: dict, fn) -> list[float]:
+    return [fn(values[a], values[b]) for a, b in itertools.combinations(sorted(values), 2)]
+
+
+def run_seed_study(cfg: SeedStudyConfig | None = None, *, record: bool = True, progress: bool = True,
+                   task=None) -> dict:
+    """Returns {"table" (one row per method x seed x budget), "jaccard", "kendall" (DataFrames), "record"}.
+
+    The seed sets the order of the training batches (and the search's torch seed). Kendall's tau compares the
+    global rankings: SPP's path order; for Lasso, which has no ranking of its own, Lasso-rank (|M| of one
+    Lasso run per seed at its default lambda), said so in the rows."""
+    import pandas as pd
+
+    cfg = cfg or SeedStudyConfig()
+    cfg.resolved()
+    t0 = time.perf_counter()
+    task = task or _task(cfg.model, cfg.n_val, cfg.n_test, cfg.n_refit)
+    spp = _spp(cfg.model)
+    m = _attach(task.dense, task)
+    dense = _dense_macs(m)
+    budgets = [{"macs": int(f * dense)} for f in cfg.macs_fractions]
+    rows, keeps, ranks, seconds = [], {}, {}, {}
+    try:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
+                t = time.perf_counter()
+                if method == "spp":
+                    path = methods.ranking("spp", m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp)
+                    ranks[(method, seed)] = flat_ranking(path)
+                    pruned = [(path.keep(**b), None) for b in budgets]
+                else:
+                    got = methods.prune("lasso", m, budgets, batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps,
+                                        spp=spp, seed=seed, settings={"trials": cfg.lasso_trials})
+                    pruned = [(p.keep, p.model) for p in got]
+                    lr = methods.ranking("lasso-rank", m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp)
+                    ranks[(method, seed)] = flat_ranking(lr)
+                seconds[(method, seed)] = time.perf_counter() - t
+                for (keep, small), f in zip(pruned, cfg.macs_fractions):
+                    keeps[(method, seed, f)] = keep
+                    small = small if small is not None else compress(m, keep)
+                    ev = evaluate(small, task, ("test",))
+                    rows.append({"model": cfg.model, "method": method, "seed": seed, "budget_macs_fraction": f,
+                                 "macs_fraction": keep.macs / dense, "top1_no_retrain": ev["test_no_retrain"],
+                                 "top1_head_refit": ev["test_head_refit"]})
+                if progress:
+                    print(f"[seeds {time.perf_counter() - t0:6.1f}s] {method} seed {seed}: "
+                          f"{seconds[(method, seed)]:.1f}s search", flush=True)
+    finally:
+        m.detach_masks()
+    jac, ken = [], []
+    for method in cfg.methods:
+        for f in cfg.macs_fractions:
+            vals = _pairs({s: keeps[(method, s, f)] for s in cfg.seeds}, jaccard)
+            jac.append({"method": method, "budget_macs_fraction": f, "mean": statistics.fmean(vals), "min": min(vals),
+                        "pairs": len(vals)})
+        vals = _pairs({s: ranks[(method, s)] for s in cfg.seeds}, kendall_tau)
+        ken.append({"method": method, "ranking": "path order" if method == "spp" else "lasso-rank (|M| of one run)",
+                    "mean": statistics.fmean(vals), "min": min(vals), "pairs": len(vals)})
+    table = pd.DataFrame(rows)
+    info = {"label": task.label, "task": task.info, "spp_constants": spp, "dense_macs": dense, "jaccard": jac,
+            "kendall": ken, "search_seconds": {f"{k[0]}@seed{k[1]}": round(v, 2) for k, v in seconds.items()},
+            "seed_controls": "order of the training batches and the search's torch seed",
+            "top1": "test split; head re-fit on the pruned features (L-BFGS) and the dense head (no retraining)",
+            "seconds": round(time.perf_counter() - t0, 1)}
+    folder = write_record(cfg.study, cfg, None, table, info) if record else None
+    return {"table": table, "jaccard": pd.DataFrame(jac), "kendall": pd.DataFrame(ken), "record": folder,
+            "info": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# 60: kappa x lambda (x nu)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KappaLambdaConfig:
+    """A grid of SPP searches; per cell: top-1 at one budget, path length, stability over two seeds."""
+
+    model: str = "embedded-vit"
+    kappas: tuple[float, ...] = (5.0, 10.0, 20.0)
+    lams: tuple[float, ...] = (0.02, 0.05, 0.2)
+    nus: tuple[float, ...] = (0.0,)  # 0 = the profile's nu
+    alpha: float = 0.0               # 0 = the profile's alpha
+    budget_macs_fraction: float = 0.5
+    steps: int = 40
+    batch_size: int = 32
+    seeds: tuple[int, ...] = (0, 1)  # stability: Jaccard of the budget's keep-sets across these seeds
+    n_val: int = 500
+    n_test: int = 200
+    n_refit: int = 1000
+    study: str = "kappa_lambda"
+
+    def resolved(self) -> "KappaLambdaConfig":
+        check_types(self)
+        _check_fractions("budget_macs_fraction", (self.budget_macs_fraction,))
+        if not self.kappas or not self.lams or not self.nus:
+            raise ValueError("kappas, lams and nus must each hold at least one value")
+        if any(v <= 0 for v in (*self.kappas, *self.lams)) or any(v < 0 for v in self.nus):
+            raise ValueError("kappas and lams must be > 0 and nus >= 0 (0 = the profile's nu)")
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed")
+        return self
+
+
+def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = True, progress: bool = True,
+                     task=None) -> dict:
+    """Returns {"table": one row per kappa x lam x nu, "record", "info"}. Top-1 is measured on the VALIDATION split
+    (this grid chooses constants; the test split is not used), with the first seed's search."""
+    import pandas as pd
+
+    cfg = cfg or KappaLambdaConfig()
+    cfg.resolved()
+    t0 = time.perf_counter()
+    task = task or _task(cfg.model, cfg.n_val, cfg.n_test, cfg.n_refit)
+    base = _spp(cfg.model)
+    m = _attach(task.dense, task)
+    dense = _dense_macs(m)
+    budget = int(cfg.budget_macs_fraction * dense)
+    rows = []
+    try:
+        for nu, kappa, lam in itertools.product(cfg.nus, cfg.kappas, cfg.lams):
+            consts = {"kappa": kappa, "alpha": cfg.alpha or base["alpha"], "nu": nu or base["nu"], "lam": lam}
+            keeps, first = {}, None
+            for seed in cfg.seeds:
+                path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, cfg.steps, seed), F.cross_entropy,
+                                       steps=cfg.steps, seed=seed, spp=consts)
+                keeps[seed] = path.keep(macs=budget)
+                if first is None:
+                    first = path
+            ev = evaluate(compress(m, keeps[cfg.seeds[0]]), task, ("val",))
+            pl = path_length(first, budget)
+            entered = sum(int((e >= 0).sum()) for e in first.entry_step.values()) / sum(g.size for g in first.groups)
+            stab = statistics.fmean(_pairs(keeps, jaccard)) if len(keeps) > 1 else None
+            rows.append({"kappa": kappa, "lam": lam, "nu": consts["nu"], "alpha": consts["alpha"],
+                         "budget_macs_fraction": cfg.budget_macs_fraction, "top1_head_refit": ev["val_head_refit"],
+                         "top1_no_retrain": ev["val_no_retrain"], "path_length": pl, "entered_fraction": entered,
+                         "stability_jaccard": stab, "loss_last": first.history[-1]["loss"] if first.history else None,
+                         "search_s": first.config.get("seconds")})
+            if progress:
+                print(f"[kappa-lambda {time.perf_counter() - t0:6.1f}s] kappa {kappa} lam {lam} nu {consts['nu']}: val "
+                      f"top-1 {ev['val_head_refit']:.3f}, path length {pl}, stability {stab}", flush=True)
+    finally:
+        m.detach_masks()
+    table = pd.DataFrame(rows)
+    info = {"label": task.label, "task": task.info, "budget_macs_fraction": cfg.budget_macs_fraction,
+            "dense_macs": dense, "profile_constants": base,
+            "path_length": f"first step whose entered entries alone cost >= the budget's MACs (None: not within "
+                           f"{cfg.steps} steps)",
+            "stability": "mean Jaccard of the budget's keep-sets over pairs of data-order seeds",
+            "top1": "validation split (the grid chooses constants; the test split is not touched), head re-fit",
+            "seconds": round(time.perf_counter() - t0, 1)}
+    folder = write_record(cfg.study, cfg, None, table, info) if record else None
+    return {"table": table, "record": folder, "info": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# 70: cost and latency
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CostLatencyConfig:
+    """(a) a 5-budget family: SPP's one search vs Lasso's per-budget searches, same steps; (b) one search step vs
+    one plain step; (c) latency of compressed models vs their MACs at several batch sizes (CPU, and GPU if any)."""
+
+    model: str = "embedded-vit"
+    family_fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.35, 0.25)
+    steps: int = 20
+    batch_size: int = 32
+    lasso_trials: int = 3
+    step_repeats: int = 5
+    latency_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
+    latency_batches: tuple[int, ...] = (1, 8, 32)
+    latency_repeats: int = 10
+    peers: tuple[str, ...] = ("tp-magnitude",)
+    gpu: bool = True                 # also measure on the GPU when one is present
+    study: str = "cost_latency"
+
+    def resolved(self) -> "CostLatencyConfig":
+        check_types(self)
+        _check_fractions("family_fractions", self.family_fractions)
+        _check_fractions("latency_fractions", self.latency_fractions)
+        if not self.latency_batches or not all(isinstance(b, int) and b > 0 for b in self.latency_batches):
+            raise ValueError(f"latency_batches must be positive integers, got {self.latency_batches!r}")
+        for p in self.peers:
+            if p not in methods.PEER_METHODS:
+                raise ValueError(f"unknown peer {p!r}; use {methods.PEER_METHODS}")
+        return self
+
+
+def _latency_rows(name: str, model, x_one, dense_lat: dict, macs: int, dense_macs: int, params: int, batches, repeats,
+                  device: str, method: str, frac: float) -> list[dict]:
+    rows = []
+    for b in batches:
+        x = x_one.repeat(b, 1, 1, 1).to(device)
+        lat = measure.latency(model, x, warmup=2, repeats=repeats)["median_s"]
+        if method == "dense":
+            dense_lat[(device, b)] = lat
+        d = dense_lat[(device, b)]
+        red = dense_macs / macs
+        rows.append({"model": name, "method": method, "macs_fraction_target": frac, "macs": macs,
+                     "macs_fraction": macs / dense_macs, "params": params, "batch_size": b, "device": device,
+                     "latency_ms": 1000 * lat, "dense_latency_ms": 1000 * d, "speedup": d / lat, "macs_reduction": red,
+                     "speedup_over_macs_reduction": (d / lat) / red})
+    return rows
+
+
+def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = True, progress: bool = True,
+                     task=None) -> dict:
+    """Returns {"latency": DataFrame, "family_cost": dict, "search_step": dict, "record", "info"}."""
+    import copy
+
+    import pandas as pd
+
+    from .bench import search_step
+    from .data import preprocess
+
+    cfg = cfg or CostLatencyConfig()
+    cfg.resolved()
+    t0 = time.perf_counter()
+
+    def log(msg):
+        if progress:
+            print(f"[cost {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+    task = task or _task(cfg.model, 10, 10, 10)
+    spp = _spp(cfg.model)
+    m = _attach(task.dense, task)
+    dense = _dense_macs(m)
+    x_one = preprocess(torch.zeros(1, 28, 28, dtype=torch.uint8), task.img_size)
+    family = [{"macs": int(f * dense)} for f in cfg.family_fractions]
+    rows = []
+    try:
+        # (a) one SPP search for the whole family vs Lasso's per-budget searches, same steps and batches
+        batches = task.train_batches(cfg.batch_size, cfg.steps, 0)
+        path = methods.ranking("spp", m, batches, F.cross_entropy, steps=cfg.steps, seed=0, spp=spp)
+        t_spp = path.config["seconds"]
+        lasso = methods.prune("lasso", m, family, batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp,
+                              seed=0, settings={"trials": cfg.lasso_trials})
+        tries = [t for p in lasso for t in p.info["search"]["tries"]]
+        per_run = statistics.fmean(t["seconds"] for t in tries)
+        t_lasso = sum(t["seconds"] for t in tries)
+        fam = {"budgets": len(family), "steps": cfg.steps, "batch_size": cfg.batch_size, "spp_search_s": t_spp,
+               "lasso_runs": len(tries), "lasso_search_s_per_run": per_run, "lasso_search_s_total": t_lasso,
+               "ratio_final_runs_only": t_spp / (len(family) * per_run), "ratio_with_bisection": t_spp / t_lasso,
+               "note": f"SPP: one {cfg.steps}-step search read at {len(family)} budgets; Lasso: one {cfg.steps}-step "
+                       f"search per lambda try, {cfg.lasso_trials} tries per budget (the bisection finding each "
+                       "budget's lambda); ratio_final_runs_only counts one Lasso run per budget"}
+        log(f"family cost: SPP {t_spp:.1f}s vs Lasso {per_run:.1f}s per run -> ratio {fam['ratio_final_runs_only']:.3f} "
+            f"({fam['ratio_with_bisection']:.3f} with the bisection)")
+        # (c) latency vs MACs
+        devices = ["cpu"] + (["cuda"] if cfg.gpu and torch.cuda.is_available() else [])
+        dense_lat: dict = {}
+        models = [("dense", 1.0, task.dense, dense)]
+        for f in cfg.latency_fractions:
+            keep = path.keep(macs=int(f * dense))
+            models.append(("spp", f, compress(m, keep), keep.macs))
+        for peer in cfg.peers:
+            if methods.peer_reason(peer):
+                log(f"{peer} skipped: {methods.peer_reason(peer)}")
+                continue
+            got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in cfg.latency_fractions], batches=batches,
+                                loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp, example_inputs=x_one.repeat(2, 1, 1, 1))
+            for f, p in zip(cfg.latency_fractions, got):
+                models.append((peer, f, p.model, measure.macs(p.model, x_one.repeat(2, 1, 1, 1))))
+        for device in devices:
+            for method, f, model, macs in models:
+                net = copy.deepcopy(model).to(device).eval()
+                rows += _latency_rows(task.name, net, x_one, dense_lat, macs, dense, measure.params(model),
+                                      cfg.latency_batches, cfg.latency_repeats, device, method, f)
+                del net
+            log(f"latency measured on {device}")
+    finally:
+        m.detach_masks()
+    # (b) one search step vs one plain forward+backward step of the same frozen model
+    step = search_step(batch_size=cfg.batch_size, repeats=cfg.step_repeats, img_size=task.img_size,
+                       model=copy.deepcopy(task.dense))
+    step["settings"]["model"] = task.label
+    log(f"search step / plain step: {step['ratio']:.3f}")
+    table = pd.DataFrame(rows)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {"label": task.label, "dense_macs": dense, "family_cost": fam, "search_step": step, "gpu": gpu,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "latency": f"median of {cfg.latency_repeats} forwards after 2 warm-up, eval mode, no grad",
+            "seconds": round(time.perf_counter() - t0, 1)}
+    folder = write_record(cfg.study, cfg, path, table, info) if record else None
+    return {"latency": table, "family_cost": fam, "search_step": step, "record": folder, "info": info}

@@ -1,0 +1,126 @@
+"""The studies behind notebooks 40-70, on a tiny random-init ViT task (the notebooks run them on the embedded models)."""
+import itertools
+
+import pytest
+import torch
+
+from sppbench import methods, studies
+from sppbench.path import KeepSet
+from sppbench.results import list_records, load_record
+from test_vision import tiny_task
+
+
+def brute_tau(a, b):
+    n = len(a)
+    s = 0
+    for i, j in itertools.combinations(range(n), 2):
+        s += 1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else -1
+    return s / (n * (n - 1) / 2)
+
+
+def test_kendall_tau_matches_the_pair_count():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 7, 40):
+        a, b = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
+        assert studies.kendall_tau(a, b) == pytest.approx(brute_tau(a.tolist(), b.tolist()))
+    a = torch.randperm(30, generator=g)
+    assert studies.kendall_tau(a, a) == 1.0 and studies.kendall_tau(a, 29 - a) == -1.0
+    with pytest.raises(ValueError, match="ties"):
+        studies.kendall_tau(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="lengths"):
+        studies.kendall_tau(torch.arange(3), torch.arange(4))
+
+
+def keepset(masks):
+    return KeepSet({k: torch.tensor(v, dtype=torch.bool) for k, v in masks.items()}, 0.0, {}, 0, 0)
+
+
+def test_jaccard_over_all_groups():
+    a = keepset({"x": [1, 1, 0, 0], "y": [1, 0]})
+    b = keepset({"x": [1, 0, 1, 0], "y": [1, 0]})
+    assert studies.jaccard(a, b) == pytest.approx(2 / 4)  # common x0, y0; union x0 x1 x2 y0
+    assert studies.jaccard(a, a) == 1.0
+    empty = keepset({"x": [0, 0, 0, 0], "y": [0, 0]})
+    assert studies.jaccard(empty, empty) == 1.0 and studies.jaccard(a, empty) == 0.0
+
+
+def test_path_study_nested_keep_sets_path_length_and_entry_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=6, batch_size=8, macs_fractions=(0.8, 0.5, 0.3))
+    res = studies.run_path_study(cfg, tasks={"embedded-vit": tiny_task()}, progress=False)
+    n = res["nested"]
+    assert len(n) == 2 * 3 and n["nested_in_next"].dropna().all()
+    assert (n["achieved_fraction"] <= n["macs_fraction"] + 1e-9).all()
+    path = res["paths"]["embedded-vit"]
+    assert len(path.history) == 6
+    # entry matrix: each layer's row holds its entry steps sorted, never-entered (-1) last, padding -2
+    for pool in {g.pool for g in path.groups}:
+        mat, layers = studies.entry_matrix(path, pool)
+        groups = sorted((g for g in path.groups if g.pool == pool), key=lambda g: g.layer)
+        assert layers == [g.layer for g in groups]
+        for row, g in zip(mat, groups):
+            e = path.entry_step[g.name]
+            entered = sorted(int(v) for v in e if v >= 0)
+            assert row[:len(entered)].tolist() == entered
+            assert (row[len(entered):g.size] == -1).all() and (row[g.size:] == -2).all()
+    # path length: the first recorded step whose support alone costs the budget
+    dense = path.cost_model.cost({g.name: g.size for g in path.groups})[1]
+    assert studies.path_length(path, 0) == 1
+    assert studies.path_length(path, dense + 1) is None
+    rec = load_record(list_records("solution_path", tmp_path)[-1])
+    assert rec["params"]["model"] == "embedded-vit" and rec["metrics"]["info"]["pool_sizes"]
+
+
+def test_seed_study_rows_overlaps_and_rankings(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.SeedStudyConfig(seeds=(0, 1), macs_fractions=(0.6,), steps=3, batch_size=8, lasso_trials=1)
+    res = studies.run_seed_study(cfg, task=tiny_task(), progress=False)
+    t = res["table"]
+    assert len(t) == 2 * 2 and (t["macs_fraction"] <= 0.6 + 1e-9).all()
+    assert set(res["jaccard"]["method"]) == {"spp", "lasso"} and res["jaccard"]["mean"].between(0, 1).all()
+    k = res["kendall"].set_index("method")
+    assert k.loc["lasso", "ranking"].startswith("lasso-rank") and k["mean"].abs().le(1).all()
+
+
+def test_kappa_lambda_grid(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.KappaLambdaConfig(kappas=(5.0, 10.0), lams=(0.05,), steps=3, batch_size=8, seeds=(0, 1))
+    res = studies.run_kappa_lambda(cfg, task=tiny_task(), progress=False)
+    t = res["table"]
+    assert len(t) == 2 and set(t["kappa"]) == {5.0, 10.0}
+    assert t["top1_head_refit"].between(0, 1).all() and t["stability_jaccard"].between(0, 1).all()
+    assert list_records("kappa_lambda", tmp_path)
+
+
+def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    peers = ("tp-magnitude",) if methods.peer_reason("tp-magnitude") is None else ()
+    cfg = studies.CostLatencyConfig(family_fractions=(0.8, 0.5), steps=2, batch_size=8, lasso_trials=1, step_repeats=1,
+                                    latency_fractions=(0.5,), latency_batches=(1, 4), latency_repeats=1, peers=peers,
+                                    gpu=False)
+    res = studies.run_cost_latency(cfg, task=tiny_task(), progress=False)
+    lat = res["latency"]
+    assert len(lat) == (1 + 1 + len(peers)) * 2
+    pruned = lat[lat["method"] != "dense"]
+    assert (pruned["macs_fraction"] <= 0.51).all() and (pruned["macs_reduction"] > 1.9).all()
+    dense = lat[lat["method"] == "dense"]
+    assert (dense["speedup"] == 1.0).all()
+    f = res["family_cost"]
+    assert f["budgets"] == 2 and f["lasso_runs"] == 2 and f["ratio_final_runs_only"] > 0
+    assert res["search_step"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: studies.PathStudyConfig(macs_fractions=(0.5, 1.5)),
+    lambda: studies.SeedStudyConfig(seeds=(1,)),
+    lambda: studies.SeedStudyConfig(seeds=(1, 1, 2)),
+    lambda: studies.SeedStudyConfig(methods=("spp", "dessilbi")),
+    lambda: studies.KappaLambdaConfig(kappas=()),
+    lambda: studies.KappaLambdaConfig(lams=(-1.0,)),
+    lambda: studies.CostLatencyConfig(latency_batches=(0,)),
+    lambda: studies.CostLatencyConfig(peers=("sparsegpt",)),
+    lambda: studies.PathStudyConfig(steps="60"),
+])
+def test_bad_study_parameters_are_refused(make):
+    with pytest.raises((ValueError, TypeError)):
+        make().resolved()

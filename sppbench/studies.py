@@ -430,6 +430,7 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
 
     task = task or _task(cfg.model, 10, 10, 10)
     spp = _spp(cfg.model)
+    dense_model = copy.deepcopy(task.dense)  # attach_masks wraps task.dense in place: time a clean copy
     m = _attach(task.dense, task)
     dense = _dense_macs(m)
     x_one = preprocess(torch.zeros(1, 28, 28, dtype=torch.uint8), task.img_size)
@@ -456,7 +457,7 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
         # (c) latency vs MACs
         devices = ["cpu"] + (["cuda"] if cfg.gpu and torch.cuda.is_available() else [])
         dense_lat: dict = {}
-        models = [("dense", 1.0, task.dense, dense)]
+        models = [("dense", 1.0, dense_model, dense)]
         for f in cfg.latency_fractions:
             keep = path.keep(macs=int(f * dense))
             models.append(("spp", f, compress(m, keep), keep.macs))

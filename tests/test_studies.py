@@ -98,8 +98,11 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
     cfg = studies.CostLatencyConfig(family_fractions=(0.8, 0.5), steps=2, batch_size=8, lasso_trials=1, step_repeats=1,
                                     latency_fractions=(0.5,), latency_batches=(1, 4), latency_repeats=1, peers=peers,
                                     gpu=False)
-    res = studies.run_cost_latency(cfg, task=tiny_task(), progress=False)
+    task = tiny_task()
+    n_dense = sum(p.numel() for p in task.dense.parameters())
+    res = studies.run_cost_latency(cfg, task=task, progress=False)
     lat = res["latency"]
+    assert (lat.loc[lat["method"] == "dense", "params"] == n_dense).all()  # timed without mask wrappers
     assert len(lat) == (1 + 1 + len(peers)) * 2
     pruned = lat[lat["method"] != "dense"]
     assert (pruned["macs_fraction"] <= 0.51).all() and (pruned["macs_reduction"] > 1.9).all()

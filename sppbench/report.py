@@ -536,7 +536,7 @@ def _cost_latency(recs):
             raise RecordError(f"cost_latency rows lack the column {c!r}")
     summary = []
     for key, what in (("family_cost", "family cost (SPP's one search / the Lasso family's searches)"),
-                      ("search_step", "search step (SPP step / plain training step)")):
+                      ("search_step", "search step (SPP step / plain forward+backward step of the frozen model)")):
         d = info.get(key)
         if isinstance(d, dict):  # one row per ratio it holds (ratio, ratio_final_runs_only, ...)
             rest = json.dumps({k: v for k, v in d.items() if not k.startswith("ratio")}, sort_keys=True)

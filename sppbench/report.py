@@ -222,6 +222,20 @@ def _png(fig) -> bytes:
 # Each builder takes the study's records and returns (tables, figures): {file name: DataFrame} and
 # {file name: Figure}; nothing is written until every table and figure of the study is built.
 
+def _methods_vs_macs(ax, frame, col: str) -> None:
+    """One line per method of ``col`` (mean over seeds, sd bars where there are several) against the measured
+    MACs fraction, and the dense value as a dotted line."""
+    pruned = frame[frame["method"] != "dense"]
+    sd = f"{col}_sd"
+    for method, m in pruned.groupby("method", sort=False):
+        m = m.sort_values("macs_fraction")
+        err = m[sd] if sd in m and m[sd].any() else None
+        ax.errorbar(m["macs_fraction"], m[col], yerr=err, marker="o", ms=4, capsize=2, label=method)
+    dense = frame[frame["method"] == "dense"]
+    if len(dense):
+        ax.axhline(float(dense[col].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+
+
 def _quickstart(recs):
     import pandas as pd
 
@@ -253,14 +267,7 @@ def _vision(recs):
     for ax, rec in zip(axes[0], recs):
         model = _model_of(rec)
         part = s[s["model"] == model]
-        pruned = part[part["method"] != "dense"]
-        for method, m in pruned.groupby("method", sort=False):
-            m = m.sort_values("macs_fraction")
-            err = m["top1_head_refit_sd"] if "top1_head_refit_sd" in m and m["top1_head_refit_sd"].any() else None
-            ax.errorbar(m["macs_fraction"], m["top1_head_refit"], yerr=err, marker="o", ms=4, capsize=2, label=method)
-        dense = part[part["method"] == "dense"]
-        if len(dense):
-            ax.axhline(float(dense["top1_head_refit"].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+        _methods_vs_macs(ax, part, "top1_head_refit")
         ax.set_xlabel("MACs / dense MACs (measured)")
         ax.set_ylabel("top-1 after head re-fit (test split)")
         ax.set_title(textwrap.fill(f"{model}: {_label(rec)} | run {rec['run_id']}", 70), fontsize=8)
@@ -287,14 +294,7 @@ def _clip(recs):
 
     fig, axes = _fig(1, 1, size=(6.5, 4.6))
     ax = axes[0][0]
-    pruned = s[s["method"] != "dense"]
-    for method, m in pruned.groupby("method", sort=False):
-        m = m.sort_values("macs_fraction")
-        err = m["refit_rsum_sd"] if "refit_rsum_sd" in m and m["refit_rsum_sd"].any() else None
-        ax.errorbar(m["macs_fraction"], m["refit_rsum"], yerr=err, marker="o", ms=4, capsize=2, label=method)
-    dense = s[s["method"] == "dense"]
-    if len(dense):
-        ax.axhline(float(dense["refit_rsum"].iloc[0]), color="grey", lw=1, ls=":", label="dense")
+    _methods_vs_macs(ax, s, "refit_rsum")
     towers = ", ".join(str(v) for v in s["budget_towers"].dropna().unique()) if "budget_towers" in s else "joint"
     ax.set_xlabel(f"MACs / dense MACs (measured; budget: {towers or 'joint'})")
     ax.set_ylabel("rsum after projection re-fit (R@1+5+10, both directions, %)")

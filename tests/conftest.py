@@ -93,3 +93,15 @@ def mask_vs_zeroed_unit(m, unit_slices, name: str, entry: int, run):
         for s, b in zip(unit_slices, saved):
             s.param.copy_(b)
     return masked, zeroed
+
+
+def unit_coverage(unit_slices) -> dict:
+    """How many units cover each element of each sliced parameter: {id(param): count tensor}."""
+    counts = {}
+    for sl in unit_slices.values():
+        for s in sl:
+            c = counts.setdefault(id(s.param), torch.zeros_like(s.param))
+            tmp = torch.zeros_like(s.param)
+            s.scatter_(tmp, torch.ones(s.gather().shape))
+            c += tmp
+    return counts

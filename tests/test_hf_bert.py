@@ -12,7 +12,7 @@ import sppbench
 from sppbench import methods
 from sppbench.families.hf_bert import MaskedBertIntermediate, MaskedBertSelfAttention, PrunedBertSelfAttention
 
-from conftest import _randomize, mask_vs_zeroed_unit
+from conftest import _randomize, mask_vs_zeroed_unit, unit_coverage
 from test_masks_compress import random_keep
 
 transformers = pytest.importorskip("transformers")
@@ -168,13 +168,7 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
     m = sppbench.attach_masks(tiny_bert("eager"))
     ids, mask = batch()
     units = m.family.unit_slices(m)
-    counts = {}
-    for sl in units.values():
-        for s in sl:
-            c = counts.setdefault(id(s.param), torch.zeros_like(s.param))
-            tmp = torch.zeros_like(s.param)
-            s.scatter_(tmp, torch.ones(s.gather().shape))
-            c += tmp
+    counts = unit_coverage(units)
     expected = {id(p) for layer in m.model.encoder.layer for lin in (
         layer.attention.self.attn.query, layer.attention.self.attn.key, layer.attention.self.attn.value,
         layer.intermediate.intermediate.dense) for p in lin.parameters()}

@@ -14,7 +14,7 @@ import sppbench
 from sppbench import methods
 from sppbench.families.hf_llama import MaskedLlamaAttention, MaskedLlamaMLP, PrunedLlamaAttention
 
-from conftest import _randomize, mask_vs_zeroed_unit
+from conftest import _randomize, mask_vs_zeroed_unit, unit_coverage
 from test_masks_compress import random_keep
 
 transformers = pytest.importorskip("transformers")
@@ -211,13 +211,7 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
     m = sppbench.attach_masks(tiny("qwen2", "eager"))
     ids, mask = batch()
     units = m.family.unit_slices(m)
-    counts = {}
-    for sl in units.values():
-        for s in sl:
-            c = counts.setdefault(id(s.param), torch.zeros_like(s.param))
-            tmp = torch.zeros_like(s.param)
-            s.scatter_(tmp, torch.ones(s.gather().shape))
-            c += tmp
+    counts = unit_coverage(units)
     expected = set()
     for layer in m.model.model.layers:
         a, mlp = layer.self_attn.attn, layer.mlp.mlp

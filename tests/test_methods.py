@@ -14,7 +14,7 @@ from sppbench.dynamics import DessiLBI, ProximalL1, group_shrink
 from sppbench.errors import BudgetError, SearchDivergedError, SppBenchError
 from sppbench.families.base import UnitSlice
 from sppbench.train import finetune
-from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit, mask_vs_zeroed_unit
+from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit, mask_vs_zeroed_unit, unit_coverage
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
 
@@ -25,14 +25,7 @@ def test_units_cover_every_weight_once_and_zeroing_a_unit_equals_masking_its_ent
     x = torch.randn(2, 3, 32, 32)
     m = sppbench.attach_masks(model)
     units = m.family.unit_slices(m)
-    counts = {}
-    for sl in units.values():
-        for s in sl:
-            c = counts.setdefault(id(s.param), torch.zeros_like(s.param))
-            ones = torch.ones(s.gather().shape)
-            tmp = torch.zeros_like(s.param)
-            s.scatter_(tmp, ones)
-            c += tmp
+    counts = unit_coverage(units)
     for c in counts.values():
         assert torch.equal(c, torch.ones_like(c))  # every element of qkv / proj / fc1 / fc2 in exactly one unit
     g = [grp.name for grp in m.groups]

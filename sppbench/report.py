@@ -355,13 +355,13 @@ def _entry_matrix(part, max_step: int):
     padding (layers with fewer entries) -> NaN."""
     import numpy as np
 
+    from .studies import entry_rows
+
     layers = sorted(part["layer"].unique())
-    steps = {layer: np.sort(np.where(g["entry_step"].to_numpy() < 0, max_step + 1, g["entry_step"].to_numpy()))
-             for layer, g in part.groupby("layer")}
-    width = max(len(v) for v in steps.values())
-    mat = np.full((len(layers), width), np.nan)
-    for i, layer in enumerate(layers):
-        mat[i, :len(steps[layer])] = steps[layer]
+    mat = entry_rows([part.loc[part["layer"] == layer, "entry_step"].to_list() for layer in layers]).numpy()
+    mat = mat.astype(float)
+    mat[mat == -1] = max_step + 1
+    mat[mat == -2] = np.nan
     return layers, mat
 
 

@@ -163,17 +163,21 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
     return out
 
 
-def entry_matrix(path: SolutionPath, pool: str) -> tuple[torch.Tensor, list[int]]:
-    """(layers x entries) entry steps of one pool, each layer's entries sorted by entry step (never entered,
-    -1, last); rows padded with -2 where a layer has fewer entries. Returns the matrix and the layer ids."""
-    groups = sorted((g for g in path.groups if g.pool == pool), key=lambda g: (g.tower or "", g.layer))
-    width = max(g.size for g in groups)
-    mat = torch.full((len(groups), width), -2, dtype=torch.long)
-    for i, g in enumerate(groups):
-        e = path.entry_step[g.name].clone()
+def entry_rows(rows) -> torch.Tensor:
+    """Entry steps of several layers as one matrix: each row sorted by entry step with never-entered (-1) last,
+    padded with -2 where a layer has fewer entries."""
+    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in rows]
+    mat = torch.full((len(rows), max(r.numel() for r in rows)), -2, dtype=torch.long)
+    for i, e in enumerate(rows):
         key = torch.where(e < 0, torch.full_like(e, 1 << 30), e)
-        mat[i, :g.size] = e[torch.argsort(key, stable=True)]
-    return mat, [g.layer for g in groups]
+        mat[i, :e.numel()] = e[torch.argsort(key, stable=True)]
+    return mat
+
+
+def entry_matrix(path: SolutionPath, pool: str) -> tuple[torch.Tensor, list[int]]:
+    """(layers x entries) entry steps of one pool (see ``entry_rows``), and the layer ids of the rows."""
+    groups = sorted((g for g in path.groups if g.pool == pool), key=lambda g: (g.tower or "", g.layer))
+    return entry_rows([path.entry_step[g.name] for g in groups]), [g.layer for g in groups]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,14 +12,14 @@ from typing import Sequence
 
 from torch import nn
 
-from . import dynamics, measure
+from . import distributed, dynamics, measure
 from .compress import compress, load_pruned, save_pruned
-from .errors import (BudgetError, DataError, SearchDivergedError, SpecError, SppBenchError,
+from .errors import (BudgetError, ConfigError, DataError, SearchDivergedError, SpecError, SppBenchError,
                      UnsupportedModelError)
 from .families import detect as _detect
 from .masks import MaskedModel, MaskGroup
 from .path import KeepSet, SolutionPath
-from .train import search
+from .train import finetune, search
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ def attach_masks(model: nn.Module, *, input_size: int | Sequence[int] | None = N
 
 
 __all__ = [
-    "attach_masks", "search", "compress", "save_pruned", "load_pruned", "SolutionPath", "KeepSet",
-    "MaskedModel", "MaskGroup", "dynamics", "measure", "SppBenchError", "UnsupportedModelError",
-    "BudgetError", "SearchDivergedError", "SpecError", "DataError", "__version__",
+    "attach_masks", "search", "finetune", "compress", "save_pruned", "load_pruned", "SolutionPath", "KeepSet",
+    "MaskedModel", "MaskGroup", "distributed", "dynamics", "measure", "SppBenchError", "UnsupportedModelError",
+    "BudgetError", "ConfigError", "SearchDivergedError", "SpecError", "DataError", "__version__",
 ]

@@ -6,46 +6,146 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = ("embedded",)
+import torch
+
+EMBEDDED = ("embedded", "embedded-vit", "embedded-swin")
 
 
-def _model(name: str, img_size: int):
-    if name != "embedded":
-        from .errors import UnsupportedModelError
+def _models() -> tuple[str, ...]:
+    from .profiles import PAPER_MODELS
 
+    return EMBEDDED + PAPER_MODELS
+
+
+def _check_model(name: str) -> None:
+    from .errors import UnsupportedModelError
+
+    if name not in _models():
         raise UnsupportedModelError(
-            f"unknown model {name!r}; available here: {', '.join(MODELS)} (the DINOv2 ViT-S/14 Fashion-MNIST "
-            "classifier). From Python, any timm ViT/DeiT works: sppbench.attach_masks(timm.create_model(...))")
-    from .embedded import embedded_classifier
+            f"unknown model {name!r}; available here: {', '.join(EMBEDDED)} (stand-ins that install offline) or "
+            f"a paper model ({', '.join(_models()[len(EMBEDDED):])}) with --data-root /path/to/imagenet. From "
+            "Python, any timm ViT/DeiT/Swin works: sppbench.attach_masks(timm.create_model(...))")
 
-    return embedded_classifier(img_size)
+
+class _Vision:
+    """What search / prune / finetune need of a vision model: the dense model, its input size, its training
+    batches (global batch, sharded per rank) and a test top-1 with its own head."""
+
+    def __init__(self, name: str, img_size: int, data_root: str | None):
+        self.name = name
+        if name in ("embedded", "embedded-vit"):
+            from .data import Batches
+            from .embedded import embedded_classifier
+            from .evaluate import top1
+
+            ec = embedded_classifier(img_size)
+            self.model, self.img_size, self.label = ec.model, img_size, ec.info["label"]
+            self.data = "Fashion-MNIST fit split"
+            self.train_batches = lambda bs, steps, seed, shard=(0, 1): Batches(ec.splits.fit, img_size, bs, steps,
+                                                                               seed=seed, shard=shard)
+            self.test_top1 = lambda model: top1(model, ec.splits.test, img_size)
+            return
+        _check_model(name)
+        from .vision import get_task
+
+        task = get_task(name, data_root or "")
+        self.model, self.img_size, self.label = task.dense, task.img_size, task.label
+        self.data = task.info.get("data", "training split")
+        self.train_batches = task.train_batches
+
+        @torch.no_grad()
+        def test_top1(model):
+            model.eval()
+            dev = next(model.parameters()).device
+            hit = n = 0
+            for x, y in task.loader("test"):
+                hit += int((model(x.to(dev)).argmax(-1).cpu() == y).sum())
+                n += len(y)
+            return hit / max(n, 1)
+
+        self.test_top1 = test_top1
 
 
 def _constants(args) -> dict:
     from .experiments import search_defaults
 
+    _check_model(args.model)
+    if args.model not in ("embedded", "embedded-vit"):
+        missing = [k for k in ("kappa", "alpha", "nu", "lam") if getattr(args, k) is None]
+        if missing:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{args.model}: give the SPP constants {', '.join('--' + k for k in missing)}; tuned "
+                              "defaults exist for the embedded ViT only (choose them on a validation split, see "
+                              "notebooks/60_kappa_lambda.ipynb)")
     d = search_defaults("embedded")["constants"]
     return {k: (getattr(args, k) if getattr(args, k) is not None else d[k]) for k in ("kappa", "alpha", "nu", "lam")}
+
+
+def _device(args):
+    """This process's device: torchrun's rank device (joining its process group), else --device."""
+    from . import distributed as D
+
+    if D.launched():
+        return D.init_from_env()
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _check_global_batch(batch_size: int) -> tuple[int, int]:
+    from . import distributed as D
+    from .errors import ConfigError
+
+    rank, world = D.world()
+    if batch_size < 1 or batch_size % world:
+        raise ConfigError(f"--batch-size is the global batch and must be a positive multiple of the number of "
+                          f"processes ({world}); got {batch_size}")
+    return rank, world
 
 
 def cmd_search(args) -> int:
     import torch.nn.functional as F
 
     from . import attach_masks, search
-    from .data import Batches
+    from . import distributed as D
+    from .errors import OutputExistsError, SearchDivergedError
 
-    ec = _model(args.model, args.img_size)
-    m = attach_masks(ec.model, input_size=(3, args.img_size, args.img_size))
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
+    if out.exists() and not (args.overwrite or args.resume):
+        raise OutputExistsError(f"{out} already exists; choose another --out, pass --overwrite, or --resume to "
+                                f"continue the search whose checkpoint is {ckpt}")
+    if ckpt.exists() and not (args.resume or args.overwrite):
+        raise OutputExistsError(f"{ckpt} holds the state of an interrupted search: pass --resume to continue it, or "
+                                "--overwrite to start over (the checkpoint is then replaced)")
     consts = _constants(args)
-    batches = Batches(ec.splits.fit, args.img_size, args.batch_size, args.steps, seed=args.seed)
-    path = search(m, batches, F.cross_entropy, steps=args.steps, variant=args.variant, seed=args.seed,
-                  log_every=args.log_every, **consts)
-    path.config.update({"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
-                        "data": "Fashion-MNIST fit split", "stand_in": ec.info["label"]})
-    out = path.save(args.out)
-    entered = sum(int((t >= 0).sum()) for t in path.entry_step.values())
-    print(json.dumps({"path": str(out), "steps": args.steps, "entered": entered, **consts,
-                      "seconds": path.config.get("seconds")}))
+    device = _device(args)
+    rank, world = _check_global_batch(args.batch_size)
+    vm = _Vision(args.model, args.img_size, args.data_root)
+    s = vm.img_size
+    m = attach_masks(vm.model, input_size=(3, s, s)).to(device)
+    batches = vm.train_batches(args.batch_size, args.steps, args.seed, shard=(rank, world))
+    run = {"model": args.model, "img_size": s, "global_batch": args.batch_size, "data": vm.data}
+    try:
+        path = search(m, batches, F.cross_entropy, steps=args.steps, variant=args.variant, seed=args.seed,
+                      log_every=args.log_every if D.is_main() else 0, checkpoint=ckpt,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, run=run, **consts)
+    except SearchDivergedError as exc:
+        kept = out.with_name(out.stem + ".diverged.json")
+        if D.is_main() and exc.path is not None:
+            exc.path.save(kept)
+        raise SearchDivergedError(f"{str(exc).rstrip('.')}. Kept: the path up to step {(exc.step or 1) - 1} in {kept}"
+                                  + (f"; the last checkpoint stays in {ckpt}" if ckpt.exists() else ""),
+                                  exc.path, exc.step) from None
+    path.config.update({"model": args.model, "img_size": s, "batch_size": args.batch_size, "data": vm.data,
+                        "stand_in": vm.label if args.model in EMBEDDED else None})
+    if D.is_main():
+        path.save(out)
+        ckpt.unlink(missing_ok=True)  # the path now holds everything the checkpoint did
+        entered = sum(int((t >= 0).sum()) for t in path.entry_step.values())
+        print(json.dumps({"path": str(out), "steps": args.steps, "processes": world, "entered": entered, **consts,
+                          "seconds": path.config.get("seconds")}))
     return 0
 
 
@@ -64,11 +164,39 @@ def cmd_prune(args) -> int:
 
         raise OutputExistsError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
     img_size = int(path.config.get("img_size") or path.info.get("input_size", [3, 56, 56])[-1])
-    ec = _model(path.config.get("model", args.model), img_size)
-    m = attach_masks(ec.model, input_size=(3, img_size, img_size))
+    vm = _Vision(path.config.get("model", args.model), img_size, args.data_root)
+    m = attach_masks(vm.model, input_size=(3, vm.img_size, vm.img_size))
     small = compress(m, keep)
     folder = save_pruned(small, args.out, overwrite=args.overwrite)
     print(json.dumps({"saved": str(folder), **keep.summary()}))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from . import distributed as D
+    from . import load_pruned, save_pruned
+    from .errors import OutputExistsError
+    from .train import finetune
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # before any training: nothing is lost
+        raise OutputExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    model = load_pruned(args.pruned)  # compressed before DDP wraps it
+    device = _device(args)
+    rank, world = _check_global_batch(args.batch_size)
+    vm = _Vision(args.model, args.img_size, args.data_root)
+    model.to(device)
+    before = vm.test_top1(model) if D.is_main() else None
+    batches = vm.train_batches(args.batch_size, args.steps, args.seed + 1000, shard=(rank, world))
+    rec = finetune(model, batches, steps=args.steps, lr=args.lr, seed=args.seed,
+                   log_every=args.log_every if D.is_main() else 0)
+    if D.is_main():
+        after = vm.test_top1(model)
+        save_pruned(model.cpu(), out, overwrite=args.overwrite)
+        print(json.dumps({"saved": str(out), "steps": args.steps, "processes": world, "lr": args.lr,
+                          "test_top1_before": round(before, 4), "test_top1_after": round(after, 4),
+                          "loss_first": rec["losses"][0] if rec["losses"] else None,
+                          "loss_last": rec["losses"][-1] if rec["losses"] else None, "seconds": rec["seconds"]}))
     return 0
 
 
@@ -163,21 +291,41 @@ def cmd_paper_check(args) -> int:
     return 0
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sppbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("search", help="run one SLBI search and save its solution path (JSON)")
-    s.add_argument("--model", default="embedded", help=f"model to search ({', '.join(MODELS)})")
-    s.add_argument("--img-size", type=int, default=56)
-    s.add_argument("--steps", type=int, default=100)
-    s.add_argument("--batch-size", type=int, default=32)
+    s = sub.add_parser("search", help="run one SLBI search and save its solution path (JSON); torchrun-able")
+    s.add_argument("--model", default="embedded",
+                   help="embedded (= embedded-vit), embedded-swin, or a paper model (e.g. deit_small_patch16_224) "
+                        "with --data-root")
+    s.add_argument("--data-root", default=None, help="paper models: the ImageNet folder (else $SPPBENCH_IMAGENET)")
+    s.add_argument("--img-size", type=int, default=56, help="embedded ViT only: input size (multiple of 14)")
+    s.add_argument("--steps", type=_positive(int), default=100)
+    s.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
     for k in ("kappa", "alpha", "nu", "lam"):
-        s.add_argument(f"--{k}", type=float, default=None, help="default: the profile's tuned value")
+        s.add_argument(f"--{k}", type=float, default=None, help="default: the embedded profile's tuned value")
     s.add_argument("--variant", choices=("paper", "official"), default="paper")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--log-every", type=int, default=10)
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--checkpoint", type=Path, default=None, help="search state file (default: OUT.ckpt)")
+    s.add_argument("--checkpoint-every", type=int, default=10, help="write the search state every N steps (0: never)")
+    s.add_argument("--resume", action="store_true", help="continue from --checkpoint (same settings)")
+    s.add_argument("--device", default="auto", help="single process: auto (cuda if present), cpu, cuda:0, ...")
     s.set_defaults(fn=cmd_search)
 
     r = sub.add_parser("prune", help="read a budget off a saved path, compress the model and save it")
@@ -187,10 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", type=int, help="parameter budget")
     g.add_argument("--macs", type=int, help="multiply-adds per sample budget")
     r.add_argument("--readout", choices=("global", "per-layer"), default="global")
-    r.add_argument("--model", default="embedded")
+    r.add_argument("--model", default="embedded", help="used when the path does not name its model")
+    r.add_argument("--data-root", default=None, help="paper models: the ImageNet folder")
     r.add_argument("--out", type=Path, required=True, help="folder for spec.json + model.safetensors")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(fn=cmd_prune)
+
+    f = sub.add_parser("finetune", help="fine-tune a pruned model (the shared recipe) and save it; torchrun-able")
+    f.add_argument("--pruned", type=Path, required=True, help="a folder written by `prune` / save_pruned")
+    f.add_argument("--model", default="embedded", help="whose training data to use (as for search)")
+    f.add_argument("--data-root", default=None)
+    f.add_argument("--img-size", type=int, default=56)
+    f.add_argument("--steps", type=_positive(int), default=100)
+    f.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
+    f.add_argument("--lr", type=_positive(float), default=3e-6,
+                   help="AdamW peak lr (default: chosen on the embedded val split)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--log-every", type=int, default=10)
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(fn=cmd_finetune)
 
     q = sub.add_parser("quickstart", help="the quickstart study: one search, several budgets, a record")
     q.add_argument("--steps", type=int, default=100)
@@ -269,11 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import SppBenchError
 
+    from . import distributed as D
+
     try:
         return args.fn(args)
     except SppBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":

@@ -158,47 +158,78 @@ class Batches:
     """``steps`` shuffled (inputs, labels) batches, epoch after epoch, in a seed-determined order.
 
     Re-iterable (every pass yields the same sequence) and lazy: images are preprocessed per batch.
+    ``shard=(rank, world)``: this process's contiguous 1/world slice of every global batch (data-parallel
+    runs: the union over ranks is exactly the single-process batch). ``iterate(start)`` resumes at batch
+    ``start`` without preprocessing the batches before it.
     """
 
-    def __init__(self, data: ImageSet, size: int, batch_size: int, steps: int, seed: int = 0):
+    def __init__(self, data: ImageSet, size: int, batch_size: int, steps: int, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         if batch_size > len(data):
             raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} images available")
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"the global batch size {batch_size} must be a multiple of the number of processes "
+                             f"({world}); got shard={shard}")
         self.data, self.size, self.batch_size, self.steps, self.seed = data, size, batch_size, steps, seed
+        self.shard = (rank, world)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0):
         g = torch.Generator().manual_seed(self.seed)
         perm, pos = torch.randperm(len(self.data), generator=g), 0
-        for _ in range(self.steps):
+        rank, world = self.shard
+        per = self.batch_size // world
+        for i in range(self.steps):
             if pos + self.batch_size > len(perm):
                 perm, pos = torch.randperm(len(self.data), generator=g), 0
-            rows = perm[pos:pos + self.batch_size]
+            rows = perm[pos:pos + self.batch_size][rank * per:(rank + 1) * per]
             pos += self.batch_size
-            yield preprocess(self.data.images[rows], self.size), self.data.labels[rows]
+            if i >= start:
+                yield preprocess(self.data.images[rows], self.size), self.data.labels[rows]
 
 
 class StepBatches:
-    """A re-iterable of exactly ``steps`` batches: ``epoch(seed)`` yields one pass (a fresh shuffle each call,
-    drawn from one generator seeded by ``seed``), and passes are chained until ``steps`` batches were given."""
+    """A re-iterable of exactly ``steps`` batches: ``epoch(gen)`` yields one pass (a fresh shuffle each call,
+    drawn from one generator seeded by ``seed``), and passes are chained until ``steps`` batches were given.
 
-    def __init__(self, epoch, steps: int, seed: int):
-        self.epoch, self.steps, self.seed = epoch, steps, seed
+    ``epoch_len``: batches per pass, given when ``epoch(gen, skip=k)`` can skip its first k batches without
+    loading them (it must still draw its shuffle from ``gen``); then ``iterate(start)`` resumes at batch
+    ``start`` cheaply. Without it, resuming loads and drops the batches before ``start``.
+    """
+
+    def __init__(self, epoch, steps: int, seed: int, epoch_len: int | None = None):
+        self.epoch, self.steps, self.seed, self.epoch_len = epoch, steps, seed, epoch_len
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0):
         g = torch.Generator().manual_seed(self.seed)
-        n = 0
+        n, skip = 0, 0
+        if start and self.epoch_len:
+            while start - n >= self.epoch_len:  # whole passes: draw their shuffles, load nothing
+                for _ in self.epoch(g, skip=self.epoch_len):
+                    pass
+                n += self.epoch_len
+            skip, n = start - n, start
         while n < self.steps:
             got = False
-            for batch in self.epoch(g):
+            for batch in (self.epoch(g, skip=skip) if skip else self.epoch(g)):
                 got = True
-                yield batch
+                if n >= start:
+                    yield batch
                 n += 1
                 if n == self.steps:
                     return
-            if not got:
+            if not got and not skip:
                 raise ValueError("an epoch yielded no batch: the data holds fewer items than one batch")
+            skip = 0

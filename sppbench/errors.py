@@ -37,3 +37,8 @@ class DataError(SppBenchError, FileNotFoundError):
 
 class OutputExistsError(SppBenchError, FileExistsError):
     """An output folder already holds results; nothing is overwritten unless asked."""
+
+
+class ConfigError(SppBenchError, ValueError):
+    """Settings that cannot work together (a notebook parameter of the wrong type, a batch that does not
+    split across processes, missing constants)."""

@@ -108,12 +108,24 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
     sets = {"val": Subset(train_eval, val_idx), "refit": Subset(train_eval, refit_idx), "test": test}
     train_part = Subset(train, train_idx)
 
-    def train_batches(batch_size: int, steps: int, seed: int):
-        def epoch(gen):
-            yield from DataLoader(train_part, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True,
-                                  num_workers=workers)
+    def train_batches(batch_size: int, steps: int, seed: int, shard: tuple[int, int] = (0, 1)):
+        """Shuffled global batches of ``batch_size`` (drop last); ``shard=(rank, world)`` loads only this
+        process's contiguous slice of each, so the union over ranks is the single-process batch."""
+        rank, world = shard
+        if batch_size % world:
+            raise ValueError(f"the global batch size {batch_size} must be a multiple of the number of processes "
+                             f"({world})")
+        per = batch_size // world
+        n_batches = len(train_part) // batch_size
 
-        return StepBatches(epoch, steps, seed)
+        def epoch(gen, skip: int = 0):
+            perm = torch.randperm(len(train_part), generator=gen)
+            rows = [perm[i * batch_size + rank * per:i * batch_size + (rank + 1) * per].tolist()
+                    for i in range(skip, n_batches)]
+            if rows:
+                yield from DataLoader(train_part, batch_sampler=rows, num_workers=workers)
+
+        return StepBatches(epoch, steps, seed, epoch_len=n_batches)
 
     def loader(split: str):
         return DataLoader(sets[split], batch_size=eval_batch, shuffle=False, num_workers=workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -34,12 +35,21 @@ def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: Callable) -> torch
 
 
 class _Cycle:
-    """Iterate batches for as many steps as asked, re-iterating a re-iterable when it runs out."""
+    """Iterate batches for as many steps as asked, re-iterating a re-iterable when it runs out.
 
-    def __init__(self, batches: Iterable):
+    ``start``: begin at batch ``start`` of the sequence (a resumed search); batch sources with an
+    ``iterate(start)`` method skip cheaply, others are read and dropped up to ``start``.
+    """
+
+    def __init__(self, batches: Iterable, start: int = 0):
         self.batches = batches
-        self.it = iter(batches)
         self.reiterable = not hasattr(batches, "__next__")  # a list / DataLoader, not a one-shot iterator
+        if start and hasattr(batches, "iterate"):
+            self.it = batches.iterate(start)
+        else:
+            self.it = iter(batches)
+            for _ in range(start):
+                next(self)
 
     def __next__(self):
         try:
@@ -53,6 +63,93 @@ class _Cycle:
                 return next(self.it)
             except StopIteration:
                 raise ValueError("batches is empty: pass at least one (inputs, target) batch") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Search checkpoints (resume)
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "sppbench.search-state/1"
+# what must agree between a checkpoint and the search resuming from it (steps may grow)
+_MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "seed", "record_every")
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_search_state(file, m: MaskedModel, opt: SLBI, step: int, history: list, config: dict, seconds: float) -> None:
+    """Everything a search needs to continue exactly: masks, SLBI state (V, Gamma, entry and support steps),
+    the loss history, RNG states and the data position (= batches consumed = ``step``); written atomically."""
+    import io
+
+    from .fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "step": step, "data_position": step, "config": config,
+                "groups": {g.name: g.size for g in m.groups},
+                "masks": {n: p.detach().cpu() for n, p in m.mask_parameters().items()},
+                "optimizer": opt.state_dict(), "history": history, "rng": _rng_state(), "seconds": seconds}, buf)
+    atomic_write_bytes(file, buf.getvalue())
+
+
+def load_search_state(file) -> dict:
+    """A checkpoint written by ``save_search_state``, or a SpecError saying what is wrong with it."""
+    from pathlib import Path
+
+    from .errors import SpecError
+
+    file = Path(file)
+    if not file.is_file():
+        raise SpecError(f"no search checkpoint at {file}; run without --resume to start the search")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / not a torch file / unpickling refused
+        raise SpecError(f"{file} is not a readable search checkpoint ({type(exc).__name__}: {exc}); it may be "
+                        "truncated or from another program: move it away and rerun without --resume") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SpecError(f"{file} is not a sppbench search checkpoint (format "
+                        f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, expected "
+                        f"{CHECKPOINT_FORMAT!r}); move it away and rerun without --resume")
+    return state
+
+
+def _check_resumable(state: dict, file, m: MaskedModel, config: dict) -> None:
+    from .errors import SpecError
+
+    theirs = state["config"]
+    diff = {k: (theirs.get(k), config.get(k)) for k in (*_MUST_MATCH, "run") if theirs.get(k) != config.get(k)}
+    if diff:
+        what = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise SpecError(f"{file} was written by a different search ({what}); resume with the same settings, or "
+                        "move the checkpoint away to start a new search")
+    mine = {g.name: g.size for g in m.groups}
+    if state["groups"] != mine:
+        raise SpecError(f"{file} belongs to a model with other mask groups ({len(state['groups'])} groups vs "
+                        f"{len(mine)} here); resume with the model it was written for")
+    if state["step"] > config["steps"]:
+        raise SpecError(f"{file} is at step {state['step']}, beyond the {config['steps']} steps asked; ask for at "
+                        f"least {state['step']} steps")
 
 
 def _snapshot(m: MaskedModel, opt: SLBI, history: list[dict], config: dict) -> SolutionPath:
@@ -77,7 +174,9 @@ def _record(m: MaskedModel, opt: SLBI, step: int, loss: float) -> dict:
 
 def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, kappa: float, alpha: float,
            nu: float, lam: float, variant: str = "paper", seed: int = 0, record_every: int = 1,
-           log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None) -> SolutionPath:
+           log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None,
+           checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+           run: dict | None = None, distributed: bool | None = None) -> SolutionPath:
     """Run one SLBI search on the masks of ``m`` (weights frozen) and return its solution path.
 
     batches: re-iterable (or long enough iterator) of ``(inputs, target)``; ``loss_fn(output, target)``
@@ -85,11 +184,25 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     depends only on the data order and the constants. Masks start at 1 and are reset to 1 at the end
     (the final M is in ``path.M``). A NaN / inf loss raises SearchDivergedError whose ``.path`` is
     the path at the last finite step.
+
+    checkpoint / checkpoint_every: write the full search state to ``checkpoint`` every N steps (atomically;
+    rank 0 only). resume: continue from that file (same constants, seed and ``run``; the path equals an
+    uninterrupted run's). run: what else identifies the search (model, global batch, data), checked on
+    resume and stored in the path's config. distributed: wrap in DistributedDataParallel (default: when
+    a process group of more than one process is active); ``batches`` then yields this rank's slice of
+    every global batch, and the SLBI state is checked to be identical on every rank at the end.
     """
+    from . import distributed as D
+
     if not isinstance(m, MaskedModel):
         raise TypeError("search() takes the MaskedModel returned by sppbench.attach_masks(model)")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+    if (resume or checkpoint_every) and checkpoint is None:
+        raise ValueError("resume / checkpoint_every need checkpoint=<file>")
+    use_ddp = D.active() if distributed is None else bool(distributed)
     torch.manual_seed(seed)
     masks = m.mask_parameters()
     weights = list(m.weight_parameters())
@@ -97,46 +210,70 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     was_training = m.training
     device = next(iter(masks.values())).device
     config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
-              "steps": steps, "seed": seed, "record_every": record_every}
+              "steps": steps, "seed": seed, "record_every": record_every,
+              **({"run": dict(run)} if run is not None else {}),
+              **({"processes": D.world()[1]} if use_ddp else {})}
     m.reset_masks()
     opt = SLBI(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant)
     history: list[dict] = []
-    data = _Cycle(batches)
+    start, before = 0, 0.0
+    if resume:
+        state = load_search_state(checkpoint)
+        _check_resumable(state, checkpoint, m, config)
+        with torch.no_grad():
+            for n, p in masks.items():
+                p.copy_(state["masks"][n].to(p.device, p.dtype))
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        _set_rng_state(state["rng"])
+        start, before = int(state["step"]), float(state["seconds"])
+        config["resumed_at"] = [*state["config"].get("resumed_at", []), start]
+    data = _Cycle(batches, start=start)
     t0 = time.perf_counter()
+
+    def snapshot(done: int) -> SolutionPath:
+        return _snapshot(m, opt, history, {**config, "steps": done})
+
     try:
         for p in weights:
             p.requires_grad_(False)
         for p in masks.values():
             p.requires_grad_(True)
         m.eval()
-        for step in range(1, steps + 1):
+        net = D.wrap(m, device) if use_ddp else m
+        for step in range(start + 1, steps + 1):
             batch = to_device(next(data), device)
-            loss = forward_loss(m, batch, loss_fn)
-            value = float(loss.detach())
+            loss = forward_loss(net, batch, loss_fn)
+            value = D.mean_scalar(loss) if use_ddp else float(loss.detach())  # every rank stops together
             if not math.isfinite(value):
                 raise SearchDivergedError(
                     f"the loss is {value} at step {step} (kappa={kappa}, alpha={alpha}, nu={nu}, lam={lam}): "
                     "the search diverged; lower kappa*alpha or check the data. The error's .path holds the "
-                    f"path after step {step - 1}.", path=_snapshot(m, opt, history, {**config, "steps": step - 1}),
-                    step=step)
+                    f"path after step {step - 1}.", path=snapshot(step - 1), step=step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             try:
                 opt.step()
             except SearchDivergedError as exc:
-                exc.path = _snapshot(m, opt, history, {**config, "steps": step - 1})
+                exc.path = snapshot(step - 1)
                 exc.step = step
                 raise
             if step % record_every == 0 or step == steps:
                 history.append(_record(m, opt, step, value))
             if callback is not None:
                 callback(step, value, opt)
+            if checkpoint_every and step % checkpoint_every == 0 and step < steps and D.is_main():
+                save_search_state(checkpoint, m, opt, step, history, config,
+                                  before + time.perf_counter() - t0)
             if log_every and (step % log_every == 0 or step == steps):
                 sup = history[-1]["support_pool"] if history else {}
                 print(f"[search] step {step}/{steps} loss {value:.4f} support {sup} "
                       f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
-        config["seconds"] = round(time.perf_counter() - t0, 3)
-        return _snapshot(m, opt, history, config)
+        if use_ddp:
+            st = [opt._state(p) for p in masks.values()]
+            D.check_replicas([*masks.values(), *(s["V"] for s in st), *(s["entry_step"] for s in st)])
+        config["seconds"] = round(before + time.perf_counter() - t0, 3)
+        return snapshot(steps)
     finally:
         for p, rg in zip(weights, saved_grad):
             p.requires_grad_(rg)
@@ -160,7 +297,7 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
              warmup_steps: int = FINETUNE_DEFAULTS["warmup_steps"],
              label_smoothing: float = FINETUNE_DEFAULTS["label_smoothing"],
              grad_clip: float = FINETUNE_DEFAULTS["grad_clip"], seed: int = 0, log_every: int = 0,
-             loss_fn: Callable | None = None) -> dict:
+             loss_fn: Callable | None = None, distributed: bool | None = None) -> dict:
     """The one fine-tuning recipe every compared method gets: AdamW, linear warmup then cosine to 0,
     cross-entropy with label smoothing, gradient-norm clipping; every parameter trained, in place.
 
@@ -168,7 +305,13 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     cross-entropy (e.g. ``sppbench.clip.contrastive_loss``). Returns the settings and the loss history (a
     record of exactly what was done). A NaN / inf loss stops with SearchDivergedError and leaves
     the model at its last finite step.
+
+    distributed: train through DistributedDataParallel (default: inside a process group of more than one
+    process); pass the already compressed model, and batches that yield this rank's slice of each global
+    batch. Every rank ends with the same weights.
     """
+    from . import distributed as D
+
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     settings = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
@@ -199,11 +342,15 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     t0 = time.perf_counter()
     if loss_fn is None:
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    use_ddp = D.active() if distributed is None else bool(distributed)
+    if use_ddp:
+        settings["processes"] = D.world()[1]
+    net = D.wrap(model, device) if use_ddp else model
     try:
         for step in range(steps):
             batch = to_device(next(data), device)
-            loss = forward_loss(model, batch, loss_fn)
-            value = float(loss.detach())
+            loss = forward_loss(net, batch, loss_fn)
+            value = D.mean_scalar(loss) if use_ddp else float(loss.detach())
             if not math.isfinite(value):
                 raise SearchDivergedError(f"fine-tuning loss is {value} at step {step + 1}; lower lr (was {lr})",
                                           step=step + 1)

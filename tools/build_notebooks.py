@@ -61,6 +61,8 @@ n_val = 200  # validation images (training split) for the read-out choice
 n_test = 500  # test images for reporting
 n_refit = 300  # training images for the head re-fit
 finetune_steps = 10  # shared fine-tune: AdamW + cosine, batch 32
+data_root = ""  # paper models (deit_*, swin_tiny_*): the ImageNet folder (else $SPPBENCH_IMAGENET)
+constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
 seed = 0""", ["parameters"]),
     code("""import matplotlib.pyplot as plt
 import pandas as pd
@@ -79,7 +81,8 @@ results = {}
 for model in models:
     cfg = VisionTableConfig(model=model, methods=tuple(available), macs_fractions=tuple(macs_fractions), steps=steps,
                             random_seeds=random_seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
-                            n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, seed=seed)
+                            n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, seed=seed,
+                            data_root=data_root, **constants.get(model, {}))
     results[model] = run_vision_table(cfg)""", IGNORE),
     code("""# Ours: one row per model x method x budget (mean over seeds; *_sd = spread over seeds, 0 for one seed)
 for model, res in results.items():
@@ -172,6 +175,7 @@ n_test = 300  # test images, 5 captions each
 refit_steps = 200  # projection re-fit steps
 finetune_steps = 0  # shared contrastive fine-tune steps (0 = skip)
 data_root = ""  # paper models: the COCO or Flickr30K folder
+constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
 seed = 0""", ["parameters"]),
     code("""import json
 
@@ -186,7 +190,7 @@ pd.set_option("display.max_columns", 40)
 cfg = ClipTableConfig(model=model, methods=tuple(methods), macs_fractions=tuple(macs_fractions),
                       budget_towers=budget_towers, steps=steps, lasso_trials=lasso_trials, random_seeds=random_seeds,
                       readout=readout, n_val=n_val, n_test=n_test, refit_steps=refit_steps,
-                      finetune_steps=finetune_steps, data_root=data_root, seed=seed)
+                      finetune_steps=finetune_steps, data_root=data_root, seed=seed, **constants.get(model, {}))
 res = run_clip_table(cfg)
 table = res["table"]
 print(res["info"]["label"])""", IGNORE),
@@ -612,20 +616,48 @@ print("the index names every file written:", all(p.name in index for p in tables
 ]
 
 
+def check_cell(params_source: str):
+    """The cell after the parameters: a papermill value of the wrong type stops the notebook here, saying what
+    to pass (sppbench.notebook.check_params); the types come from the defaults."""
+    import ast
+
+    from sppbench.notebook import spec_of
+
+    specs = {}
+    for node in ast.parse(params_source).body:
+        specs[node.targets[0].id] = spec_of(ast.literal_eval(node.value))
+    return code("# Parameter types: a papermill value of the wrong type stops here, saying what to pass\n"
+                "from sppbench.notebook import check_params\n\n"
+                f"check_params(globals(), {json.dumps(specs)})", IGNORE)
+
+
 def build(name: str) -> Path:
+    """Write the notebook without outputs, except that a code cell whose source is unchanged keeps the stored
+    outputs it had (run `store` after changing a check cell)."""
+    out = ROOT / "notebooks" / f"{name}.ipynb"
+    old = {}
+    if out.is_file():
+        for c in json.loads(out.read_text())["cells"]:
+            if c["cell_type"] == "code" and c.get("outputs"):
+                old["".join(c["source"])] = (c["outputs"], c.get("execution_count"))
     cells = []
+    defs = []
     for kind, tags, text in NOTEBOOKS[name]:
+        defs.append((kind, tags, text))
+        if "parameters" in tags:
+            defs.append(check_cell(text))
+    for kind, tags, text in defs:
         lines = text.splitlines(keepends=True)
         cell = {"cell_type": kind, "metadata": {"tags": tags} if tags else {}, "source": lines}
         if kind == "code":
-            cell.update(execution_count=None, outputs=[])
+            outputs, count = old.get(text, ([], None))
+            cell.update(execution_count=count, outputs=outputs)
         cells.append(cell)
     nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
                                                       "name": "python3"}, "language_info": {"name": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
     for i, c in enumerate(nb["cells"]):
         c["id"] = f"{name[:2]}-{i:02d}"
-    out = ROOT / "notebooks" / f"{name}.ipynb"
     out.write_text(json.dumps(nb, indent=1) + "\n")
     return out
 

@@ -210,10 +210,19 @@ class _Stop(Exception):
     pass
 
 
+def _layers_parent(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    for mod in model.modules():
+        if any(child is layers for child in mod.children()):
+            return mod
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot find the module holding the decoder layers")
+
+
 @torch.no_grad()
-def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int) -> list:
+def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int,
+                        device: torch.device | None = None) -> list:
     """(hidden_states, kwargs) entering layer 0 for each calibration batch (a pre-hook records them and stops
-    the forward there)."""
+    the forward there). With ``device``, the modules before the layers (embeddings, rotary tables) are moved
+    there for this and moved back; the layers stay where they are."""
     got = []
 
     def hook(module, args, kwargs):
@@ -223,8 +232,12 @@ def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tens
         raise _Stop
 
     h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    parts = [c for c in _layers_parent(model, layers).children() if c is not layers] if device != home else []
     try:
+        for part in parts:
+            _place(part, device)
         for i in range(0, len(ids), batch_size):
             try:
                 model(ids[i:i + batch_size].to(device), use_cache=False)
@@ -232,7 +245,14 @@ def _first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tens
                 pass
     finally:
         h.remove()
+        for part in parts:
+            _place(part, home)
     return got
+
+
+def _place(module: nn.Module, device: torch.device) -> None:
+    """Move a module (one decoder layer, or the embeddings) to ``device``: the one place layers travel."""
+    module.to(device)
 
 
 def _run_layer(layer: nn.Module, inputs: list) -> list:
@@ -261,13 +281,17 @@ class LLMPruneResult:
 
 @torch.no_grad()
 def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: torch.Tensor | None = None, *,
-              batch_size: int = 8, spp: dict | None = None, progress: Callable[[str], None] | None = None
-              ) -> LLMPruneResult:
+              batch_size: int = 8, spp: dict | None = None, progress: Callable[[str], None] | None = None,
+              device: str | torch.device | None = None) -> LLMPruneResult:
     """Prune every Linear of every decoder layer of ``model`` in place (weights zeroed), layer by layer.
 
     ``calib_ids`` (n, seqlen) are the calibration windows (not needed by ``magnitude``). Each layer's
     statistics come from the outputs of the already-pruned layers before it; one layer's activations
     are held at a time. Returns per-Linear target and measured sparsity.
+
+    device: where the work happens when the model is kept elsewhere (e.g. the model in CPU memory, ``"cuda"``):
+    the embeddings visit it once, then each decoder layer is moved there, pruned, and moved back, so the
+    device holds one layer, its Gram / SLBI state and the calibration activations (``llm_memory``).
     """
     if method not in LLM_METHODS:
         raise UnsupportedModelError(f"unknown LLM pruning method {method!r}; use one of {LLM_METHODS}")
@@ -291,8 +315,12 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
         if method != "magnitude":
             if calib_ids is None:
                 raise ValueError(f"{method} needs calibration token windows (calib_ids)")
-            inputs = _first_layer_inputs(model, layers, calib_ids, batch_size)
+            inputs = _first_layer_inputs(model, layers, calib_ids, batch_size, device)
+        home = next(model.parameters()).device
+        dev = home if device is None else torch.device(device)
         for li, layer in enumerate(layers):
+            if dev != home:
+                _place(layer, dev)
             lins = layer_linears(layer)
             stats: dict[str, dict] = {n: {"tokens": 0} for n in lins}
             hooks = []
@@ -349,8 +377,37 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                                    "zeros": zeros, "target": pat.sparsity, "sparsity": zeros / W.numel(), **extra})
             if inputs is not None and li + 1 < len(layers):
                 inputs = _run_layer(layer, inputs)  # the next layer sees this layer's pruned outputs
+            if dev != home:
+                _place(layer, home)
             log(f"{method} {pat.name}: layer {li + 1}/{len(layers)} done ({time.perf_counter() - t0:.1f}s)")
     finally:
         model.train(was)
     res.seconds = round(time.perf_counter() - t0, 2)
     return res
+
+
+def llm_memory(hidden: int, intermediate: int, layers: int, *, heads: int, kv_heads: int | None = None,
+               vocab: int = 32000, n_samples: int = 128, seqlen: int = 2048, weight_bytes: int = 2,
+               act_bytes: int = 2, method: str = "spp-ria") -> dict:
+    """Estimated memory (GiB) of ``prune_llm(..., device=...)`` on a LLaMA-style model: the whole model in host
+    memory; on the device one decoder layer, the calibration activations entering and leaving it, and the
+    per-Linear statistics (Wanda / RIA: a column norm; SPP-RIA: a float32 Gram matrix per distinct input and
+    the float32 SLBI state of the largest Linear: M, V, Gamma, gradient)."""
+    kv = kv_heads or heads
+    head_dim = hidden // heads
+    attn = hidden * hidden * 2 + hidden * kv * head_dim * 2  # q, o + k, v
+    mlp = 3 * hidden * intermediate
+    layer_params = attn + mlp
+    total = layers * layer_params + 2 * vocab * hidden
+    gib = 1024 ** 3
+    acts = 2 * n_samples * seqlen * hidden * act_bytes  # inputs and outputs of one layer
+    if method == "spp-ria":
+        stats = 4 * (3 * hidden * hidden + intermediate * intermediate)  # q/k/v, o, gate/up, down inputs
+        stats += 4 * 4 * hidden * intermediate  # SLBI state of the largest Linear (one at a time)
+    elif method in ("wanda", "ria"):
+        stats = 4 * (3 * hidden + intermediate)
+    else:
+        stats = 0
+    return {"host_gib": round(total * weight_bytes / gib, 2), "layer_gib": round(layer_params * weight_bytes / gib, 2),
+            "activations_gib": round(acts / gib, 2), "statistics_gib": round(stats / gib, 2),
+            "device_gib": round((layer_params * weight_bytes + acts + stats) / gib, 2)}

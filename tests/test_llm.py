@@ -166,3 +166,40 @@ def test_outlier_channels_diverge_unclipped_and_stay_finite_clipped_or_precondit
         spp_path(W, G, clip=None, **kw)
     for p in (spp_path(W, G, **kw), spp_path(W, G, clip=None, precondition=True, **kw)):
         assert torch.isfinite(p["M"]).all() and all(v == v for v in p["losses"])
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_offload_moves_one_layer_at_a_time_and_prunes_identically(family, monkeypatch):
+    """device='cpu:0' differs from the model's 'cpu' but computes on the CPU: the offload path runs for real.
+    The embeddings visit the device once and come back; then each layer goes there and back before the next."""
+    import sppbench.llm as L
+
+    base = MODELS[family]()
+    ref, moved = copy.deepcopy(base), copy.deepcopy(base)
+    prune_llm(ref, "ria", 0.5, ids())
+    layers, _ = decoder_layers(moved)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    log, real = [], L._place
+
+    def place(module, device):
+        log.append((index.get(id(module), "other"), str(device)))
+        real(module, device)
+
+    monkeypatch.setattr(L, "_place", place)
+    prune_llm(moved, "ria", 0.5, ids(), device="cpu:0")
+    others = [e for e in log if e[0] == "other"]
+    assert others and len(others) % 2 == 0 and {d for _, d in others} == {"cpu:0", "cpu"}
+    layer_moves = [e for e in log if e[0] != "other"]
+    assert layer_moves == [m for i in range(len(layers)) for m in ((i, "cpu:0"), (i, "cpu"))]
+    for (n, a), b in zip(ref.state_dict().items(), moved.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_memory_estimate_grows_with_calibration_and_gram_state():
+    from sppbench.llm import llm_memory
+
+    small = llm_memory(4096, 11008, 32, heads=32, n_samples=64)
+    big = llm_memory(4096, 11008, 32, heads=32, n_samples=128)
+    assert big["activations_gib"] == pytest.approx(2 * small["activations_gib"], rel=0.01)
+    assert llm_memory(4096, 11008, 32, heads=32, method="ria")["statistics_gib"] < big["statistics_gib"]
+    assert 12 < big["host_gib"] < 13.5  # LLaMA-2-7B in fp16: 6.7e9 parameters x 2 bytes

@@ -48,13 +48,19 @@ def cli(*args, nproc: int = 1, cwd=None, timeout: int = 600) -> subprocess.Compl
     return subprocess.run([*head, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
 
 
-def test_torchrun_two_processes_give_the_one_process_path(tmp_path):
-    one = cli(*SEARCH, "--out", tmp_path / "one.json")
+@pytest.fixture(scope="module")
+def one_process_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "one.json"
+    res = cli(*SEARCH, "--out", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_torchrun_two_processes_give_the_one_process_path(tmp_path, one_process_path):
     two = cli(*SEARCH, "--out", tmp_path / "two.json", nproc=2)
-    assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads(two.stdout.strip().splitlines()[-1])["processes"] == 2
-    a, b = SolutionPath.load(tmp_path / "one.json"), SolutionPath.load(tmp_path / "two.json")
+    a, b = SolutionPath.load(one_process_path), SolutionPath.load(tmp_path / "two.json")
     assert b.config["run"] == a.config["run"] and b.config["processes"] == 2
     entered = sorted({int(t) for g in a.entry_step.values() for t in g.tolist() if t >= 0})
     assert len(entered) > 3  # entries enter at several different steps: the comparison has teeth
@@ -104,9 +110,8 @@ def test_search_keeps_what_is_written(tmp_path):
     assert res.returncode == 2 and "expected a positive int" in res.stderr
 
 
-def test_prune_then_two_process_finetune(tmp_path):
-    assert cli(*SEARCH, "--out", tmp_path / "p.json").returncode == 0
-    res = cli("prune", "--path", tmp_path / "p.json", "--fraction", "0.5", "--out", tmp_path / "small")
+def test_prune_then_two_process_finetune(tmp_path, one_process_path):
+    res = cli("prune", "--path", one_process_path, "--fraction", "0.5", "--out", tmp_path / "small")
     assert res.returncode == 0, res.stderr[-2000:]
     res = cli("finetune", "--pruned", tmp_path / "small", "--steps", "3", "--batch-size", "16", "--lr", "1e-5",
               "--out", tmp_path / "tuned", nproc=2)

@@ -188,6 +188,8 @@ def cmd_finetune(args) -> int:
     model.to(device)
     before = vm.test_top1(model) if D.is_main() else None
     batches = vm.train_batches(args.batch_size, args.steps, args.seed + 1000, shard=(rank, world))
+    # a NaN / inf loss stops with SearchDivergedError; nothing is saved then (the weights at that step already
+    # give a non-finite loss) and --out is left as it was
     rec = finetune(model, batches, steps=args.steps, lr=args.lr, seed=args.seed,
                    log_every=args.log_every if D.is_main() else 0)
     if D.is_main():

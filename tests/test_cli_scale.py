@@ -125,3 +125,6 @@ def test_prune_then_two_process_finetune(tmp_path, one_process_path):
     assert res.returncode == 2 and "already exists" in res.stderr
     res = cli("finetune", "--pruned", tmp_path / "nothing", "--steps", "1", "--out", tmp_path / "t2")
     assert res.returncode == 2 and "not a pruned model folder" in res.stderr
+    res = cli("finetune", "--pruned", tmp_path / "small", "--steps", "3", "--lr", "1e6", "--out", tmp_path / "t3")
+    assert res.returncode == 2 and "fine-tuning loss is nan" in res.stderr and "lower lr" in res.stderr
+    assert not (tmp_path / "t3").exists()

@@ -239,6 +239,7 @@ def lab(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark figures (search step vs plain step)."""
+    """Performance figures: `nox -s bench` = all of them; `nox -s bench -- latency --latency-repeats 40` = one."""
     _install(session)
-    session.run("python", "-m", "sppbench", "bench", "search-step", *session.posargs, env=_env(session))
+    _ensure_fashion_mnist(session)
+    session.run("python", "-m", "sppbench", "bench", *(session.posargs or ["all"]), env=_env(session))

@@ -157,7 +157,7 @@ def cmd_prune(args) -> int:
                if v is not None}
     # fail on a bad path, budget or output folder before building the model
     path = SolutionPath.load(args.path)
-    keep = path.keep(**budgets, readout=args.readout)
+    keep = path.keep(**budgets, readout=args.readout, **({"round_to": args.round_to} if args.round_to > 1 else {}))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         from .errors import OutputExistsError
@@ -212,13 +212,46 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import search_step
+def _print_bench(res: dict) -> None:
+    print(f"== {res['figure']}")
+    for k, v in res.items():
+        if k in ("figure", "rows", "settings"):
+            continue
+        print(f"   {k}: {round(v, 4) if isinstance(v, float) else v}")
+    if res.get("rows"):
+        import pandas as pd
 
-    if args.what == "search-step":
-        res = search_step(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                          img_size=args.img_size, threads=args.threads)
-        print(json.dumps(res, indent=1))
+        print(pd.DataFrame(res["rows"]).to_string(index=False))
+    print(f"   settings: {json.dumps(res['settings'])}")
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    what = ["search-step", "family-cost", "latency", "llm-step", "llm-time"] if args.what == "all" else [args.what]
+    results = {}
+    for w in what:
+        if w == "search-step":
+            res = bench.search_step(batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
+                                    img_size=args.img_size)
+        elif w == "family-cost":
+            res = bench.family_cost(steps=args.search_steps, lasso_trials=args.lasso_trials)
+        elif w == "latency":
+            res = bench.latency(repeats=args.latency_repeats, steps=args.search_steps, round_to=tuple(args.round_to))
+        elif w == "llm-step":
+            res = bench.llm_step()
+        else:
+            res = bench.llm_time()
+        results[w] = res
+        _print_bench(res)
+    if args.json:
+        from .fileio import atomic_write_text
+        from .results import dumps
+
+        atomic_write_text(args.json, dumps(results))
+        print(f"written: {args.json}")
     return 0
 
 
@@ -337,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", type=int, help="parameter budget")
     g.add_argument("--macs", type=int, help="multiply-adds per sample budget")
     r.add_argument("--readout", choices=("global", "per-layer"), default="global")
+    r.add_argument("--round-to", type=_positive(int), default=1,
+                   help="with --params / --macs: kept widths in multiples of this (e.g. 8; faster kernels)")
     r.add_argument("--model", default="embedded", help="used when the path does not name its model")
     r.add_argument("--data-root", default=None, help="paper models: the ImageNet folder")
     r.add_argument("--out", type=Path, required=True, help="folder for spec.json + model.safetensors")
@@ -421,13 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output folder (default: the records folder's parent)")
     r.set_defaults(fn=cmd_report)
 
-    b = sub.add_parser("bench", help="print benchmark figures")
-    b.add_argument("what", choices=("search-step",))
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--img-size", type=int, default=56)
-    b.add_argument("--threads", type=int, default=None)
+    b = sub.add_parser("bench", help="print the performance figures (issue 8) with their settings")
+    b.add_argument("what", choices=("all", "search-step", "family-cost", "latency", "llm-step", "llm-time"))
+    b.add_argument("--batch-size", type=_positive(int), default=32, help="search-step: batch")
+    b.add_argument("--steps", type=_positive(int), default=5, help="search-step: steps per timed block")
+    b.add_argument("--repeats", type=_positive(int), default=5, help="search-step: timed blocks")
+    b.add_argument("--img-size", type=_positive(int), default=56)
+    b.add_argument("--search-steps", type=_positive(int), default=30, help="family-cost / latency: search length")
+    b.add_argument("--lasso-trials", type=_positive(int), default=1, help="family-cost: Lasso runs per budget")
+    b.add_argument("--latency-repeats", type=_positive(int), default=20)
+    b.add_argument("--round-to", type=_positive(int), nargs="+", default=[1, 8], help="latency: SPP width rounding")
+    b.add_argument("--threads", type=_positive(int), default=None)
+    b.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -81,3 +81,162 @@ def search_step(batch_size: int = 32, steps: int = 5, repeats: int = 5, img_size
                      "batch_size": batch_size, "steps_per_block": steps, "repeats": repeats,
                      "threads": torch.get_num_threads(), "torch": torch.__version__, "device": "cpu"},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue-8 figures: family cost, compressed latency vs MACs, LLM step cost
+# ---------------------------------------------------------------------------------------------
+def _settings(**kw) -> dict:
+    import platform
+
+    from .results import environment
+
+    env = environment()
+    return {**kw, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": env["cpu"],
+            "cpu_count": env["cpu_count"], "python": platform.python_version()}
+
+
+def family_cost(fractions=(0.9, 0.7, 0.5, 0.4, 0.3), steps: int = 30, batch_size: int = 32,
+                lasso_trials: int = 1) -> dict:
+    """Wall time of a budget family: SPP's one search (read at every budget) / Lasso's per-budget searches of
+    the same steps and batches, on the embedded ViT. ``lasso_trials`` Lasso runs per budget (1 = one run at its
+    calibrated lambda; more = the bisection that finds each budget's lambda)."""
+    from . import methods
+    from .studies import _attach, _dense_macs, _spp, _task
+
+    task = _task("embedded-vit", 10, 10, 10)
+    spp = _spp("embedded-vit")
+    m = _attach(task.dense, task)
+    try:
+        dense = _dense_macs(m)
+        family = [{"macs": int(f * dense)} for f in fractions]
+        batches = task.train_batches(batch_size, steps, 0)
+        path = methods.ranking("spp", m, batches, F.cross_entropy, steps=steps, seed=0, spp=spp)
+        for b in family:  # reading every budget off the path is part of SPP's cost
+            path.keep(**b)
+        t_spp = path.config["seconds"]
+        lasso = methods.prune("lasso", m, family, batches=batches, loss_fn=F.cross_entropy, steps=steps, spp=spp,
+                              seed=0, settings={"trials": lasso_trials})
+        runs = [t["seconds"] for p in lasso for t in p.info["search"]["tries"]]
+    finally:
+        m.detach_masks()
+    per_budget = len(runs) / len(family)
+    return {"figure": f"{len(family)}-budget family: SPP one search / Lasso per-budget searches (same steps)",
+            "ratio": t_spp / sum(runs), "spp_search_s": t_spp, "lasso_runs": len(runs),
+            "lasso_s_total": sum(runs), "lasso_s_per_run": statistics.fmean(runs),
+            "ratio_one_lasso_run_per_budget": t_spp / (len(family) * statistics.fmean(runs)),
+            "settings": _settings(model=task.label, budgets=list(fractions), steps=steps, batch_size=batch_size,
+                                  lasso_runs_per_budget=per_budget)}
+
+
+def _interleaved_latency(models: dict, x: torch.Tensor, repeats: int, warmup: int = 3) -> dict:
+    """Median forward time of each model, measured in rounds that visit every model once (rotating the order),
+    so slow drifts of the machine hit every model alike."""
+    names = list(models)
+    times = {n: [] for n in names}
+    with torch.inference_mode():
+        for n in names:
+            for _ in range(warmup):
+                models[n](x)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                models[n](x)
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def latency(fractions=(0.75, 0.5, 0.25), batch_sizes=(1, 8, 32), round_to=(1, 8), repeats: int = 20,
+            steps: int = 30, peers=("tp-magnitude",)) -> dict:
+    """Compressed-model CPU latency vs MACs on the embedded ViT: speedup / MACs reduction of SPP read-outs (plain
+    and with widths rounded to multiples of ``round_to``) and of Torch-Pruning at the same MACs, one run,
+    interleaved timing. MACs are measured on every model with the same counter."""
+    import copy
+
+    from . import compress, measure, methods
+    from .studies import _attach, _dense_macs, _spp, _task
+
+    task = _task("embedded-vit", 10, 10, 10)
+    spp = _spp("embedded-vit")
+    s = task.img_size
+    x2 = torch.zeros(2, 3, s, s)
+    models = {"dense": copy.deepcopy(task.dense).eval()}
+    meta = {"dense": ("dense", 1.0, 1)}
+    m = _attach(task.dense, task)
+    try:
+        dense = _dense_macs(m)
+        batches = task.train_batches(32, steps, 0)
+        path = methods.ranking("spp", m, batches, F.cross_entropy, steps=steps, seed=0, spp=spp)
+        for f in fractions:
+            for r in round_to:
+                name = f"spp@{f}" + (f"/r{r}" if r > 1 else "")
+                models[name] = compress(m, path.keep(macs=int(f * dense), round_to=r)).eval()
+                meta[name] = ("spp" if r == 1 else f"spp round_to={r}", f, r)
+        for peer in peers:
+            if methods.peer_reason(peer):
+                continue
+            got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in fractions], batches=batches,
+                                loss_fn=F.cross_entropy, steps=steps, spp=spp, example_inputs=x2)
+            for f, p in zip(fractions, got):
+                models[f"{peer}@{f}"] = p.model.eval()
+                meta[f"{peer}@{f}"] = (peer, f, 1)
+    finally:
+        m.detach_masks()
+    macs = {n: measure.macs(mod, x2) for n, mod in models.items()}
+    rows = []
+    for b in batch_sizes:
+        x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(b))
+        lat = _interleaved_latency(models, x, repeats)
+        for n, t in lat.items():
+            method, f, r = meta[n]
+            red = macs["dense"] / macs[n]
+            rows.append({"method": method, "macs_target": f, "macs_fraction": round(macs[n] / macs["dense"], 4),
+                         "batch": b, "latency_ms": round(1000 * t, 3), "speedup": round(lat["dense"] / t, 4),
+                         "macs_reduction": round(red, 4), "speedup_over_macs_reduction": round(lat["dense"] / t / red, 4)})
+    return {"figure": "compressed latency: speedup / MACs reduction (1.0 = speed follows MACs exactly)", "rows": rows,
+            "settings": _settings(model=task.label, img_size=s, search_steps=steps, repeats=repeats,
+                                  timing="median of interleaved single forwards after 3 warm-ups, inference mode",
+                                  device="cpu")}
+
+
+def llm_step(tokens=(256, 2048, 16384), in_features: int = 1536, out_features: int = 576, steps: int = 10) -> dict:
+    """SPP-RIA's per-Linear cost vs the number of calibration tokens: building G = X X^T grows with the tokens, the
+    SLBI steps on G do not (shape of SmolLM2's down_proj by default; random activations)."""
+    from .llm import SPP_RIA_DEFAULTS, spp_path
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(out_features, in_features, generator=g) * 0.02
+    cfg = {k: SPP_RIA_DEFAULTS[k] for k in SPP_RIA_DEFAULTS}
+    cfg["steps"] = steps
+    rows = []
+    for n in tokens:
+        X = torch.randn(n, in_features, generator=g)
+        t0 = time.perf_counter()
+        G = X.T @ X
+        t_gram = time.perf_counter() - t0
+        spp_path(W, G, **{**cfg, "steps": 1})  # warm-up
+        t0 = time.perf_counter()
+        spp_path(W, G, **cfg)
+        step_ms = 1000 * (time.perf_counter() - t0) / steps
+        rows.append({"tokens": n, "gram_s": round(t_gram, 4), "slbi_step_ms": round(step_ms, 3)})
+    return {"figure": "SPP-RIA: SLBI step cost per Linear vs calibration tokens (Gram form)", "rows": rows,
+            "settings": _settings(shape=[out_features, in_features], steps=steps)}
+
+
+def llm_time(n_samples: int = 32, seqlen: int = 256, sparsity: float = 0.5) -> dict:
+    """Whole-model wall time of spp-ria vs ria on the embedded SmolLM2-135M at ``sparsity``, same calibration."""
+    import copy
+
+    from . import llm, llm_data
+
+    model, tok = llm_data.smollm2()
+    calib = llm_data.calibration_tokens(tok, n_samples=n_samples, seqlen=seqlen, seed=0)
+    secs = {}
+    for method in ("ria", "spp-ria"):
+        mod = copy.deepcopy(model)
+        secs[method] = llm.prune_llm(mod, method, sparsity, calib.ids).seconds
+        del mod
+    return {"figure": f"SmolLM2 at {sparsity:.0%}: spp-ria time / ria time", "ratio": secs["spp-ria"] / secs["ria"],
+            "ria_s": secs["ria"], "spp_ria_s": secs["spp-ria"],
+            "settings": _settings(model="SmolLM2-135M-Instruct (stand-in)", n_samples=n_samples, seqlen=seqlen,
+                                  spp=llm.SPP_RIA_DEFAULTS)}

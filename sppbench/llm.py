@@ -170,18 +170,23 @@ def spp_path(W: torch.Tensor, G: torch.Tensor, *, steps: int, kappa: float, alph
     # the loss's diagonal curvature per entry: 2 numel W_ij^2 G_jj / energy
     h = (2.0 * W.numel() / energy.clamp_min(1e-30)) * W.pow(2) * torch.diagonal(G).view(1, -1)
     losses = []
-    for _ in range(steps):
+    # one (out x in) @ (in x in) product per step: D G gives both this step's gradient and the loss of the
+    # previous step's result (reconstruction_grad / reconstruction_loss, without computing D G twice)
+    for k in range(steps + 1):
         with torch.no_grad():
-            M.grad = reconstruction_grad(W, M, G, energy)
+            D = W * (1 - M)
+            DG = D @ G
+            if k:
+                losses.append(float(W.numel() * (DG * D).sum() / energy.clamp_min(1e-30)))
+            if k == steps:
+                break
+            M.grad = (-2.0 * W.numel() / energy.clamp_min(1e-30)) * DG * W  # = reconstruction_grad
             if clip:
                 M.grad.clamp_(-clip, clip)
             if precondition:  # semi-implicit in the diagonal: the whole M step divided by (1 + kappa alpha h)
                 diff = (M - st["gamma"]) / nu
                 M.grad = (M.grad + diff) / (1 + kappa * alpha * h) - diff
         opt.step()
-        with torch.no_grad():
-            D = W * (1 - M)
-            losses.append(float(W.numel() * ((D @ G) * D).sum() / energy.clamp_min(1e-30)))
     st = opt._state(M)  # initialised even after 0 steps (nothing entered)
     return {"entry_step": st["entry_step"].clone(), "M": M.detach().clone(), "V": st["V"].clone(), "losses": losses}
 

@@ -231,7 +231,7 @@ class SolutionPath:
         return self._keepset(chosen, {"towers": {t: dict(b) for t, b in budgets.items()}}, readout)
 
     def keep(self, fraction: float | None = None, *, params: int | None = None, macs: int | None = None,
-             readout: str = "global", tower: str | None = None) -> KeepSet:
+             readout: str = "global", tower: str | None = None, round_to: int = 1) -> KeepSet:
         """The keep-set for exactly one budget, read off this path.
 
         fraction: keep this fraction of the entries of each pool (attention, MLP), rounded to the
@@ -240,6 +240,11 @@ class SolutionPath:
         tower: in a multi-tower model (CLIP), apply the budget to this tower alone (priced alone: MACs
             per image or per caption) and keep the other towers dense; without it the budget is joint
             (one image plus one caption; fractions over both towers' pools).
+        round_to: with a params / macs budget, make every group's kept width a multiple of this (or the
+            group's full width), which matrix kernels run faster: each group first keeps the largest
+            multiple its share of the prefix allows, then whole blocks of ``round_to`` entries are added,
+            earliest-ranked block first, while the budget holds. Rounded keep-sets follow the path's order
+            inside every group but are not guaranteed nested across budgets.
         """
         given = {k: v for k, v in (("fraction", fraction), ("params", params), ("macs", macs)) if v is not None}
         if len(given) != 1:
@@ -258,6 +263,13 @@ class SolutionPath:
             request["tower"] = tower
             fixed = [(g, e) for g, e in order if self.groups[g].tower != tower]
             order = [(g, e) for g, e in order if self.groups[g].tower == tower]
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+            raise BudgetError(f"round_to must be a positive integer (e.g. 8), got {round_to!r}")
+        if round_to > 1:
+            request["round_to"] = round_to
+            if kind == "fraction":
+                raise BudgetError("round_to needs a params= or macs= budget (a fraction is already a width); e.g. "
+                                  "keep(macs=..., round_to=8)")
         if kind == "fraction":
             if not 0.0 < value <= 1.0:
                 raise BudgetError(f"fraction must be in (0, 1] (the share of entries kept), got {value}; "
@@ -300,7 +312,43 @@ class SolutionPath:
                 lo = mid
             else:
                 hi = mid - 1
+        if round_to > 1:
+            return self._keepset(fixed + self._rounded(order, lo, round_to, idx, value, tower), request, readout)
         return self._keepset(fixed + order[:lo], request, readout)
+
+    def _rounded(self, order: list, prefix: int, r: int, idx: int, value: int, tower: str | None) -> list:
+        """Widths that are multiples of ``r`` (or full), within ``value`` (params or MACs): see keep()."""
+        names = [g.name for g in self.groups]
+        by_group: dict[int, list[tuple[int, int]]] = {}  # each group's entries in path order, with global position
+        for pos, (g, e) in enumerate(order):
+            by_group.setdefault(g, []).append((pos, e))
+        counts = dict.fromkeys(by_group, 0)
+        for g, _ in order[:prefix]:
+            counts[g] += 1
+        size = {g: len(es) for g, es in by_group.items()}
+        width = {g: (c if c == size[g] else (c // r) * r) for g, c in counts.items()}
+
+        def cost(w: dict) -> int:
+            widths = dict.fromkeys(names, 0)
+            for g, n in w.items():
+                widths[names[g]] = n
+            return self.cost_model.cost(widths, part=tower)[idx]
+
+        while True:  # add the block whose last entry comes earliest in the path's order, while it fits
+            best = None
+            for g, n in width.items():
+                if n >= size[g]:
+                    continue
+                step = min(r, size[g] - n)
+                key = by_group[g][n + step - 1][0]
+                if best is None or key < best[0]:
+                    trial = {**width, g: n + step}
+                    if cost(trial) <= value:
+                        best = (key, g, step)
+            if best is None:
+                break
+            width[best[1]] += best[2]
+        return [(g, e) for g, es in by_group.items() for _, e in es[:width[g]]]
 
     # -- support curves ------------------------------------------------------------------------
     def support_curve(self, by: str = "pool"):

@@ -154,3 +154,39 @@ def test_keepset_serialises():
     again = KeepSet.from_dict(keep.to_dict())
     assert again.summary() == keep.summary()
     assert all(torch.equal(again.masks[n], keep.masks[n]) for n in keep.masks)
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_round_to_gives_multiples_within_budget_in_path_order(r):
+    path = synthetic_path()
+    dense = path.dense()[1]
+    for f in (0.8, 0.5, 0.3):
+        plain = path.keep(macs=int(f * dense))
+        ks = path.keep(macs=int(f * dense), round_to=r)
+        assert ks.macs <= int(f * dense) and ks.request["round_to"] == r
+        ranks = path.ranking()
+        for g in path.groups:
+            kept = ks.masks[g.name]
+            n = int(kept.sum())
+            assert n % r == 0 or n == g.size, (g.name, n)
+            # the kept entries of a group are its best-ranked ones
+            if 0 < n < g.size:
+                assert ranks[g.name][kept].max() < ranks[g.name][~kept].min()
+        # no whole block of r more entries would still fit: the rounding does not waste the budget
+        names = [g.name for g in path.groups]
+        widths = {n_: int(ks.masks[n_].sum()) for n_ in names}
+        for g in path.groups:
+            if widths[g.name] < g.size:
+                more = {**widths, g.name: min(g.size, widths[g.name] + r)}
+                assert path.cost_model.cost(more)[1] > int(f * dense)
+        assert ks.macs >= 0.8 * plain.macs  # close to the unrounded read-out
+
+
+def test_round_to_is_refused_where_it_cannot_apply():
+    from sppbench.errors import BudgetError
+
+    path = synthetic_path()
+    with pytest.raises(BudgetError, match="round_to needs a params= or macs= budget"):
+        path.keep(fraction=0.5, round_to=8)
+    with pytest.raises(BudgetError, match="positive integer"):
+        path.keep(macs=10**9, round_to=0)

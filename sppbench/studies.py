@@ -381,6 +381,7 @@ class CostLatencyConfig:
     latency_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
     latency_batches: tuple[int, ...] = (1, 8, 32)
     latency_repeats: int = 10
+    round_to: tuple[int, ...] = (1, 8)  # SPP read-outs with widths rounded to these multiples (1 = as read off)
     peers: tuple[str, ...] = ("tp-magnitude",)
     gpu: bool = True                 # also measure on the GPU when one is present
     study: str = "cost_latency"
@@ -389,6 +390,8 @@ class CostLatencyConfig:
         check_types(self)
         _check_fractions("family_fractions", self.family_fractions)
         _check_fractions("latency_fractions", self.latency_fractions)
+        if not self.round_to or not all(isinstance(r, int) and r > 0 for r in self.round_to):
+            raise ValueError(f"round_to must be positive integers (1 = no rounding), got {self.round_to!r}")
         if not self.latency_batches or not all(isinstance(b, int) and b > 0 for b in self.latency_batches):
             raise ValueError(f"latency_batches must be positive integers, got {self.latency_batches!r}")
         for p in self.peers:
@@ -397,20 +400,22 @@ class CostLatencyConfig:
         return self
 
 
-def _latency_rows(name: str, model, x_one, dense_lat: dict, macs: int, dense_macs: int, params: int, batches, repeats,
-                  device: str, method: str, frac: float) -> list[dict]:
+def _latency_rows(name: str, models: list, x_one, dense_macs: int, batches, repeats, device: str) -> list[dict]:
+    """Per batch size, every model timed in interleaved rounds (bench._interleaved_latency), so drifts of a
+    shared machine hit every model alike; speedup and MACs reduction against the dense model of the list."""
+    from .bench import _interleaved_latency
+
     rows = []
     for b in batches:
         x = x_one.repeat(b, 1, 1, 1).to(device)
-        lat = measure.latency(model, x, warmup=2, repeats=repeats)["median_s"]
-        if method == "dense":
-            dense_lat[(device, b)] = lat
-        d = dense_lat[(device, b)]
-        red = dense_macs / macs
-        rows.append({"model": name, "method": method, "macs_fraction_target": frac, "macs": macs,
-                     "macs_fraction": macs / dense_macs, "params": params, "batch_size": b, "device": device,
-                     "latency_ms": 1000 * lat, "dense_latency_ms": 1000 * d, "speedup": d / lat, "macs_reduction": red,
-                     "speedup_over_macs_reduction": (d / lat) / red})
+        lat = _interleaved_latency({i: mod for i, (_, _, _, mod, _, _) in enumerate(models)}, x, repeats, warmup=2)
+        d = lat[0]  # the dense model comes first
+        for i, (method, frac, round_to, _, macs, params) in enumerate(models):
+            red = dense_macs / macs
+            rows.append({"model": name, "method": method, "macs_fraction_target": frac, "round_to": round_to,
+                         "macs": macs, "macs_fraction": macs / dense_macs, "params": params, "batch_size": b,
+                         "device": device, "latency_ms": 1000 * lat[i], "dense_latency_ms": 1000 * d,
+                         "speedup": d / lat[i], "macs_reduction": red, "speedup_over_macs_reduction": (d / lat[i]) / red})
     return rows
 
 
@@ -460,25 +465,25 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
             f"({fam['ratio_with_bisection']:.3f} with the bisection)")
         # (c) latency vs MACs
         devices = ["cpu"] + (["cuda"] if cfg.gpu and torch.cuda.is_available() else [])
-        dense_lat: dict = {}
-        models = [("dense", 1.0, dense_model, dense)]
+        x2 = x_one.repeat(2, 1, 1, 1)
+        built = [("dense", 1.0, 1, dense_model)]
         for f in cfg.latency_fractions:
-            keep = path.keep(macs=int(f * dense))
-            models.append(("spp", f, compress(m, keep), keep.macs))
+            for r in cfg.round_to:
+                keep = path.keep(macs=int(f * dense), round_to=r)
+                built.append(("spp" if r == 1 else f"spp round_to={r}", f, r, compress(m, keep)))
         for peer in cfg.peers:
             if methods.peer_reason(peer):
                 log(f"{peer} skipped: {methods.peer_reason(peer)}")
                 continue
             got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in cfg.latency_fractions], batches=batches,
-                                loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp, example_inputs=x_one.repeat(2, 1, 1, 1))
-            for f, p in zip(cfg.latency_fractions, got):
-                models.append((peer, f, p.model, measure.macs(p.model, x_one.repeat(2, 1, 1, 1))))
+                                loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp, example_inputs=x2)
+            built += [(peer, f, 1, p.model) for f, p in zip(cfg.latency_fractions, got)]
+        # MACs measured on every model with the same counter (SPP's equal its cost model's exactly)
+        models = [(meth, f, r, mod.eval(), measure.macs(mod, x2), measure.params(mod)) for meth, f, r, mod in built]
         for device in devices:
-            for method, f, model, macs in models:
-                net = copy.deepcopy(model).to(device).eval()
-                rows += _latency_rows(task.name, net, x_one, dense_lat, macs, dense, measure.params(model),
-                                      cfg.latency_batches, cfg.latency_repeats, device, method, f)
-                del net
+            on = [(meth, f, r, copy.deepcopy(mod).to(device), macs, params) for meth, f, r, mod, macs, params in models]
+            rows += _latency_rows(task.name, on, x_one, dense, cfg.latency_batches, cfg.latency_repeats, device)
+            del on
             log(f"latency measured on {device}")
     finally:
         m.detach_masks()
@@ -491,7 +496,7 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info = {"label": task.label, "dense_macs": dense, "family_cost": fam, "search_step": step, "gpu": gpu,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "latency": f"median of {cfg.latency_repeats} forwards after 2 warm-up, eval mode, no grad",
+            "latency": f"median of {cfg.latency_repeats} interleaved forwards per model after 2 warm-ups, inference mode",
             "seconds": round(time.perf_counter() - t0, 1)}
     folder = write_record(cfg.study, cfg, path, table, info) if record else None
     return {"latency": table, "family_cost": fam, "search_step": step, "record": folder, "info": info}

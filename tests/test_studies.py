@@ -103,7 +103,8 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
     res = studies.run_cost_latency(cfg, task=task, progress=False)
     lat = res["latency"]
     assert (lat.loc[lat["method"] == "dense", "params"] == n_dense).all()  # timed without mask wrappers
-    assert len(lat) == (1 + 1 + len(peers)) * 2
+    assert len(lat) == (1 + len(cfg.round_to) + len(peers)) * 2  # dense, SPP as read off and rounded to 8, peers
+    assert set(lat.loc[lat["method"].str.startswith("spp"), "round_to"]) == {1, 8}
     pruned = lat[lat["method"] != "dense"]
     assert (pruned["macs_fraction"] <= 0.51).all() and (pruned["macs_reduction"] > 1.9).all()
     dense = lat[lat["method"] == "dense"]
@@ -121,6 +122,7 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
     lambda: studies.KappaLambdaConfig(kappas=()),
     lambda: studies.KappaLambdaConfig(lams=(-1.0,)),
     lambda: studies.CostLatencyConfig(latency_batches=(0,)),
+    lambda: studies.CostLatencyConfig(round_to=(0,)),
     lambda: studies.CostLatencyConfig(peers=("sparsegpt",)),
     lambda: studies.PathStudyConfig(steps="60"),
 ])

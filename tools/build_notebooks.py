@@ -517,6 +517,7 @@ step_repeats = 2  # interleaved blocks of the search-step benchmark
 latency_fractions = [0.5]
 latency_batches = [1, 8, 32]
 latency_repeats = 3
+round_to = [1, 8]  # SPP read-outs with widths in multiples of these (1 = as read off the path)
 peers = ["tp-magnitude"]""", ["parameters"]),
     code("""import matplotlib.pyplot as plt
 import pandas as pd
@@ -530,7 +531,7 @@ res = run_cost_latency(CostLatencyConfig(model=model, family_fractions=tuple(fam
                                          lasso_trials=lasso_trials, step_repeats=step_repeats,
                                          latency_fractions=tuple(latency_fractions),
                                          latency_batches=tuple(latency_batches), latency_repeats=latency_repeats,
-                                         peers=tuple(peers_run)))
+                                         round_to=tuple(round_to), peers=tuple(peers_run)))
 print("(a) family cost:", {k: v for k, v in res["family_cost"].items() if k != "note"})
 print("   ", res["family_cost"]["note"])
 print("(b) search step / plain step:", round(res["search_step"]["ratio"], 3), res["search_step"]["settings"])
@@ -553,7 +554,8 @@ f = res["family_cost"]
 print("family of", len(family_fractions), "budgets:", f["budgets"] == len(family_fractions))
 print("Lasso ran once per budget and try:", f["lasso_runs"] == len(family_fractions) * lasso_trials)
 print("latency rows for every model and batch:",
-      len(lat) == (1 + len(latency_fractions) * (1 + len(peers_run))) * len(latency_batches) * len(set(lat["device"])))
+      len(lat) == (1 + len(latency_fractions) * (len(round_to) + len(peers_run))) * len(latency_batches)
+      * len(set(lat["device"])))
 print("pruned models within their MACs:", bool((lat["macs_fraction"] <= lat["macs_fraction_target"] + 0.01).all()))
 print("record written:", res["record"] is not None and (res["record"] / "metrics.json").is_file())"""),
 ]

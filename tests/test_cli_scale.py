@@ -9,17 +9,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from sppbench.data import fashion_mnist_root
 from sppbench.errors import DataError
 from sppbench.path import SolutionPath
-from test_distributed import assert_same_path
+from test_distributed import assert_same_path, kill_at_first_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
 SEARCH = ["search", "--steps", "12", "--batch-size", "16", "--lam", "0.04", "--alpha", "0.05", "--log-every", "0"]
@@ -74,15 +72,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_search(tmp_path):
     full = cli(*args, "--out", tmp_path / "full.json")
     assert full.returncode == 0, full.stderr[-2000:]
     out, ckpt = tmp_path / "cut.json", tmp_path / "cut.json.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "sppbench", *args, "--out", str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
-    assert ckpt.exists() and not out.exists()
+    kill_at_first_checkpoint([sys.executable, "-m", "sppbench", *args, "--out", str(out)], ckpt, ENV)
+    assert not out.exists()
     before = ckpt.read_bytes()
     again = cli(*args, "--out", out)  # without --resume: refused, the interrupted state is kept
     assert again.returncode == 2 and "--resume" in again.stderr and ckpt.read_bytes() == before

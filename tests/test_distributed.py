@@ -38,6 +38,18 @@ def _single(*args: str, timeout: int = 300) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def kill_at_first_checkpoint(cmd: list, ckpt: Path, env: dict) -> None:
+    """Start ``cmd``, SIGKILL it as soon as its first checkpoint file appears, and check it really was killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt.exists()
+
+
 def assert_same_path(a: SolutionPath, b: SolutionPath, atol: float = 0.0) -> None:
     for g in a.groups:
         assert torch.equal(a.entry_step[g.name], b.entry_step[g.name]), g.name
@@ -88,14 +100,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_path(tmp_path):
     steps = "400"
     _single("search", str(tmp_path / "full.json"), "--steps", steps)
     ckpt = tmp_path / "state.pt"
-    proc = subprocess.Popen([sys.executable, str(WORKER), "search", str(tmp_path / "cut.json"), "--steps", steps,
-                             "--checkpoint", str(ckpt), "--every", "3"], env=ENV, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_first_checkpoint([sys.executable, str(WORKER), "search", str(tmp_path / "cut.json"), "--steps", steps,
+                              "--checkpoint", str(ckpt), "--every", "3"], ckpt, ENV)
     assert not (tmp_path / "cut.json").exists()
     at = torch.load(ckpt, weights_only=True)["step"]
     assert 3 <= at < 400

@@ -165,6 +165,8 @@ def _paper_plan(session: nox.Session) -> tuple[list, list]:
         constants = json.loads(Path(file).read_text())
     except json.JSONDecodeError as exc:
         session.error(f"{file} is not valid JSON ({exc}). {how}")
+    # the same lists as sppbench.profiles.PAPER_MODELS / CLIP_PAPER_MODELS, which cannot be imported before
+    # the session has installed sppbench and torch (tests/test_profiles.py checks they agree)
     vision = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
     clip = ("ViT-B-32", "ViT-L-14")
     bad = {m: c for m, c in constants.items() if m not in vision + clip

@@ -53,17 +53,9 @@ class _Vision:
         self.data = task.info.get("data", "training split")
         self.train_batches = task.train_batches
 
-        @torch.no_grad()
-        def test_top1(model):
-            model.eval()
-            dev = next(model.parameters()).device
-            hit = n = 0
-            for x, y in task.loader("test"):
-                hit += int((model(x.to(dev)).argmax(-1).cpu() == y).sum())
-                n += len(y)
-            return hit / max(n, 1)
+        from .vision import _features, _own_head_top1
 
-        self.test_top1 = test_top1
+        self.test_top1 = lambda model: _own_head_top1(model, *_features(model, task.loader("test")))
 
 
 def _constants(args) -> dict:
@@ -326,14 +318,16 @@ def cmd_paper_check(args) -> int:
     return 0
 
 
-def _positive(kind):
+def _positive(kind, zero: bool = False):
+    what = f"{'a non-negative' if zero else 'a positive'} {kind.__name__}"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
 
@@ -358,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--checkpoint", type=Path, default=None, help="search state file (default: OUT.ckpt)")
-    s.add_argument("--checkpoint-every", type=int, default=10, help="write the search state every N steps (0: never)")
+    s.add_argument("--checkpoint-every", type=_positive(int, zero=True), default=10,
+                   help="write the search state every N steps (0: never)")
     s.add_argument("--resume", action="store_true", help="continue from --checkpoint (same settings)")
     s.add_argument("--device", default="auto", help="single process: auto (cuda if present), cpu, cuda:0, ...")
     s.set_defaults(fn=cmd_search)

@@ -101,32 +101,21 @@ def family_cost(fractions=(0.9, 0.7, 0.5, 0.4, 0.3), steps: int = 30, batch_size
     """Wall time of a budget family: SPP's one search (read at every budget) / Lasso's per-budget searches of
     the same steps and batches, on the embedded ViT. ``lasso_trials`` Lasso runs per budget (1 = one run at its
     calibrated lambda; more = the bisection that finds each budget's lambda)."""
-    from . import methods
-    from .studies import _attach, _dense_macs, _spp, _task
+    from .studies import _attach, _dense_macs, _spp, _task, family_cost_of
 
     task = _task("embedded-vit", 10, 10, 10)
-    spp = _spp("embedded-vit")
     m = _attach(task.dense, task)
     try:
         dense = _dense_macs(m)
-        family = [{"macs": int(f * dense)} for f in fractions]
-        batches = task.train_batches(batch_size, steps, 0)
-        path = methods.ranking("spp", m, batches, F.cross_entropy, steps=steps, seed=0, spp=spp)
-        for b in family:  # reading every budget off the path is part of SPP's cost
-            path.keep(**b)
-        t_spp = path.config["seconds"]
-        lasso = methods.prune("lasso", m, family, batches=batches, loss_fn=F.cross_entropy, steps=steps, spp=spp,
-                              seed=0, settings={"trials": lasso_trials})
-        runs = [t["seconds"] for p in lasso for t in p.info["search"]["tries"]]
+        _, fam = family_cost_of(m, task.train_batches(batch_size, steps, 0), [{"macs": int(f * dense)} for f in fractions],
+                                steps=steps, batch_size=batch_size, spp=_spp("embedded-vit"), lasso_trials=lasso_trials)
     finally:
         m.detach_masks()
-    per_budget = len(runs) / len(family)
-    return {"figure": f"{len(family)}-budget family: SPP one search / Lasso per-budget searches (same steps)",
-            "ratio": t_spp / sum(runs), "spp_search_s": t_spp, "lasso_runs": len(runs),
-            "lasso_s_total": sum(runs), "lasso_s_per_run": statistics.fmean(runs),
-            "ratio_one_lasso_run_per_budget": t_spp / (len(family) * statistics.fmean(runs)),
+    fam.pop("note")
+    return {"figure": f"{len(fractions)}-budget family: SPP one search / Lasso per-budget searches (same steps)",
+            "ratio": fam.pop("ratio_with_bisection"), **fam,
             "settings": _settings(model=task.label, budgets=list(fractions), steps=steps, batch_size=batch_size,
-                                  lasso_runs_per_budget=per_budget)}
+                                  lasso_runs_per_budget=lasso_trials)}
 
 
 def _interleaved_latency(models: dict, x: torch.Tensor, repeats: int, warmup: int = 3) -> dict:
@@ -148,54 +137,34 @@ def _interleaved_latency(models: dict, x: torch.Tensor, repeats: int, warmup: in
 
 def latency(fractions=(0.75, 0.5, 0.25), batch_sizes=(1, 8, 32), round_to=(1, 8), repeats: int = 20,
             steps: int = 30, peers=("tp-magnitude",)) -> dict:
-    """Compressed-model CPU latency vs MACs on the embedded ViT: speedup / MACs reduction of SPP read-outs (plain
-    and with widths rounded to multiples of ``round_to``) and of Torch-Pruning at the same MACs, one run,
-    interleaved timing. MACs are measured on every model with the same counter."""
+    """Compressed-model CPU latency vs MACs on the embedded ViT: speedup / MACs reduction of SPP read-outs (as read
+    off and with widths rounded to multiples of ``round_to``) and of the peers at the same MACs, one run,
+    interleaved timing (the same models and rows as notebook 70's part (c))."""
     import copy
 
-    from . import compress, measure, methods
-    from .studies import _attach, _dense_macs, _spp, _task
+    from . import methods
+    from .studies import _attach, _dense_macs, _latency_rows, _spp, _task, latency_models
 
     task = _task("embedded-vit", 10, 10, 10)
     spp = _spp("embedded-vit")
     s = task.img_size
-    x2 = torch.zeros(2, 3, s, s)
-    models = {"dense": copy.deepcopy(task.dense).eval()}
-    meta = {"dense": ("dense", 1.0, 1)}
+    dense_model = copy.deepcopy(task.dense).eval()  # attach_masks wraps task.dense in place
     m = _attach(task.dense, task)
     try:
         dense = _dense_macs(m)
         batches = task.train_batches(32, steps, 0)
         path = methods.ranking("spp", m, batches, F.cross_entropy, steps=steps, seed=0, spp=spp)
-        for f in fractions:
-            for r in round_to:
-                name = f"spp@{f}" + (f"/r{r}" if r > 1 else "")
-                models[name] = compress(m, path.keep(macs=int(f * dense), round_to=r)).eval()
-                meta[name] = ("spp" if r == 1 else f"spp round_to={r}", f, r)
-        for peer in peers:
-            if methods.peer_reason(peer):
-                continue
-            got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in fractions], batches=batches,
-                                loss_fn=F.cross_entropy, steps=steps, spp=spp, example_inputs=x2)
-            for f, p in zip(fractions, got):
-                models[f"{peer}@{f}"] = p.model.eval()
-                meta[f"{peer}@{f}"] = (peer, f, 1)
+        models = latency_models(m, path, dense_model, torch.zeros(2, 3, s, s), fractions, round_to, peers,
+                                batches=batches, steps=steps, spp=spp, log=lambda msg: None)
     finally:
         m.detach_masks()
-    macs = {n: measure.macs(mod, x2) for n, mod in models.items()}
-    rows = []
-    for b in batch_sizes:
-        x = torch.randn(b, 3, s, s, generator=torch.Generator().manual_seed(b))
-        lat = _interleaved_latency(models, x, repeats)
-        for n, t in lat.items():
-            method, f, r = meta[n]
-            red = macs["dense"] / macs[n]
-            rows.append({"method": method, "macs_target": f, "macs_fraction": round(macs[n] / macs["dense"], 4),
-                         "batch": b, "latency_ms": round(1000 * t, 3), "speedup": round(lat["dense"] / t, 4),
-                         "macs_reduction": round(red, 4), "speedup_over_macs_reduction": round(lat["dense"] / t / red, 4)})
-    return {"figure": "compressed latency: speedup / MACs reduction (1.0 = speed follows MACs exactly)", "rows": rows,
+    rows = _latency_rows(task.name, models, torch.zeros(1, 3, s, s), dense, batch_sizes, repeats, "cpu")
+    keep = ("method", "macs_fraction_target", "macs_fraction", "batch_size", "latency_ms", "speedup", "macs_reduction",
+            "speedup_over_macs_reduction")
+    return {"figure": "compressed latency: speedup / MACs reduction (1.0 = speed follows MACs exactly)",
+            "rows": [{k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keep} for r in rows],
             "settings": _settings(model=task.label, img_size=s, search_steps=steps, repeats=repeats,
-                                  timing="median of interleaved single forwards after 3 warm-ups, inference mode",
+                                  timing="median of interleaved single forwards after 2 warm-ups, inference mode",
                                   device="cpu")}
 
 

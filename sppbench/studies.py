@@ -419,6 +419,45 @@ def _latency_rows(name: str, models: list, x_one, dense_macs: int, batches, repe
     return rows
 
 
+def family_cost_of(m, batches, family: list, *, steps: int, batch_size: int, spp: dict, lasso_trials: int):
+    """One SPP search for the whole budget ``family`` vs Lasso's per-budget searches (``lasso_trials`` runs per
+    budget), same steps and batches. Returns (SPP's path, the timings and ratios)."""
+    path = methods.ranking("spp", m, batches, F.cross_entropy, steps=steps, seed=0, spp=spp)
+    t_spp = path.config["seconds"]
+    lasso = methods.prune("lasso", m, family, batches=batches, loss_fn=F.cross_entropy, steps=steps, spp=spp,
+                          seed=0, settings={"trials": lasso_trials})
+    tries = [t["seconds"] for p in lasso for t in p.info["search"]["tries"]]
+    per_run, t_lasso = statistics.fmean(tries), sum(tries)
+    return path, {
+        "budgets": len(family), "steps": steps, "batch_size": batch_size, "spp_search_s": t_spp,
+        "lasso_runs": len(tries), "lasso_search_s_per_run": per_run, "lasso_search_s_total": t_lasso,
+        "ratio_final_runs_only": t_spp / (len(family) * per_run), "ratio_with_bisection": t_spp / t_lasso,
+        "note": f"SPP: one {steps}-step search read at {len(family)} budgets; Lasso: one {steps}-step search per "
+                f"lambda try, {lasso_trials} tries per budget (the bisection finding each budget's lambda); "
+                "ratio_final_runs_only counts one Lasso run per budget"}
+
+
+def latency_models(m, path, dense_model, x2, fractions, round_to, peers, *, batches, steps: int, spp: dict,
+                   log=print) -> list:
+    """(method, MACs target, round_to, model, measured MACs, params) for the dense model, SPP's read-outs at
+    each fraction (as read off, and rounded to each ``round_to``) and each peer at the same MACs."""
+    dense = _dense_macs(m)
+    built = [("dense", 1.0, 1, dense_model)]
+    for f in fractions:
+        for r in round_to:
+            keep = path.keep(macs=int(f * dense), round_to=r)
+            built.append(("spp" if r == 1 else f"spp round_to={r}", f, r, compress(m, keep)))
+    for peer in peers:
+        if methods.peer_reason(peer):
+            log(f"{peer} skipped: {methods.peer_reason(peer)}")
+            continue
+        got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in fractions], batches=batches,
+                            loss_fn=F.cross_entropy, steps=steps, spp=spp, example_inputs=x2)
+        built += [(peer, f, 1, p.model) for f, p in zip(fractions, got)]
+    # MACs measured on every model with the same counter (SPP's equal its cost model's exactly)
+    return [(meth, f, r, mod.eval(), measure.macs(mod, x2), measure.params(mod)) for meth, f, r, mod in built]
+
+
 def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = True, progress: bool = True,
                      task=None) -> dict:
     """Returns {"latency": DataFrame, "family_cost": dict, "search_step": dict, "record", "info"}."""
@@ -448,38 +487,14 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
     try:
         # (a) one SPP search for the whole family vs Lasso's per-budget searches, same steps and batches
         batches = task.train_batches(cfg.batch_size, cfg.steps, 0)
-        path = methods.ranking("spp", m, batches, F.cross_entropy, steps=cfg.steps, seed=0, spp=spp)
-        t_spp = path.config["seconds"]
-        lasso = methods.prune("lasso", m, family, batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp,
-                              seed=0, settings={"trials": cfg.lasso_trials})
-        tries = [t for p in lasso for t in p.info["search"]["tries"]]
-        per_run = statistics.fmean(t["seconds"] for t in tries)
-        t_lasso = sum(t["seconds"] for t in tries)
-        fam = {"budgets": len(family), "steps": cfg.steps, "batch_size": cfg.batch_size, "spp_search_s": t_spp,
-               "lasso_runs": len(tries), "lasso_search_s_per_run": per_run, "lasso_search_s_total": t_lasso,
-               "ratio_final_runs_only": t_spp / (len(family) * per_run), "ratio_with_bisection": t_spp / t_lasso,
-               "note": f"SPP: one {cfg.steps}-step search read at {len(family)} budgets; Lasso: one {cfg.steps}-step "
-                       f"search per lambda try, {cfg.lasso_trials} tries per budget (the bisection finding each "
-                       "budget's lambda); ratio_final_runs_only counts one Lasso run per budget"}
-        log(f"family cost: SPP {t_spp:.1f}s vs Lasso {per_run:.1f}s per run -> ratio {fam['ratio_final_runs_only']:.3f} "
-            f"({fam['ratio_with_bisection']:.3f} with the bisection)")
+        path, fam = family_cost_of(m, batches, family, steps=cfg.steps, batch_size=cfg.batch_size, spp=spp,
+                                   lasso_trials=cfg.lasso_trials)
+        log(f"family cost: SPP {fam['spp_search_s']:.1f}s vs Lasso {fam['lasso_search_s_per_run']:.1f}s per run -> "
+            f"ratio {fam['ratio_final_runs_only']:.3f} ({fam['ratio_with_bisection']:.3f} with the bisection)")
         # (c) latency vs MACs
         devices = ["cpu"] + (["cuda"] if cfg.gpu and torch.cuda.is_available() else [])
-        x2 = x_one.repeat(2, 1, 1, 1)
-        built = [("dense", 1.0, 1, dense_model)]
-        for f in cfg.latency_fractions:
-            for r in cfg.round_to:
-                keep = path.keep(macs=int(f * dense), round_to=r)
-                built.append(("spp" if r == 1 else f"spp round_to={r}", f, r, compress(m, keep)))
-        for peer in cfg.peers:
-            if methods.peer_reason(peer):
-                log(f"{peer} skipped: {methods.peer_reason(peer)}")
-                continue
-            got = methods.prune(peer, m, [{"macs": int(f * dense)} for f in cfg.latency_fractions], batches=batches,
-                                loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp, example_inputs=x2)
-            built += [(peer, f, 1, p.model) for f, p in zip(cfg.latency_fractions, got)]
-        # MACs measured on every model with the same counter (SPP's equal its cost model's exactly)
-        models = [(meth, f, r, mod.eval(), measure.macs(mod, x2), measure.params(mod)) for meth, f, r, mod in built]
+        models = latency_models(m, path, dense_model, x_one.repeat(2, 1, 1, 1), cfg.latency_fractions, cfg.round_to,
+                                cfg.peers, batches=batches, steps=cfg.steps, spp=spp, log=log)
         for device in devices:
             on = [(meth, f, r, copy.deepcopy(mod).to(device), macs, params) for meth, f, r, mod, macs, params in models]
             rows += _latency_rows(task.name, on, x_one, dense, cfg.latency_batches, cfg.latency_repeats, device)

@@ -69,6 +69,19 @@ def run_finetune(out: Path, steps: int):
         torch.save({"state": small.state_dict(), "losses": rec["losses"]}, out)
 
 
+def run_replicas(out: Path):
+    """check_replicas: 0.0 for equal tensors on every rank, an error when one rank's tensor differs."""
+    rank = distributed.world()[0]
+    same = distributed.check_replicas([torch.ones(3), torch.arange(4)])
+    try:
+        distributed.check_replicas([torch.ones(3) + rank * 1e-3])
+        caught = ""
+    except RuntimeError as exc:
+        caught = str(exc)
+    if distributed.is_main():
+        out.write_text(f"{same}\n{caught}")
+
+
 def _half_keep(m):
     from sppbench.path import SolutionPath
 
@@ -80,7 +93,7 @@ def _half_keep(m):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("search", "finetune"))
+    ap.add_argument("what", choices=("search", "finetune", "replicas"))
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--checkpoint", type=Path, default=None)
@@ -92,8 +105,10 @@ def main() -> None:
     try:
         if args.what == "search":
             run_search(args.out, args.steps, args.checkpoint, args.every, args.resume)
-        else:
+        elif args.what == "finetune":
             run_finetune(args.out, args.steps)
+        else:
+            run_replicas(args.out)
     finally:
         distributed.shutdown()
 

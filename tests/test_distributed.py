@@ -77,6 +77,13 @@ def test_two_process_ddp_search_matches_one_process_at_the_same_global_batch(tmp
     assert_same_path(one, two, atol=1e-5)
 
 
+def test_replica_check_passes_equal_states_and_catches_a_differing_rank(tmp_path):
+    _torchrun("replicas", str(tmp_path / "r.txt"))
+    same, caught = (tmp_path / "r.txt").read_text().split("\n", 1)
+    assert float(same) == 0.0
+    assert "differs across ranks" in caught and "0.001" in caught
+
+
 def test_two_process_ddp_finetune_matches_one_process(tmp_path):
     """Same tolerance, except the attention key biases: their true gradient is exactly zero (softmax ignores a
     shift shared by all keys), so their gradient is float noise, which AdamW turns into steps of up to lr."""

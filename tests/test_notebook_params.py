@@ -47,8 +47,13 @@ def test_every_notebook_checks_its_parameters_right_after_them(path):
 
 def test_papermill_with_a_wrong_type_stops_with_the_fix(tmp_path):
     nb = next(p for p in NOTEBOOKS if p.name.startswith("90_"))
+    report = tmp_path / "report"
     out = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "o.ipynb"), "-p", "runs", "5",
-                          "--cwd", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "-p", "out", str(report), "--cwd", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "runs must be a string, got int 5" in out.stdout + out.stderr
-    assert not (tmp_path / "tables").exists()  # stopped before the report wrote anything
+    assert not report.exists()  # stopped before the report wrote anything
+    ok = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(tmp_path / "o2.ipynb"), "-p", "out",
+                         str(report), "--cwd", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (report / "report.md").is_file()  # the same call with right types does write there

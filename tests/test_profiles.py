@@ -121,3 +121,16 @@ def test_imagenet_task_reads_a_miniature_folder_with_the_same_layout(tmp_path):
 
     ev = evaluate(model, task, ("val", "test"))
     assert 0 <= ev["test_head_refit"] <= 1 and 0 <= ev["val_no_retrain"] <= 1
+
+
+def test_noxfile_paper_model_lists_match_the_profiles():
+    import ast
+    from pathlib import Path
+
+    from sppbench.profiles import CLIP_PAPER_MODELS, PAPER_MODELS
+
+    tree = ast.parse((Path(__file__).parent.parent / "noxfile.py").read_text())
+    plan = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_paper_plan")
+    lists = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.walk(plan)
+             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in ("vision", "clip")}
+    assert lists == {"vision": tuple(PAPER_MODELS), "clip": tuple(CLIP_PAPER_MODELS)}

@@ -59,19 +59,35 @@ class _Vision:
 
 
 def _constants(args) -> dict:
+    """The search's constants: {"constants": "auto"} (derived from the model by search(); the default
+    when no --kappa / --alpha / --nu / --lam is given), or the four given ones ("given"; missing ones
+    filled from the embedded ViT's tuned profile, which exists for it only; "tuned" = all four from it)."""
     from .experiments import search_defaults
 
     _check_model(args.model)
+    names = ("kappa", "alpha", "nu", "lam")
+    given = [k for k in names if getattr(args, k) is not None]
+    mode = getattr(args, "constants", None) or ("given" if given else "auto")
+    if mode == "auto" and getattr(args, "variant", "paper") != "paper":
+        mode = "tuned" if not given else "given"  # the auto rule is derived for the paper form
+    if mode == "auto":
+        if given:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--constants auto derives kappa, alpha, nu, lam from the model; drop "
+                              f"{', '.join('--' + k for k in given)} or pass --constants given")
+        return {"constants": "auto"}
     if args.model not in ("embedded", "embedded-vit"):
-        missing = [k for k in ("kappa", "alpha", "nu", "lam") if getattr(args, k) is None]
+        missing = [k for k in names if getattr(args, k) is None]
         if missing:
             from .errors import ConfigError
 
-            raise ConfigError(f"{args.model}: give the SPP constants {', '.join('--' + k for k in missing)}; tuned "
-                              "defaults exist for the embedded ViT only (choose them on a validation split, see "
-                              "notebooks/60_kappa_lambda.ipynb)")
+            raise ConfigError(f"{args.model}: give the SPP constants {', '.join('--' + k for k in missing)} or use "
+                              "--constants auto (derived from the model); tuned defaults exist for the embedded ViT "
+                              "only (choose them on a validation split, see notebooks/60_kappa_lambda.ipynb)")
     d = search_defaults("embedded")["constants"]
-    return {k: (getattr(args, k) if getattr(args, k) is not None else d[k]) for k in ("kappa", "alpha", "nu", "lam")}
+    out = {k: (getattr(args, k) if getattr(args, k) is not None and mode != "tuned" else d[k]) for k in names}
+    return {**out, "constants": "given"}
 
 
 def _device(args):
@@ -135,9 +151,15 @@ def cmd_search(args) -> int:
     if D.is_main():
         path.save(out)
         ckpt.unlink(missing_ok=True)  # the path now holds everything the checkpoint did
+        from .experiments import path_health
+
+        h = path_health(path, name=f"search {args.model}")
         entered = sum(int((t >= 0).sum()) for t in path.entry_step.values())
-        print(json.dumps({"path": str(out), "steps": args.steps, "processes": world, "entered": entered, **consts,
-                          "seconds": path.config.get("seconds")}))
+        print(json.dumps({"path": str(out), "steps": args.steps, "processes": world, "entered": entered,
+                          **{k: path.config[k] for k in ("constants", "kappa", "alpha", "nu", "lam")},
+                          "seconds": path.config.get("seconds"),
+                          "health": {k: h.get(k) for k in ("healthy", "entered", "max_step_share", "t10", "t90",
+                                                           "loss_start", "loss_at_half", "problems")}}))
     return 0
 
 
@@ -344,8 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--img-size", type=int, default=56, help="embedded ViT only: input size (multiple of 14)")
     s.add_argument("--steps", type=_positive(int), default=100)
     s.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
+    s.add_argument("--constants", choices=("auto", "given", "tuned"), default=None,
+                   help="auto (default when no constant is given): derived from the model's mask gradients and "
+                        "curvature (docs/auto_constants.md); given: --kappa/--alpha/--nu/--lam (missing ones from the "
+                        "embedded profile); tuned: the embedded ViT's tuned profile")
     for k in ("kappa", "alpha", "nu", "lam"):
-        s.add_argument(f"--{k}", type=float, default=None, help="default: the embedded profile's tuned value")
+        s.add_argument(f"--{k}", type=float, default=None, help="a hand-given constant (implies --constants given)")
     s.add_argument("--variant", choices=("paper", "official"), default="paper")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--log-every", type=int, default=10)

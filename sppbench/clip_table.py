@@ -22,7 +22,7 @@ from torch import nn
 from . import measure, methods
 from .clip import ClipTask, ImageTower, TextTower, contrastive_loss, refit_projections
 from .errors import SppBenchError
-from .experiments import check_types, write_record
+from .experiments import check_types, path_health, write_record
 from .path import READOUTS
 from .train import FINETUNE_DEFAULTS, finetune
 
@@ -209,6 +209,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     path0 = methods.magnitude_path(m)
     budgets = _budgets(cfg, {t: path0.dense(t) for t in ("image", "text")})
     searches, configs = {}, {}
+    paths, health = {}, {}  # the path methods' solution paths and their health (docs/path_health.md)
     try:
         for method in cfg.methods:
             seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
@@ -235,11 +236,16 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                             if best is None or (val is not None and val > best[0]):
                                 best = (val, p)
                         chosen.append(best)
+                    if path.rank_by != "score":
+                        paths[f"{method}@seed{seed}"] = path
+                        health[f"{method}@seed{seed}"] = path_health(
+                            path, [p.keep for _, p in chosen if p.keep is not None], f"{task.label} {method}")
                 else:
                     chosen = [(None, p) for p in methods.prune(method, m, budgets, **common)]
                     searches[f"{method}@seed{seed}"] = sum(p.search_seconds for _, p in chosen)
                     configs[f"{method}@seed{seed}"] = [p.info for _, p in chosen]
-                for (val, p), frac in zip(chosen, cfg.macs_fractions):
+                h = health.get(f"{method}@seed{seed}") if method in methods.RANKING_METHODS else None
+                for bi, ((val, p), frac) in enumerate(zip(chosen, cfg.macs_fractions)):
                     ev = scores(p.model, "test", "no_retrain")
                     _, rt, rinfo = retrained(p.model, seed)
                     row = row_of(p.model, method, seed, frac, p.keep, m.groups,
@@ -247,6 +253,9 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                                   "search_s": round(p.search_seconds, 2),
                                   "shared_search": method in methods.RANKING_METHODS,
                                   "finetune_s": rinfo["finetune_s"]})
+                    if h is not None:  # is the order behind this row real? (docs/path_health.md)
+                        row["path_healthy"] = h["healthy"]
+                        row["path_by_order"] = h["budgets"][bi]["by_order"] if bi < len(h["budgets"]) else None
                     rows.append(row)
                     log(f"{method} seed {seed} @ {frac:.2f}: image {row['macs_image_fraction']:.2f} / text "
                         f"{row['macs_text_fraction']:.2f} of dense MACs ({p.readout}); R@1 i2t/t2i "
@@ -275,7 +284,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             "readout_rule": "per budget, the read-out with the higher re-fit rsum on the validation split"
                             if cfg.readout == "val" else f"fixed: {cfg.readout}",
             "seconds": round(time.perf_counter() - t_start, 1)}
-    folder = write_record(cfg.study, cfg, None, table, info) if record else None
+    folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health) if record else None
     if folder:
         log(f"record written: {folder}")
     return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg)}

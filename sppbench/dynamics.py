@@ -21,7 +21,11 @@ on the task loss alone, V <- V + s_k (M_new - Gamma) with s_k Adam's bias-correc
 Gamma = kappa * max(shrink(V, lam), 0) (one-sided; the released code has kappa = 1, lam = 3).
 
 Each parameter's state exposes ``V``, ``gamma``, ``entry_step`` (the first step at which the entry
-entered supp(Gamma); -1 = not entered), ``support_steps`` (steps spent in the support) and ``step``.
+entered supp(Gamma); -1 = not entered), ``entry_time`` (the same instant as a fraction of a step:
+``t - 1 + (lam - |V_{t-1}|) / (|V_t| - |V_{t-1}|)``, where the threshold crossing falls when V is
+interpolated linearly between the two iterates; signed V for the one-sided official form; -1 = not
+entered), ``support_steps`` (steps spent in the support) and ``step``. Entries entering at the same
+integer step are thereby ordered by the dynamics themselves (who crossed first), not by a tie-break.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ class SLBI(torch.optim.Optimizer):
             st["V"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["entry_step"] = torch.full(p.shape, -1, dtype=torch.long, device=p.device)
+            st["entry_time"] = torch.full(p.shape, -1.0, dtype=torch.float64, device=p.device)
             st["support_steps"] = torch.zeros(p.shape, dtype=torch.long, device=p.device)
         return st
 
@@ -100,6 +105,7 @@ class SLBI(torch.optim.Optimizer):
                 t = st["step"]
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 V, gamma = st["V"], st["gamma"]
+                v_old = V.clone()
                 if group["variant"] == "paper":
                     diff = p - gamma
                     p.add_(grad, alpha=-kappa * alpha).add_(diff, alpha=-kappa * alpha / nu)
@@ -120,7 +126,16 @@ class SLBI(torch.optim.Optimizer):
                     V.add_(p - gamma, alpha=step_size)
                     gamma.copy_(shrink(V, lam).clamp_(min=0)).mul_(kappa)
                 inside = gamma != 0
-                st["entry_step"].masked_fill_(inside & (st["entry_step"] < 0), t)
+                new = inside & (st["entry_step"] < 0)
+                if bool(new.any()):
+                    if group["variant"] == "paper":
+                        a0, a1 = v_old.abs(), V.abs()
+                    else:
+                        a0, a1 = v_old, V
+                    frac = ((lam - a0) / (a1 - a0).clamp_min(1e-30)).clamp_(0.0, 1.0).double()
+                    st["entry_time"] = torch.where(new, (t - 1) + frac, st.setdefault(
+                        "entry_time", torch.full(p.shape, -1.0, dtype=torch.float64, device=p.device)))
+                st["entry_step"].masked_fill_(new, t)
                 st["support_steps"].add_(inside.long())
         return loss
 

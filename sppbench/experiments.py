@@ -174,15 +174,46 @@ def sppbench_attach(model: torch.nn.Module, img_size: int) -> MaskedModel:
     return attach_masks(model, input_size=(3, img_size, img_size))
 
 
-def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict) -> "Any":
+def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict:
+    """``path.diagnostics`` for a record, warning (RuntimeWarning) when the path is degenerate: a result
+    read off such a path is reported as such, never silently used (docs/path_health.md)."""
+    import warnings
+
+    d = path.diagnostics(keepsets)
+    if d.get("applicable") and not d["healthy"]:
+        warnings.warn(f"{name}: the solution path is degenerate ({'; '.join(d['problems'])}); budgets read off it "
+                      "are decided by tie-breaks or on a collapsed model. See docs/path_health.md",
+                      RuntimeWarning, stacklevel=2)
+    return d
+
+
+def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
+                 paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None) -> "Any":
+    """One run record: params.json, metrics.json (rows, info, the search config and the path health of
+    every solution path), and per path its entries (``path.csv`` / ``paths/<name>.csv``) and per-step
+    history with the loss (``history.json`` / ``paths/<name>.history.json``).
+
+    ``health``: diagnostics already computed (e.g. with the budgets' own keep-sets); the rest are computed
+    here with the default budgets."""
     rec = RunRecord(study)
     try:
+        health = dict(health or {})
+        if path is not None and "search" not in health:
+            health["search"] = path_health(path, name=study)
+        for n, p in (paths or {}).items():
+            if n not in health:
+                health[n] = path_health(p, name=f"{study} {n}")
         rec.write_json("params.json", dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
         rec.write_json("metrics.json", {"rows": table.to_dict(orient="records"), "info": info,
-                                        "search": path.config if path is not None else None})
+                                        "search": path.config if path is not None else None,
+                                        **({"path_health": health} if health else {})})
         if path is not None:
             path.write_csv(rec.file("path.csv"))
             rec.write_json("history.json", path.history)
+        for n, p in (paths or {}).items():
+            safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in n)
+            p.write_csv(rec.file(f"paths/{safe}.csv"))
+            rec.write_json(f"paths/{safe}.history.json", p.history)
         return rec.finish()
     except BaseException:
         rec.abandon()

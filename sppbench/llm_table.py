@@ -195,7 +195,13 @@ def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl,
             else:
                 path = magnitude_path(m)
             secs = time.perf_counter() - t0
-            for frac in cfg.structured_fractions:
+            h = None
+            if method == "spp":  # is the order real? (docs/path_health.md)
+                from .experiments import path_health
+
+                h = path_health(path, [path.keep(macs=int(f * dense_macs)) for f in cfg.structured_fractions],
+                                "structured spp")
+            for bi, frac in enumerate(cfg.structured_fractions):
                 keep = path.keep(macs=int(frac * dense_macs))
                 small = compress(m, keep)
                 lat = measure.latency(_LogitsOnly(small), x, warmup=1, repeats=3)
@@ -203,6 +209,10 @@ def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl,
                        "macs": measure.macs(_LogitsOnly(small), calib.ids[:1, :cfg.eval_seqlen]),
                        "macs_analytic": keep.macs, "latency_ms": 1000 * lat["median_s"],
                        "perplexity": ppl(small), "search_s": round(secs, 2)}
+                if h is not None:
+                    row.update(path_healthy=h["healthy"], path_by_order=h["budgets"][bi]["by_order"],
+                               path_entered=h["entered"], path_max_step_share=h["max_step_share"],
+                               path_loss_ratio_half=h["loss_ratio_half"], path_problems=h["problems"])
                 rows.append(row)
                 log(f"structured {method} @ {frac:.2f} MACs: {row['params'] / 1e6:.1f} M params, perplexity "
                     f"{row['perplexity']:.2f}, {row['latency_ms']:.0f} ms")

@@ -25,6 +25,10 @@ from .masks import POOLS, MaskGroup
 
 PATH_FORMAT = "sppbench.path/1"
 READOUTS = ("global", "per-layer")
+# A path is "healthy" (docs/path_health.md) when no integer step holds more than 5% of the entries
+# that entered, at least 90% of entries enter within the search, and the search loss where half of the
+# entries have entered is at most 3x the dense model's.
+HEALTH_LIMITS = {"max_step_share": 0.05, "min_entered": 0.90, "max_loss_ratio_half": 3.0}
 
 
 @dataclass
@@ -81,7 +85,9 @@ class SolutionPath:
     """Entry statistics of one search, with the ranking and budget read-outs built on them.
 
     Attributes: ``groups`` (MaskGroup list), per-group tensors ``entry_step`` (long, -1 = never
-    entered), ``support_steps`` (steps spent in the support), ``V``, ``M`` (final values);
+    entered), ``entry_time`` (float64: the fractional instant the entry crossed the threshold, between
+    step ``entry_step - 1`` and ``entry_step``; paths written before it existed fall back to
+    ``entry_step``), ``support_steps`` (steps spent in the support), ``V``, ``M`` (final values);
     ``cost_model``; ``config`` (search settings); ``history`` (list of per-record dicts: step,
     loss, support size per pool and per group).
     """
@@ -90,7 +96,8 @@ class SolutionPath:
                  V: Mapping[str, torch.Tensor], M: Mapping[str, torch.Tensor], cost_model: CostModel,
                  config: dict | None = None, history: list[dict] | None = None,
                  support_steps: Mapping[str, torch.Tensor] | None = None, info: dict | None = None,
-                 score: Mapping[str, torch.Tensor] | None = None):
+                 score: Mapping[str, torch.Tensor] | None = None,
+                 entry_time: Mapping[str, torch.Tensor] | None = None):
         self.groups = list(groups)
         names = [g.name for g in self.groups]
         self.entry_step = {n: torch.as_tensor(entry_step[n], dtype=torch.long).clone() for n in names}
@@ -100,7 +107,13 @@ class SolutionPath:
                                   else torch.zeros(g.size, dtype=torch.long)) for n, g in zip(names, self.groups)}
         self.score = ({n: torch.as_tensor(score[n], dtype=torch.float64).clone() for n in names}
                       if score is not None else None)
+        self._entry_time = ({n: torch.as_tensor(entry_time[n], dtype=torch.float64).clone() for n in names}
+                            if entry_time is not None else None)
         for g in self.groups:
+            if self._entry_time is not None:
+                et, es = self._entry_time[g.name], self.entry_step[g.name]
+                if et.shape != es.shape or bool(((et >= 0) != (es >= 0)).any()):
+                    raise SpecError(f"path group {g.name}: entry_time and entry_step disagree on which entries entered")
             for what in (self.entry_step, self.V, self.M, self.support_steps, self.score or {g.name: torch.zeros(g.size)}):
                 if what[g.name].shape != (g.size,):
                     raise SpecError(f"path group {g.name}: expected {g.size} entries, got {tuple(what[g.name].shape)}")
@@ -109,6 +122,18 @@ class SolutionPath:
         self.history = list(history or [])
         self.info = dict(info or {})
         self._orders: dict[str, list[tuple[int, int]]] = {}
+
+    @property
+    def entry_time(self) -> dict[str, torch.Tensor]:
+        """Fractional entry instant per entry (-1 = never entered); ``entry_step`` as float when the
+        search did not record one."""
+        if self._entry_time is not None:
+            return self._entry_time
+        return {n: t.double() for n, t in self.entry_step.items()}
+
+    @property
+    def has_entry_time(self) -> bool:
+        return self._entry_time is not None
 
     # -- ranking -----------------------------------------------------------------------------
     @property
@@ -125,14 +150,15 @@ class SolutionPath:
     def _sort_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(group index, entry index, rank position) over all entries, in the path's total order.
 
-        paper: entry step ascending (never entered last), ties by |V| then |M| descending.
+        paper: entry time ascending (the fractional crossing instant, or the entry step for paths
+        without one; never entered last), ties by |V| then |M| descending.
         official: steps spent in the support descending, ties the same way.
         score (baselines: Lasso's |M|, magnitude, random): score descending, ties the same way.
         Remaining ties (exactly equal statistics) go by group then entry index: deterministic.
         """
         gi = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(self.groups)])
         ei = torch.cat([torch.arange(g.size) for g in self.groups])
-        t = torch.cat([self.entry_step[g.name] for g in self.groups]).double()
+        t = torch.cat([self.entry_time[g.name] for g in self.groups]).double()
         if self.rank_by == "score":
             primary = -torch.cat([self.score[g.name] for g in self.groups]).double()
         elif self.rank_by == "support":
@@ -350,6 +376,116 @@ class SolutionPath:
             width[best[1]] += best[2]
         return [(g, e) for g, es in by_group.items() for _, e in es[:width[g]]]
 
+    # -- health --------------------------------------------------------------------------------
+    def loss_near(self, step: float, half_width: int = 2) -> float | None:
+        """The search loss averaged over the records within ``half_width`` steps of ``step`` (None if
+        the history has no loss there)."""
+        near = [h["loss"] for h in self.history if abs(h["step"] - step) <= half_width and "loss" in h]
+        if not near:
+            near = [h["loss"] for h in self.history if h["step"] >= step and "loss" in h][:1]
+        return float(sum(near) / len(near)) if near else None
+
+    def diagnostics(self, keepsets: Sequence["KeepSet"] | None = None,
+                    limits: Mapping[str, float] | None = None) -> dict:
+        """How healthy the path is, as plain numbers (see docs/path_health.md).
+
+        entered: share of entries that entered by the end; max_step_share: the largest share of the
+        entered entries entering at one integer step (and ``max_step``, which); t10 / t50 / t90: the
+        entry times by which 10 / 50 / 90 % of the entered entries had entered, ``spread_steps`` = t90 - t10;
+        loss_start (the dense model's search loss, step 1), loss_at_half (the loss, smoothed over +-2
+        steps, where half of ALL entries had entered; None if fewer entered) and their ratio; per budget
+        (``keepsets``, default: global keep fractions 0.25 / 0.5 / 0.75): ``by_order`` = share of the
+        kept entries that entered strictly before every entry left out of the same competition (the
+        pool for a fraction budget, the group for per-layer, the budgeted model or tower for params /
+        MACs) -- the rest were decided by the |V| / |M| tie-break -- and the loss where the budget's last
+        kept entry entered. ``healthy`` applies ``limits`` (default HEALTH_LIMITS); ``problems`` says
+        what failed, in words. Paths ranked by a score (baselines) report ``applicable: False``.
+        """
+        lim = {**HEALTH_LIMITS, **(limits or {})}
+        total = sum(g.size for g in self.groups)
+        if self.rank_by == "score":
+            return {"applicable": False, "rank_by": "score", "entries": total}
+        t = torch.cat([self.entry_time[g.name] for g in self.groups]).double()
+        steps_int = torch.cat([self.entry_step[g.name] for g in self.groups])
+        ent = t[t >= 0]
+        n_ent = int(ent.numel())
+        out: dict = {"applicable": True, "rank_by": self.rank_by, "entries": total, "entered": n_ent / total,
+                     "entered_count": n_ent, "steps": self.config.get("steps"),
+                     "fractional_entry_time": self.has_entry_time, "limits": lim}
+        if n_ent:
+            vals, counts = torch.unique(steps_int[steps_int >= 0], return_counts=True)
+            k = int(counts.argmax())
+            s = ent.sort().values
+            q = lambda f: float(s[min(n_ent - 1, max(0, int(math.ceil(f * n_ent)) - 1))])
+            out.update(max_step_share=float(counts[k]) / n_ent, max_step=int(vals[k]), first=float(s[0]),
+                       t10=q(0.1), t50=q(0.5), t90=q(0.9), last=float(s[-1]))
+            out["spread_steps"] = out["t90"] - out["t10"]
+        else:
+            out.update(max_step_share=None, max_step=None, t10=None, t50=None, t90=None, spread_steps=None)
+        out["loss_start"] = self.history[0]["loss"] if self.history and "loss" in self.history[0] else None
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        out["loss_max"] = max(losses) if losses else None
+        out["loss_at_half"] = out["loss_ratio_half"] = None
+        if n_ent >= (total + 1) // 2:
+            half = float(t[t >= 0].sort().values[(total + 1) // 2 - 1])
+            out["t_half_all"] = half
+            out["loss_at_half"] = self.loss_near(half)
+            if out["loss_at_half"] is not None and out["loss_start"]:
+                out["loss_ratio_half"] = out["loss_at_half"] / out["loss_start"]
+        if keepsets is None:
+            keepsets = [self.keep(fraction=f) for f in (0.25, 0.5, 0.75)]
+        out["budgets"] = [self._budget_health(ks, t) for ks in keepsets]
+        problems = []
+        if out["entered"] < lim["min_entered"]:
+            problems.append(f"only {out['entered']:.1%} of entries entered (need >= {lim['min_entered']:.0%}): "
+                            "the rest are ordered by the |V| tie-break")
+        if out["max_step_share"] is not None and out["max_step_share"] > lim["max_step_share"]:
+            problems.append(f"{out['max_step_share']:.1%} of the entered entries entered at step {out['max_step']} "
+                            f"(limit {lim['max_step_share']:.0%})")
+        if out["loss_ratio_half"] is not None and out["loss_ratio_half"] > lim["max_loss_ratio_half"]:
+            problems.append(f"the search loss where half the entries had entered is {out['loss_at_half']:.3g}, "
+                            f"{out['loss_ratio_half']:.1f}x the dense {out['loss_start']:.3g} "
+                            f"(limit {lim['max_loss_ratio_half']:g}x): the order was decided on a collapsed model")
+        out["problems"] = problems
+        out["healthy"] = not problems
+        return out
+
+    def _budget_health(self, ks: "KeepSet", t_all: torch.Tensor) -> dict:
+        inf = math.inf
+        req = dict(ks.request)
+        if ks.readout == "per-layer":
+            comp = {g.name: g.name for g in self.groups}
+        elif "towers" in req:  # one budget per tower (keep_towers): each tower is its own competition
+            comp = {g.name: f"{g.tower}/{g.pool}" if "fraction" in req["towers"].get(g.tower, {}) else g.tower
+                    for g in self.groups}
+        elif "fraction" in req:
+            comp = {g.name: g.pool for g in self.groups}
+        else:
+            comp = {g.name: "all" for g in self.groups}
+        tower = req.get("tower")
+        towers = set(req["towers"]) if "towers" in req else None
+        first_out: dict = {}
+        kept_times: list[tuple[str, float]] = []
+        for g in self.groups:
+            if (tower is not None and g.tower != tower) or (towers is not None and g.tower not in towers):
+                continue
+            tt = self.entry_time[g.name].double()
+            tt = torch.where(tt < 0, torch.full_like(tt, inf), tt)
+            keep = ks.masks[g.name]
+            c = comp[g.name]
+            if bool((~keep).any()):
+                first_out[c] = min(first_out.get(c, inf), float(tt[~keep].min()))
+            kept_times += [(c, v) for v in tt[keep].tolist()]
+        by_order = sum(1 for c, v in kept_times if v < first_out.get(c, inf))
+        finite = [v for _, v in kept_times if v < inf]
+        last = max(finite) if finite else None
+        return {"request": req, "readout": ks.readout, "kept": len(kept_times),
+                "by_order": by_order / len(kept_times) if kept_times else None,
+                "by_tie_break": 1 - by_order / len(kept_times) if kept_times else None,
+                "last_kept_entry_time": last,
+                "all_kept_entered": len(finite) == len(kept_times),
+                "loss_at_last_kept": self.loss_near(last) if last is not None else None}
+
     # -- support curves ------------------------------------------------------------------------
     def support_curve(self, by: str = "pool"):
         """A pandas DataFrame of support size vs step, per pool ('pool') or per group ('group')."""
@@ -375,6 +511,8 @@ class SolutionPath:
             "V": {n: t.tolist() for n, t in self.V.items()},
             "M": {n: t.tolist() for n, t in self.M.items()},
             **({"score": {n: t.tolist() for n, t in self.score.items()}} if self.score is not None else {}),
+            **({"entry_time": {n: t.tolist() for n, t in self._entry_time.items()}}
+               if self._entry_time is not None else {}),
             "history": self.history,
         }
 
@@ -384,7 +522,8 @@ class SolutionPath:
             raise SpecError(f"not a sppbench solution path (format {d.get('format')!r}, expected {PATH_FORMAT!r})")
         groups = [MaskGroup.from_dict(g) for g in d["groups"]]
         return cls(groups, d["entry_step"], d["V"], d["M"], CostModel.from_dict(d["cost_model"]),
-                   d.get("config"), d.get("history"), d.get("support_steps"), d.get("info"), d.get("score"))
+                   d.get("config"), d.get("history"), d.get("support_steps"), d.get("info"), d.get("score"),
+                   d.get("entry_time"))
 
     def save(self, file: str | os.PathLike) -> Path:
         """Write the path as JSON, atomically (temp file + rename)."""
@@ -408,7 +547,7 @@ class SolutionPath:
             raise SpecError(f"{file} is missing field {exc} of a solution path; rerun the search") from exc
 
     def entries_table(self) -> list[dict]:
-        """One row per entry: group, pool, layer, index, entry_step, support_steps, V, M (6 significant
+        """One row per entry: group, pool, layer, index, entry_step, entry_time, support_steps, V, M (6 significant
         digits), rank."""
         ranks = self.ranking("global")
         rows = []
@@ -416,6 +555,7 @@ class SolutionPath:
             for e in range(g.size):
                 rows.append({"group": g.name, "kind": g.kind, "pool": g.pool, "layer": g.layer, "index": e,
                              "entry_step": int(self.entry_step[g.name][e]),
+                             "entry_time": float(f"{float(self.entry_time[g.name][e]):.6g}"),
                              "support_steps": int(self.support_steps[g.name][e]),
                              "V": float(f"{float(self.V[g.name][e]):.6g}"),
                              "M": float(f"{float(self.M[g.name][e]):.6g}"),

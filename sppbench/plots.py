@@ -124,3 +124,35 @@ def entry_order_heatmap(path, title: str = ""):
     fig.colorbar(im, ax=axes[:, 0].tolist(), label="entry step")
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def entry_time_histogram(path, title: str = ""):
+    """Path health at a glance (docs/path_health.md): a histogram of the entries' entry times (one bin per
+    step) with the search loss over the steps on a second axis, and the health verdict in the title."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    t = torch.cat([v for v in path.entry_time.values()])
+    t = t[t >= 0]
+    steps = int(path.config.get("steps") or (max(h["step"] for h in path.history) if path.history else 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(t.numpy(), bins=range(0, steps + 2), color="tab:blue", alpha=0.7)
+    ax.set_xlabel("entry time (search step)")
+    ax.set_ylabel("entries entering", color="tab:blue")
+    loss = [(h["step"], h["loss"]) for h in path.history if "loss" in h]
+    if loss:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in loss], [v for _, v in loss], color="tab:red", lw=1.2)
+        ax2.set_ylabel("search loss", color="tab:red")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d = path.diagnostics()
+    if d.get("applicable"):
+        verdict = "healthy" if d["healthy"] else "DEGENERATE: " + "; ".join(p.split(":")[0] for p in d["problems"])
+        title = f"{title}\n{verdict}"
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from . import measure, methods
 from .compress import compress
-from .experiments import check_types, write_record
+from .experiments import check_types, path_health, write_record
 from .path import READOUTS, KeepSet, SolutionPath
 from .vision import _attach, evaluate, get_task, spp_constants, VisionTableConfig
 
@@ -123,7 +124,7 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
     import pandas as pd
 
     cfg = (cfg or PathStudyConfig()).resolved()
-    out = {"paths": {}, "labels": {}, "records": [], "nested": None}
+    out = {"paths": {}, "labels": {}, "records": [], "nested": None, "health": {}}
     rows = []
     for model in cfg.models:
         task = (tasks or {}).get(model) or _task(model, 10, 10, 10)
@@ -135,6 +136,7 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
             dense = _dense_macs(m)
             fr = sorted(set(cfg.macs_fractions), reverse=True)
             mine = []
+            health = path_health(path, [path.keep(macs=int(f * dense)) for f in fr], f"{cfg.study} {model}")
             for ro in READOUTS:
                 keeps = [path.keep(macs=int(f * dense), readout=ro) for f in fr]
                 for i, (f, k) in enumerate(zip(fr, keeps)):
@@ -152,11 +154,13 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
                 "nested_rule": "nested_in_next: the next smaller budget's keep-set is a subset of this one"}
         table = pd.DataFrame(mine)
         if record:
-            out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model}, path, table, info))
+            out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model}, path, table, info,
+                                               health={"search": health}))
         if progress:
             print(f"[path] {model}: {cfg.steps} steps in {path.config.get('seconds', 0):.1f}s; nested at every budget: "
                   f"{bool(table['nested_in_next'].dropna().all())}", flush=True)
         out["paths"][model] = path
+        out["health"][model] = health
         out["labels"][model] = task.label
         rows += mine
     out["nested"] = pd.DataFrame(rows)
@@ -328,6 +332,7 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
     dense = _dense_macs(m)
     budget = int(cfg.budget_macs_fraction * dense)
     rows = []
+    health: dict[str, dict] = {}
     try:
         for nu, kappa, lam in itertools.product(cfg.nus, cfg.kappas, cfg.lams):
             consts = {"kappa": kappa, "alpha": cfg.alpha or base["alpha"], "nu": nu or base["nu"], "lam": lam}
@@ -342,11 +347,18 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
             pl = path_length(first, budget)
             entered = sum(int((e >= 0).sum()) for e in first.entry_step.values()) / sum(g.size for g in first.groups)
             stab = statistics.fmean(_pairs(keeps, jaccard)) if len(keeps) > 1 else None
+            with warnings.catch_warnings():  # a degenerate cell is marked in its row, not warned about 9 times
+                warnings.simplefilter("ignore", RuntimeWarning)
+                h = first.diagnostics([keeps[cfg.seeds[0]]])
+            health[f"kappa={kappa} lam={lam} nu={consts['nu']}"] = h
             rows.append({"kappa": kappa, "lam": lam, "nu": consts["nu"], "alpha": consts["alpha"],
                          "budget_macs_fraction": cfg.budget_macs_fraction, "top1_head_refit": ev["val_head_refit"],
                          "top1_no_retrain": ev["val_no_retrain"], "path_length": pl, "entered_fraction": entered,
                          "stability_jaccard": stab, "loss_last": first.history[-1]["loss"] if first.history else None,
-                         "search_s": first.config.get("seconds")})
+                         "search_s": first.config.get("seconds"),
+                         "path_healthy": h["healthy"], "max_step_share": h["max_step_share"],
+                         "loss_ratio_half": h["loss_ratio_half"], "budget_by_order": h["budgets"][0]["by_order"],
+                         "degenerate_because": "; ".join(h["problems"]) or None})
             if progress:
                 print(f"[kappa-lambda {time.perf_counter() - t0:6.1f}s] kappa {kappa} lam {lam} nu {consts['nu']}: val "
                       f"top-1 {ev['val_head_refit']:.3f}, path length {pl}, stability {stab}", flush=True)
@@ -359,8 +371,10 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
                            f"{cfg.steps} steps)",
             "stability": "mean Jaccard of the budget's keep-sets over pairs of data-order seeds",
             "top1": "validation split (the grid chooses constants; the test split is not touched), head re-fit",
+            "path_health": "per cell, the first seed's path diagnostics (docs/path_health.md); a cell with "
+                           "path_healthy False has a degenerate path: its top-1 is not a result of the order",
             "seconds": round(time.perf_counter() - t0, 1)}
-    folder = write_record(cfg.study, cfg, None, table, info) if record else None
+    folder = write_record(cfg.study, cfg, None, table, info, health=health) if record else None
     return {"table": table, "record": folder, "info": info}
 
 

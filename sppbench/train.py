@@ -4,13 +4,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .dynamics import SLBI
-from .errors import SearchDivergedError
+from .errors import SearchDivergedError, SpecError
 from .masks import POOLS, MaskedModel
 from .path import SolutionPath
 
@@ -32,6 +33,17 @@ def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: Callable) -> torch
     inputs, target = batch
     out = model(*inputs) if isinstance(inputs, (list, tuple)) else model(inputs)
     return loss_fn(out, target)
+
+
+class _Prepend:
+    """Batches already read (for the auto-constant measurement) first, then the rest of the cycle:
+    the search sees exactly the sequence it would have seen without the measurement."""
+
+    def __init__(self, head: list, rest: "_Cycle"):
+        self.head, self.rest = list(head), rest
+
+    def __next__(self):
+        return self.head.pop(0) if self.head else next(self.rest)
 
 
 class _Cycle:
@@ -154,14 +166,16 @@ def _check_resumable(state: dict, file, m: MaskedModel, config: dict) -> None:
 
 def _snapshot(m: MaskedModel, opt: SLBI, history: list[dict], config: dict) -> SolutionPath:
     masks = m.mask_parameters()
-    entry, V, M, sup = {}, {}, {}, {}
+    entry, etime, V, M, sup = {}, {}, {}, {}, {}
     for name, p in masks.items():
         st = opt._state(p)
         entry[name] = st["entry_step"].cpu()
+        etime[name] = st.get("entry_time", st["entry_step"].double()).cpu()
         sup[name] = st["support_steps"].cpu()
         V[name] = st["V"].detach().float().cpu()
         M[name] = p.detach().float().cpu()
-    return SolutionPath(m.groups, entry, V, M, m.cost_model, config, [dict(h) for h in history], sup, m.info)
+    return SolutionPath(m.groups, entry, V, M, m.cost_model, config, [dict(h) for h in history], sup, m.info,
+                        entry_time=etime)
 
 
 def _record(m: MaskedModel, opt: SLBI, step: int, loss: float) -> dict:
@@ -172,8 +186,9 @@ def _record(m: MaskedModel, opt: SLBI, step: int, loss: float) -> dict:
     return {"step": step, "loss": loss, "support_pool": per_pool, "support_group": per_group}
 
 
-def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, kappa: float, alpha: float,
-           nu: float, lam: float, variant: str = "paper", seed: int = 0, record_every: int = 1,
+def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, kappa: float | None = None,
+           alpha: float | None = None, nu: float | None = None, lam: float | None = None,
+           constants: str | None = None, variant: str = "paper", seed: int = 0, record_every: int = 1,
            log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None,
            checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
            run: dict | None = None, distributed: bool | None = None) -> SolutionPath:
@@ -184,6 +199,12 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     depends only on the data order and the constants. Masks start at 1 and are reset to 1 at the end
     (the final M is in ``path.M``). A NaN / inf loss raises SearchDivergedError whose ``.path`` is
     the path at the last finite step.
+
+    constants: "auto" (the default when none of kappa, alpha, nu, lam is given) derives the four from
+    gradient and curvature scales measured at the dense model on the search's first batches
+    (``sppbench.auto``; the measurements and what they imply go into ``path.config["auto"]``, and a
+    RuntimeWarning says when the paper form cannot hold the model within ``steps``); "given" (the
+    default when all four are given) uses them as they are.
 
     checkpoint / checkpoint_every: write the full search state to ``checkpoint`` every N steps (atomically;
     rank 0 only). resume: continue from that file (same constants, seed and ``run``; the path equals an
@@ -202,6 +223,21 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
         raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
     if (resume or checkpoint_every) and checkpoint is None:
         raise ValueError("resume / checkpoint_every need checkpoint=<file>")
+    given = {k: v for k, v in (("kappa", kappa), ("alpha", alpha), ("nu", nu), ("lam", lam)) if v is not None}
+    if constants is None:
+        constants = "given" if given else "auto"
+    if constants not in ("auto", "given"):
+        raise ValueError(f"constants must be 'auto' or 'given', got {constants!r}")
+    if constants == "given" and len(given) != 4:
+        missing = sorted({"kappa", "alpha", "nu", "lam"} - set(given))
+        raise ValueError(f"hand-given constants need all four of kappa, alpha, nu, lam (missing {missing}); "
+                         "or pass none of them (constants='auto') to derive them from the model")
+    if constants == "auto" and given:
+        raise ValueError(f"constants='auto' derives kappa, alpha, nu, lam itself; drop {sorted(given)} or pass "
+                         "constants='given' with all four")
+    if constants == "auto" and variant != "paper":
+        raise ValueError(f"constants='auto' is derived for the paper form; give the {variant!r} form's constants "
+                         "by hand (kappa=, alpha=, nu=, lam=)")
     use_ddp = D.active() if distributed is None else bool(distributed)
     torch.manual_seed(seed)
     masks = m.mask_parameters()
@@ -209,7 +245,52 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     saved_grad = [p.requires_grad for p in weights]
     was_training = m.training
     device = next(iter(masks.values())).device
+    auto_info = None
+    data = _Cycle(batches)
+    if constants == "auto":
+        if resume:
+            prior = load_search_state(checkpoint)["config"]
+            if "auto" not in prior:
+                raise SpecError(f"{checkpoint} was written by a search with hand-given constants; resume with "
+                                "the same kappa=, alpha=, nu=, lam=")
+            kappa, alpha, nu, lam = (prior[k] for k in ("kappa", "alpha", "nu", "lam"))
+            auto_info = prior["auto"]
+        else:
+            from . import auto as A
+
+            head = [to_device(next(data), device) for _ in range(A.MEASURE_BATCHES)]
+            data = _Prepend(head, data)
+            m.reset_masks()
+            was_rg = [p.requires_grad for p in masks.values()]
+            for p in masks.values():
+                p.requires_grad_(True)
+            wrg = [p.requires_grad for p in weights]
+            for p in weights:
+                p.requires_grad_(False)
+            was_tr = m.training
+            m.eval()
+            try:
+                meas = A.measure(m, head, loss_fn, seed=seed)
+            finally:
+                for p, rg in zip(masks.values(), was_rg):
+                    p.requires_grad_(rg)
+                for p, rg in zip(weights, wrg):
+                    p.requires_grad_(rg)
+                m.train(was_tr)
+            if use_ddp:  # every rank measured its own shard: all take rank 0's figures, so the constants agree
+                meas = D.broadcast_object(meas)
+            consts, implied = A.derive(meas, steps)
+            kappa, alpha, nu, lam = (consts[k] for k in ("kappa", "alpha", "nu", "lam"))
+            auto_info = {"measured": meas, "implied": implied, "rule": A.__doc__.split("\n\n")[0]}
+            if not implied["can_hold"]:
+                warnings.warn(
+                    f"auto constants: the paper form needs about {implied['steps_to_hold']:,} steps to keep this "
+                    f"model's uniform shrink under 5% while the path forms (condition number "
+                    f"{implied['condition_number']:.3g}); with {steps} steps the coupling shrinks it by about "
+                    f"{implied['predicted_uniform_shrink']:.0%} and the path may be degenerate: read "
+                    "path.diagnostics()", RuntimeWarning, stacklevel=2)
     config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
+              "constants": constants, **({"auto": auto_info} if auto_info is not None else {}),
               "steps": steps, "seed": seed, "record_every": record_every,
               **({"run": dict(run)} if run is not None else {}),
               **({"processes": D.world()[1]} if use_ddp else {})}
@@ -228,7 +309,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
         _set_rng_state(state["rng"])
         start, before = int(state["step"]), float(state["seconds"])
         config["resumed_at"] = [*state["config"].get("resumed_at", []), start]
-    data = _Cycle(batches, start=start)
+        data = _Cycle(batches, start=start)
     t0 = time.perf_counter()
 
     def snapshot(done: int) -> SolutionPath:

@@ -22,7 +22,7 @@ from . import measure, methods
 from .data import Batches, ImageSet, preprocess
 from .errors import UnsupportedModelError
 from .evaluate import fit_linear_head
-from .experiments import check_types, search_defaults, write_record
+from .experiments import check_types, path_health, search_defaults, write_record
 from .path import READOUTS
 from .train import FINETUNE_DEFAULTS, finetune
 
@@ -283,6 +283,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     searches = {}
     skipped: dict[str, str] = {}
     configs: dict[str, object] = {}  # every search's settings (Lasso: each lambda try; peers: each ratio try)
+    paths: dict[str, object] = {}     # the solution paths of the path methods, saved with their health
+    health: dict[str, dict] = {}
     try:
         for method in cfg.methods:
             if method in methods.PEER_METHODS and methods.peer_reason(method):
@@ -313,6 +315,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                             if best is None or (score is not None and score > best[0]):
                                 best = (score, p, cache)
                         chosen.append(best)
+                    if path.rank_by != "score":
+                        paths[f"{method}@seed{seed}"] = path
+                        health[f"{method}@seed{seed}"] = path_health(
+                            path, [c[1].keep for c in chosen if c[1].keep is not None], f"{task.name} {method}")
                 else:
                     try:
                         chosen = [(None, p, {}) for p in methods.prune(method, m, budgets, **common)]
@@ -327,7 +333,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                     configs[f"{method}@seed{seed}"] = [{k: ({kk: vv for kk, vv in v.items() if kk != "kept"}
                                                             if isinstance(v, dict) else v) for k, v in p.info.items()}
                                                        for _, p, _ in chosen]
-                for (val_score, p, cache), frac in zip(chosen, cfg.macs_fractions):
+                h = health.get(f"{method}@seed{seed}")
+                for bi, ((val_score, p, cache), frac) in enumerate(zip(chosen, cfg.macs_fractions)):
                     ev = evaluate(p.model, task, ("test",), cache)
                     ft, ft_rec = finetuned_top1(p.model, seed, cache["head"])
                     macs = measure.macs(p.model, x_macs)
@@ -338,6 +345,9 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                            "top1_finetuned": ft, "search_s": round(p.search_seconds, 2),
                            "shared_search": method in methods.RANKING_METHODS, "finetune_s": ft_rec["seconds"],
                            **_spread_cols(p.keep, m.groups)}
+                    if h is not None:  # a path method: is the order behind this row real? (docs/path_health.md)
+                        row["path_healthy"] = h["healthy"]
+                        row["path_by_order"] = h["budgets"][bi]["by_order"] if bi < len(h["budgets"]) else None
                     if "peer" in p.info:
                         peer = p.info["peer"]
                         row["units"] = "torch-pruning: q+k+v dims together (see the record), MLP neurons"
@@ -367,9 +377,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             "seconds": round(time.perf_counter() - t_start, 1)}
     folder = None
     if record:
-        folder = write_record(cfg.study, cfg, None, table, info)
+        folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health)
         log(f"record written: {folder}")
-    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg)}
+    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg), "paths": paths,
+            "path_health": health}
 
 
 def family_cost(searches: dict, n_budgets: int, cfg: VisionTableConfig, family_size: int = 5) -> dict:

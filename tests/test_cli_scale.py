@@ -119,3 +119,21 @@ def test_prune_then_two_process_finetune(tmp_path, one_process_path):
     res = cli("finetune", "--pruned", tmp_path / "small", "--steps", "3", "--lr", "1e6", "--out", tmp_path / "t3")
     assert res.returncode == 2 and "fine-tuning loss is nan" in res.stderr and "lower lr" in res.stderr
     assert not (tmp_path / "t3").exists()
+
+
+def test_auto_constants_on_one_and_two_processes(tmp_path):
+    """The default constants are derived from the model; under torchrun every rank measures on its slice of
+    the global batch and the figures are averaged, so the constants are the one-process ones."""
+    args = ["search", "--steps", "6", "--batch-size", "8", "--log-every", "0"]
+    one = cli(*args, "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr[-2000:]
+    line = json.loads(one.stdout.strip().splitlines()[-1])
+    assert line["constants"] == "auto" and set(line["health"]) >= {"healthy", "entered", "max_step_share", "problems"}
+    two = cli(*args, "--out", tmp_path / "two.json", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = SolutionPath.load(tmp_path / "one.json"), SolutionPath.load(tmp_path / "two.json")
+    for k in ("kappa", "alpha", "nu", "lam"):
+        assert b.config[k] == pytest.approx(a.config[k], rel=2e-3), k  # float32 finite-difference curvature
+    assert b.config["auto"]["measured"]["lambda_max"] == pytest.approx(a.config["auto"]["measured"]["lambda_max"], rel=1e-3)
+    given = cli(*args, "--kappa", "5", "--constants", "auto", "--out", tmp_path / "bad.json")
+    assert given.returncode == 2 and "--constants given" in given.stderr and not (tmp_path / "bad.json").exists()

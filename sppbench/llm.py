@@ -141,6 +141,25 @@ def keep_mask(rank: torch.Tensor, pattern: Pattern, compare: str = "layer") -> t
     return rank.reshape(-1).lt(k).view(out_f, in_f)
 
 
+def pruned_by_path(entry_step: torch.Tensor, keep: torch.Tensor, pattern: Pattern, compare: str = "layer") -> float:
+    """Share of the pruned entries that SPP-RIA's path decided: pruned entries whose entry step is strictly
+    later than every kept entry's in the same comparison group (layer, row or N:M group; never entered =
+    latest). The rest tie with a kept entry on the path and were decided by the RIA tie-break."""
+    key = torch.where(entry_step < 0, torch.full_like(entry_step, torch.iinfo(torch.long).max), entry_step).long()
+    out_f, in_f = key.shape
+    if pattern.kind == "nm":
+        key, keep = key.view(out_f, -1, pattern.m), keep.view(out_f, -1, pattern.m)
+    elif compare == "row":
+        pass
+    else:
+        key, keep = key.reshape(1, -1), keep.reshape(1, -1)
+    low = torch.iinfo(torch.long).min
+    cut = torch.where(keep, key, torch.full_like(key, low)).amax(dim=-1, keepdim=True)
+    pruned = ~keep
+    n = int(pruned.sum())
+    return float((pruned & (key > cut)).sum()) / n if n else 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # SPP on the Gram form of the reconstruction loss
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +395,12 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                             extra = {"entered": float((p["entry_step"] >= 0).float().mean()),
                                      "loss_last": p["losses"][-1] if p["losses"] else 0.0}
                 keep = keep_mask(rank, pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
+                if method == "spp-ria":  # how much of this layer's pruning did the path decide (vs the RIA tie-break)?
+                    es = p["entry_step"]
+                    _, counts = torch.unique(es[es >= 0], return_counts=True)
+                    extra["pruned_by_path"] = pruned_by_path(es, keep, pat, COMPARE[method] if pat.kind == "unstructured"
+                                                             else "layer")
+                    extra["max_step_share"] = float(counts.max()) / int((es >= 0).sum()) if counts.numel() else None
                 W.mul_(keep.to(W.dtype))
                 zeros = int((W == 0).sum())
                 res.layers.append({"layer": li, "name": name, "shape": list(W.shape), "numel": W.numel(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -134,7 +135,12 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
                          "layer_sparsity_min": min(per), "layer_sparsity_max": max(per), "perplexity": p,
                          "seconds": res.seconds,
                          **({"entered": sum(r["entered"] * r["numel"] for r in res.layers) / sum(r["numel"]
-                                                                                               for r in res.layers)}
+                                                                                               for r in res.layers),
+                             # the path's share of each layer's pruning (the rest: the RIA tie-break); below 0.5 in a
+                             # layer, SPP-RIA reduces to RIA there (docs/path_health.md)
+                             "pruned_by_path_min": min(r["pruned_by_path"] for r in res.layers),
+                             "pruned_by_path_median": statistics.median(r["pruned_by_path"] for r in res.layers),
+                             "reduces_to_ria": any(r["pruned_by_path"] < 0.5 for r in res.layers)}
                             if method == "spp-ria" else {})})
             layers += [{"method": method, "pattern": res.pattern, **r} for r in res.layers]
             log(f"{method} {res.pattern}: sparsity {res.sparsity():.4f}, perplexity {p:.2f}, {res.seconds:.1f}s")
@@ -152,6 +158,16 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
         if "spp-ria" in part.index and "ria" in part.index:
             ratio[pat] = float(part.loc["spp-ria", "perplexity"] / part.loc["ria", "perplexity"])
     info["ppl_ratio_spp_ria_over_ria"] = ratio
+    if "spp-ria" in cfg.methods:
+        red = {r["pattern"]: r for r in rows if r["method"] == "spp-ria"}
+        info["spp_ria_path_share"] = {
+            pat: {"pruned_by_path_min": r["pruned_by_path_min"], "pruned_by_path_median": r["pruned_by_path_median"],
+                  "reduces_to_ria": r["reduces_to_ria"],
+                  "why": ("in at least one layer fewer than half of the pruned weights entered the path later than "
+                          "every kept weight: the cut falls inside a tie of the path (mostly the never-entered "
+                          "weights) and the RIA score decides it" if r["reduces_to_ria"] else
+                          "in every layer the path decided at least half of the pruned weights")}
+            for pat, r in red.items()}
     stab = pd.DataFrame(structured)
     folder = None
     if record:

@@ -203,3 +203,30 @@ def test_memory_estimate_grows_with_calibration_and_gram_state():
     assert big["activations_gib"] == pytest.approx(2 * small["activations_gib"], rel=0.01)
     assert llm_memory(4096, 11008, 32, heads=32, method="ria")["statistics_gib"] < big["statistics_gib"]
     assert 12 < big["host_gib"] < 13.5  # LLaMA-2-7B in fp16: 6.7e9 parameters x 2 bytes
+
+
+def test_pruned_by_path_counts_what_the_entry_order_decided():
+    from sppbench.llm import pruned_by_path
+
+    es = torch.tensor([[1, 2, 3, -1], [1, 5, -1, -1]])
+    half = parse_pattern("unstructured:0.5")
+    # kept: the four earliest (steps 1, 1, 2, 3); pruned: step 5 and three never-entered; all later than step 3
+    keep = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert pruned_by_path(es, keep, half) == 1.0
+    # kept a never-entered weight: the pruned never-entered ones tie with it (the tie-break decided them)
+    keep2 = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    assert pruned_by_path(es, keep2, half) == 0.0
+    # per row: row 0 keeps {1, 2} and prunes {3, never}: both later; row 1 keeps {1, 5}, prunes two never-entered
+    row_keep = torch.tensor([[True, True, False, False], [True, True, False, False]])
+    assert pruned_by_path(es, row_keep, half, "row") == 1.0
+    # N:M (2:4): each group of four is its own competition
+    nm = parse_pattern("2:4")
+    assert pruned_by_path(es, row_keep, nm) == 1.0
+    everything_ties = torch.full((2, 4), -1)
+    assert pruned_by_path(everything_ties, keep, half) == 0.0
+    # and it agrees with the read-out SPP-RIA uses: entry step first, ties by a score
+    score = torch.rand(2, 4, generator=torch.Generator().manual_seed(0))
+    e = es.double()
+    rank = order_rank(-torch.where(e < 0, torch.full_like(e, float("inf")), e), score)
+    k = keep_mask(rank, half)
+    assert int(k.sum()) == 4 and pruned_by_path(es, k, half) == 1.0

@@ -529,3 +529,52 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
             "seconds": round(time.perf_counter() - t0, 1)}
     folder = write_record(cfg.study, cfg, path, table, info) if record else None
     return {"latency": table, "family_cost": fam, "search_step": step, "record": folder, "info": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# Does the order carry information? (issue 17, point 4)
+# ---------------------------------------------------------------------------------------------
+ORDER_ARMS = ("entry-order", "final-abs-V", "final-abs-M", "random-per-layer")
+
+
+def order_variants(path: SolutionPath, seed: int = 0) -> dict[str, tuple[SolutionPath, str]]:
+    """The same search read four ways: by entry order (the path itself), by final |V| only, by final |M|
+    only (score-ranked copies of the path) and random per layer; (path, read-out) per arm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def scored(score: dict) -> SolutionPath:
+        return SolutionPath(path.groups, path.entry_step, path.V, path.M, path.cost_model,
+                            dict(path.config), path.history, path.support_steps, path.info,
+                            score=score)
+
+    return {"entry-order": (path, "global"),
+            "final-abs-V": (scored({n: v.abs().double() for n, v in path.V.items()}), "global"),
+            "final-abs-M": (scored({n: v.abs().double() for n, v in path.M.items()}), "global"),
+            "random-per-layer": (scored({gr.name: torch.rand(gr.size, generator=g, dtype=torch.float64)
+                                         for gr in path.groups}), "per-layer")}
+
+
+def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0) -> tuple[list[dict], dict]:
+    """At each MAC budget: the keep-set of every arm of ``order_variants``, compressed and evaluated on the
+    same test images (head re-fit on the refit split). Returns (rows, per-example correctness per
+    arm and budget: lists of 0/1 over the test images, in the split's order, for paired statistics)."""
+    from .evaluate import fit_linear_head
+    from .vision import _features
+
+    dense = _dense_macs(m)
+    rows, per_example = [], {}
+    arms = order_variants(path, seed)
+    for f in macs_fractions:
+        for arm, (p, ro) in arms.items():
+            keep = p.keep(macs=int(f * dense), readout=ro)
+            small = compress(m, keep)
+            fr, yr = _features(small, task.loader("refit"))
+            head = fit_linear_head(fr, yr, task.num_classes, weight_decay=task.head_weight_decay)
+            ft, yt = _features(small, task.loader("test"))
+            correct = (head(ft).argmax(-1) == yt).long()
+            per_example[f"{arm}@{f}"] = correct.tolist()
+            rows.append({"arm": arm, "readout": ro, "budget_macs_fraction": f, "macs": keep.macs,
+                         "achieved_fraction": keep.macs / dense, "top1_head_refit": float(correct.float().mean()),
+                         "n_test": int(correct.numel()),
+                         "jaccard_with_entry_order": jaccard(keep, arms["entry-order"][0].keep(macs=int(f * dense)))})
+    return rows, per_example

@@ -215,3 +215,35 @@ def test_records_carry_the_health_and_every_path(tmp_path, monkeypatch):
     assert [r["loss"] for r in hist] == [r["loss"] for r in bad.history]
     header = (folder / "paths" / "spp@seed0.csv").read_text().splitlines()[0]
     assert "entry_time" in header.split(",")
+
+
+def test_order_ablation_reads_one_search_four_ways():
+    from sppbench.studies import ORDER_ARMS, order_ablation, order_variants
+    from test_vision import tiny_task
+
+    task = tiny_task()
+    m = sppbench.attach_masks(task.dense, input_size=(3, task.img_size, task.img_size))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            path = sppbench.search(m, task.train_batches(16, 15, 0), F.cross_entropy, steps=15,
+                                   kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+        arms = order_variants(path)
+        assert tuple(arms) == ORDER_ARMS
+        # the |V| and |M| arms rank by those statistics alone
+        v_path = arms["final-abs-V"][0]
+        assert v_path.rank_by == "score"
+        first = v_path.order()[0]
+        g = path.groups[first[0]].name
+        assert float(path.V[g][first[1]].abs()) == max(float(t.abs().max()) for t in path.V.values())
+        rows, per_example = order_ablation(m, path, task, (0.7, 0.5))
+        assert len(rows) == 2 * len(ORDER_ARMS) and set(per_example) == {f"{a}@{f}" for a in ORDER_ARMS for f in (0.7, 0.5)}
+        n = rows[0]["n_test"]
+        assert all(len(v) == n and set(v) <= {0, 1} for v in per_example.values())
+        for r in rows:  # every arm meets the same budget and reports its agreement with the entry order
+            assert r["achieved_fraction"] <= r["budget_macs_fraction"] + 1e-9
+            assert 0 <= r["jaccard_with_entry_order"] <= 1
+            assert r["top1_head_refit"] == pytest.approx(sum(per_example[f"{r['arm']}@{r['budget_macs_fraction']}"]) / n)
+        assert [r["jaccard_with_entry_order"] for r in rows if r["arm"] == "entry-order"] == [1.0, 1.0]
+    finally:
+        m.detach_masks()

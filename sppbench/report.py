@@ -590,6 +590,15 @@ BUILDERS: dict[str, Callable] = {
 
 # ------------------------------------------------------------------------------------------- report
 
+def _shown(root: Path, out: Path) -> str:
+    """The runs folder as the report shows it: relative to the folder holding the report's folder (the
+    checkout, for results/report.md), so a committed report names no machine's paths."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), Path(out).resolve().parent)).as_posix()
+    except ValueError:  # another drive (Windows)
+        return Path(root).name
+
+
 def _no_record(study: str, root: Path) -> str:
     return f"no record under {root / study}; run notebook {NOTEBOOKS[study]} or nox -s reproduce"
 
@@ -651,7 +660,9 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
             path = atomic_write_bytes(figures_dir / name, _png(fig))  # temp file in the folder, then os.replace
             result["figures"].append(str(path))
             written.append((f"figures/{name}", study, runs))
-    result["index"] = str(atomic_write_text(out / "report.md", _index(root, written, result["missing"])))
+    shown = _shown(root, out)
+    result["index"] = str(atomic_write_text(out / "report.md", _index(
+        Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()})))
     return result
 
 

@@ -161,6 +161,8 @@ def test_every_study_writes_its_tables_and_figures(synthetic):
     index = Path(rep["index"]).read_text()
     for name in EXPECTED_TABLES | EXPECTED_FIGURES:
         assert name in index
+    # the index names the runs folder relative to the report's checkout, never a machine's absolute path
+    assert str(root.resolve()) not in index and f"`{out.name}/runs`" in index
 
 
 def test_every_table_names_its_run_and_stand_in(synthetic):
@@ -265,6 +267,7 @@ def test_missing_and_malformed_records_are_reported_not_raised(tmp_path):
     assert names == {"vision_table.csv", "paper_vision.csv", "vision_top1_vs_macs.png"}
     index = Path(rep["index"]).read_text()
     assert "## Missing" in index and "clip_table" in index and "no record under" in index
+    assert str(root) not in index and "no record under runs/solution_path" in index  # relative, not this machine's
 
 
 def test_empty_root_and_unknown_study(tmp_path):

@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
+RULE = ("theta = kappa*lam = 0.9; r = kappa*alpha/nu = -ln(0.1)/(0.8*steps) (unheld entries enter at 0.8 of the "
+        "steps); a = kappa*alpha = 0.5/lambda_max (half the stability limit); nu = a/r; kappa = 10")
 THETA = 0.9            # kappa * lam
 SPAN = 0.8             # unheld entries enter at this share of the steps
 STEP_SHARE = 0.5       # a = STEP_SHARE * (1 / lambda_max) ... half of the stability limit 2 / lambda_max

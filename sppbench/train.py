@@ -277,11 +277,11 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
                 for p, rg in zip(weights, wrg):
                     p.requires_grad_(rg)
                 m.train(was_tr)
-            if use_ddp:  # every rank measured its own shard: all take rank 0's figures, so the constants agree
+            if use_ddp:  # the measurement is averaged over ranks; rank 0's copy makes the constants bit-equal
                 meas = D.broadcast_object(meas)
             consts, implied = A.derive(meas, steps)
             kappa, alpha, nu, lam = (consts[k] for k in ("kappa", "alpha", "nu", "lam"))
-            auto_info = {"measured": meas, "implied": implied, "rule": A.__doc__.split("\n\n")[0]}
+            auto_info = {"measured": meas, "implied": implied, "rule": A.RULE}
             if not implied["can_hold"]:
                 warnings.warn(
                     f"auto constants: the paper form needs about {implied['steps_to_hold']:,} steps to keep this "

@@ -134,7 +134,7 @@ def test_auto_constants_are_the_default_and_recorded(tmp_path):
     a = c["kappa"] * c["alpha"]
     assert a == pytest.approx(0.5 / meas["lambda_max"])
     assert implied["unheld_entry_step"] == pytest.approx(0.8 * 15)
-    assert c["kappa"] * c["lam"] == pytest.approx(0.9)
+    assert c["kappa"] * c["lam"] == pytest.approx(0.9) and "0.5/lambda_max" in c["auto"]["rule"]
     assert isinstance(implied["can_hold"], bool) and implied["steps_to_hold"] > 0
     # the same search run again gives the same constants and path (the measurement is deterministic)
     with warnings.catch_warnings():

@@ -42,7 +42,7 @@ REPRODUCE_PARAMS = {
     "40_solution_path.ipynb": {"steps": 60},
     "50_seed_stability.ipynb": {"seeds": [0, 1, 2], "macs_fractions": [0.7, 0.5, 0.35], "steps": 30,
                                 "lasso_trials": 2, "n_test": 1000, "n_refit": 1000},
-    "60_kappa_lambda.ipynb": {"kappas": [5.0, 10.0, 20.0], "lams": [0.02, 0.05, 0.2], "steps": 30, "n_val": 500,
+    "60_kappa_lambda.ipynb": {"kappas": [5.0, 10.0, 20.0], "lams": [0.01, 0.03, 0.045], "steps": 30, "n_val": 500,
                               "n_refit": 1000},
     "70_cost_latency.ipynb": {"steps": 30, "lasso_trials": 2, "step_repeats": 5, "latency_fractions": [0.75, 0.5, 0.25],
                               "latency_repeats": 10},

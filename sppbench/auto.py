@@ -121,20 +121,28 @@ def measure(m, batches: list, loss_fn: Callable, *, power_iters: int = POWER_ITE
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def derive(meas: dict, steps: int) -> tuple[dict, dict]:
-    """Paper-form constants for ``steps`` from ``measure``'s scales; returns (constants, what they imply)."""
+def derive(meas: dict, steps: int, *, kappa: float = KAPPA, theta: float = THETA) -> tuple[dict, dict]:
+    """Paper-form constants for ``steps`` from ``measure``'s scales; returns (constants, what they imply).
+
+    ``kappa`` and ``theta`` (= kappa * lam, the entry threshold in units of 1/kappa) default to the rule's
+    10 and 0.9; the kappa/lambda study passes each grid cell's, so every cell's path spans the same steps.
+    theta must lie in (0, 1): at theta >= 1 an entry the loss does not hold never enters."""
+    if not (0 < theta < 1):
+        raise ValueError(f"theta = kappa*lam must lie in (0, 1) for the path to span the search, got {theta!r}: "
+                         "at kappa*lam >= 1 an entry the loss does not hold never enters")
+    if not (math.isfinite(kappa) and kappa > 0):
+        raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
     lmax = max(meas["lambda_max"], 1e-12)
     a = STEP_SHARE / lmax
-    r = -math.log(1 - THETA) / (SPAN * steps)
+    r = -math.log(1 - theta) / (SPAN * steps)
     nu = a / r
-    kappa = KAPPA
-    consts = {"kappa": kappa, "alpha": a / kappa, "nu": nu, "lam": THETA / kappa}
+    consts = {"kappa": kappa, "alpha": a / kappa, "nu": nu, "lam": theta / kappa}
     h = max(meas["h_uniform"], 1e-12)
     shrink = 1.0 / (1.0 + h * nu)
     nu_hold = (1.0 / HOLD_SHRINK - 1.0) / h
-    steps_to_hold = int(math.ceil(-math.log(1 - THETA) / SPAN * nu_hold / a))
-    implied = {"loss_step": a, "decay_rate": r, "threshold": THETA,
-               "held_entry_step": THETA / r, "unheld_entry_step": -math.log(1 - THETA) / r,
+    steps_to_hold = int(math.ceil(-math.log(1 - theta) / SPAN * nu_hold / a))
+    implied = {"loss_step": a, "decay_rate": r, "threshold": theta,
+               "held_entry_step": theta / r, "unheld_entry_step": -math.log(1 - theta) / r,
                "stability_limit_loss_step": 2.0 / (lmax + 1.0 / nu),
                "condition_number": lmax / h,
                "predicted_uniform_shrink": shrink, "steps_to_hold": steps_to_hold,

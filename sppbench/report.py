@@ -500,6 +500,11 @@ def _kappa_lambda(recs):
             piv = pd.to_numeric(part[col], errors="coerce").groupby([part["kappa"], part["lam"]]).mean().unstack("lam")
             piv = piv.sort_index().reindex(sorted(piv.columns), axis=1)
             vals = piv.to_numpy(dtype=float)
+            bad = np.zeros(vals.shape, dtype=bool)
+            if "path_healthy" in part:  # a degenerate path's cell is not a result of the order: marked, not plotted
+                ok = part["path_healthy"].astype(bool).groupby([part["kappa"], part["lam"]]).all().unstack("lam")
+                bad = ~ok.reindex(index=piv.index, columns=piv.columns).fillna(False).to_numpy(dtype=bool)
+                vals = np.where(bad, np.nan, vals)
             im = ax.imshow(vals, aspect="auto", interpolation="nearest", cmap="viridis")
             ax.set_xticks(range(len(piv.columns)))
             ax.set_xticklabels([f"{v:g}" for v in piv.columns], fontsize=7)
@@ -510,7 +515,9 @@ def _kappa_lambda(recs):
             finite = vals[np.isfinite(vals)]
             mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
             for (r, c), v in np.ndenumerate(vals):
-                if np.isfinite(v):
+                if bad[r, c]:
+                    ax.text(c, r, "degenerate", ha="center", va="center", fontsize=6, color="black")
+                elif np.isfinite(v):
                     ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7,
                             color="black" if v > mid else "white")
             ax.set_title(title + ("" if nu is None else f", nu = {nu:g}"), fontsize=8)

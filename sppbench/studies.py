@@ -289,13 +289,21 @@ def run_seed_study(cfg: SeedStudyConfig | None = None, *, record: bool = True, p
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class KappaLambdaConfig:
-    """A grid of SPP searches; per cell: top-1 at one budget, path length, stability over two seeds."""
+    """A grid of SPP searches; per cell: top-1 at one budget, path length, stability over two seeds.
+
+    span="auto" (default): every cell's alpha and nu follow the automatic rule (docs/auto_constants.md)
+    for that cell's kappa and theta = kappa*lam, from one measurement of the dense model, so every cell's
+    path is scaled to span the search and the grid stays inside the region where entries can enter
+    (a cell with kappa*lam >= 1, where an entry the loss does not hold can never enter, is marked and not
+    searched). span="profile": the profile's alpha and nu (or ``alpha`` / ``nus``) in every cell, as the
+    first build did; most of that grid had (almost) no entries."""
 
     model: str = "embedded-vit"
     kappas: tuple[float, ...] = (5.0, 10.0, 20.0)
-    lams: tuple[float, ...] = (0.02, 0.05, 0.2)
-    nus: tuple[float, ...] = (0.0,)  # 0 = the profile's nu
-    alpha: float = 0.0               # 0 = the profile's alpha
+    lams: tuple[float, ...] = (0.01, 0.03, 0.045)  # kappa*lam from 0.05 to 0.9
+    nus: tuple[float, ...] = (0.0,)  # span="profile" only: 0 = the profile's nu
+    alpha: float = 0.0               # span="profile" only: 0 = the profile's alpha
+    span: str = "auto"
     budget_macs_fraction: float = 0.5
     steps: int = 40
     batch_size: int = 32
@@ -314,6 +322,11 @@ class KappaLambdaConfig:
             raise ValueError("kappas and lams must be > 0 and nus >= 0 (0 = the profile's nu)")
         if not self.seeds:
             raise ValueError("seeds must hold at least one seed")
+        if self.span not in ("auto", "profile"):
+            raise ValueError(f"span must be 'auto' or 'profile', got {self.span!r}")
+        if self.span == "auto" and (tuple(self.nus) != (0.0,) or self.alpha):
+            raise ValueError("span='auto' derives alpha and nu per cell from the model; drop nus= / alpha= or "
+                             "pass span='profile' to hold them fixed")
         return self
 
 
@@ -333,9 +346,30 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
     budget = int(cfg.budget_macs_fraction * dense)
     rows = []
     health: dict[str, dict] = {}
+    meas = None
+    if cfg.span == "auto":  # one measurement of the dense model, on the first seed's first batches
+        from . import auto as A
+        from .train import measure_dense, to_device
+
+        it = iter(task.train_batches(cfg.batch_size, A.MEASURE_BATCHES, cfg.seeds[0]))
+        dev = next(iter(m.mask_parameters().values())).device
+        meas = measure_dense(m, [to_device(next(it), dev) for _ in range(A.MEASURE_BATCHES)], F.cross_entropy,
+                             seed=cfg.seeds[0])
     try:
         for nu, kappa, lam in itertools.product(cfg.nus, cfg.kappas, cfg.lams):
-            consts = {"kappa": kappa, "alpha": cfg.alpha or base["alpha"], "nu": nu or base["nu"], "lam": lam}
+            implied = None
+            if meas is not None:
+                if kappa * lam >= 1:
+                    rows.append({"kappa": kappa, "lam": lam, "nu": None, "alpha": None, "theta": kappa * lam,
+                                 "budget_macs_fraction": cfg.budget_macs_fraction, "top1_head_refit": None,
+                                 "top1_no_retrain": None, "path_length": None, "entered_fraction": 0.0,
+                                 "stability_jaccard": None, "path_healthy": False, "max_step_share": None,
+                                 "tie_share": None, "degenerate_because": "kappa*lam >= 1: an entry the loss does "
+                                 "not hold never enters (not searched)"})
+                    continue
+                consts, implied = A.derive(meas, cfg.steps, kappa=kappa, theta=kappa * lam)
+            else:
+                consts = {"kappa": kappa, "alpha": cfg.alpha or base["alpha"], "nu": nu or base["nu"], "lam": lam}
             keeps, first = {}, None
             for seed in cfg.seeds:
                 path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, cfg.steps, seed), F.cross_entropy,
@@ -352,12 +386,15 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
                 h = first.diagnostics([keeps[cfg.seeds[0]]])
             health[f"kappa={kappa} lam={lam} nu={consts['nu']}"] = h
             rows.append({"kappa": kappa, "lam": lam, "nu": consts["nu"], "alpha": consts["alpha"],
-                         "budget_macs_fraction": cfg.budget_macs_fraction, "top1_head_refit": ev["val_head_refit"],
+                         "theta": kappa * lam, "budget_macs_fraction": cfg.budget_macs_fraction, "top1_head_refit": ev["val_head_refit"],
                          "top1_no_retrain": ev["val_no_retrain"], "path_length": pl, "entered_fraction": entered,
                          "stability_jaccard": stab, "loss_last": first.history[-1]["loss"] if first.history else None,
                          "search_s": first.config.get("seconds"),
                          "path_healthy": h["healthy"], "max_step_share": h["max_step_share"],
                          "loss_ratio_half": h["loss_ratio_half"], "budget_by_order": h["budgets"][0]["by_order"],
+                         "tie_share": h["budgets"][0]["by_tie_break"],
+                         **({} if implied is None else {"decay_rate": implied["decay_rate"],
+                                                        "predicted_uniform_shrink": implied["predicted_uniform_shrink"]}),
                          "degenerate_because": "; ".join(h["problems"]) or None})
             if progress:
                 print(f"[kappa-lambda {time.perf_counter() - t0:6.1f}s] kappa {kappa} lam {lam} nu {consts['nu']}: val "
@@ -366,7 +403,10 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
         m.detach_masks()
     table = pd.DataFrame(rows)
     info = {"label": task.label, "task": task.info, "budget_macs_fraction": cfg.budget_macs_fraction,
-            "dense_macs": dense, "profile_constants": base,
+            "dense_macs": dense, "profile_constants": base, "span": cfg.span,
+            **({"auto": {"measured": meas, "rule": A.RULE + " (kappa and theta = kappa*lam from each cell)"}}
+               if meas is not None else {}),
+            "tie_share": "share of the budget's keep-set decided by the |V| / |M| tie-break, not by entry order",
             "path_length": f"first step whose entered entries alone cost >= the budget's MACs (None: not within "
                            f"{cfg.steps} steps)",
             "stability": "mean Jaccard of the budget's keep-sets over pairs of data-order seeds",

@@ -186,6 +186,36 @@ def _record(m: MaskedModel, opt: SLBI, step: int, loss: float) -> dict:
     return {"step": step, "loss": loss, "support_pool": per_pool, "support_group": per_group}
 
 
+def measure_dense(m: MaskedModel, batches: list, loss_fn: Callable, *, seed: int = 0,
+                  distributed: bool = False) -> dict:
+    """``sppbench.auto.measure`` at the dense model (every mask 1, weights frozen, eval mode) on ``batches``
+    (already on the model's device); every flag it touches is restored. Under DDP the measurement is
+    averaged over ranks and rank 0's copy is broadcast, so derived constants are bit-equal everywhere."""
+    from . import auto as A
+    from . import distributed as D
+
+    masks = m.mask_parameters()
+    weights = list(m.weight_parameters())
+    m.reset_masks()
+    was_rg = [p.requires_grad for p in masks.values()]
+    wrg = [p.requires_grad for p in weights]
+    was_tr = m.training
+    for p in masks.values():
+        p.requires_grad_(True)
+    for p in weights:
+        p.requires_grad_(False)
+    m.eval()
+    try:
+        meas = A.measure(m, batches, loss_fn, seed=seed)
+    finally:
+        for p, rg in zip(masks.values(), was_rg):
+            p.requires_grad_(rg)
+        for p, rg in zip(weights, wrg):
+            p.requires_grad_(rg)
+        m.train(was_tr)
+    return D.broadcast_object(meas) if distributed else meas
+
+
 def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, kappa: float | None = None,
            alpha: float | None = None, nu: float | None = None, lam: float | None = None,
            constants: str | None = None, variant: str = "paper", seed: int = 0, record_every: int = 1,
@@ -260,25 +290,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
 
             head = [to_device(next(data), device) for _ in range(A.MEASURE_BATCHES)]
             data = _Prepend(head, data)
-            m.reset_masks()
-            was_rg = [p.requires_grad for p in masks.values()]
-            for p in masks.values():
-                p.requires_grad_(True)
-            wrg = [p.requires_grad for p in weights]
-            for p in weights:
-                p.requires_grad_(False)
-            was_tr = m.training
-            m.eval()
-            try:
-                meas = A.measure(m, head, loss_fn, seed=seed)
-            finally:
-                for p, rg in zip(masks.values(), was_rg):
-                    p.requires_grad_(rg)
-                for p, rg in zip(weights, wrg):
-                    p.requires_grad_(rg)
-                m.train(was_tr)
-            if use_ddp:  # the measurement is averaged over ranks; rank 0's copy makes the constants bit-equal
-                meas = D.broadcast_object(meas)
+            meas = measure_dense(m, head, loss_fn, seed=seed, distributed=use_ddp)
             consts, implied = A.derive(meas, steps)
             kappa, alpha, nu, lam = (consts[k] for k in ("kappa", "alpha", "nu", "lam"))
             auto_info = {"measured": meas, "implied": implied, "rule": A.RULE}

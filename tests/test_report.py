@@ -110,7 +110,8 @@ def _all_studies(root: Path) -> None:
             {"rows": seed_rows, "info": {"label": VIT, "jaccard": jaccard, "kendall": kendall}, "search": None})
     kl_rows = [{"kappa": k, "lam": lam, "nu": nu, "top1_head_refit": 0.5 + k / 100 + lam, "top1_no_retrain": 0.1,
                 "path_length": 10 * k, "entered_fraction": 0.5, "budget_macs_fraction": 0.5,
-                "stability_jaccard": 0.7 if nu == 1.0 else None}  # None: one seed only
+                "stability_jaccard": 0.7 if nu == 1.0 else None,  # None: one seed only
+                "path_healthy": lam != 0.1}  # degenerate cells are marked in the heat map, not plotted
                for k in (1.0, 10.0) for lam in (0.01, 0.05, 0.1) for nu in (1.0, 10.0)]
     _record(root, "kappa_lambda", "20200101T000000Z-00000007", {"model": "embedded-vit", "study": "kappa_lambda"},
             {"rows": kl_rows, "info": {"label": VIT, "budget_macs_fraction": 0.5}, "search": None})

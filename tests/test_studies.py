@@ -1,6 +1,9 @@
 """The studies behind notebooks 40-70, on a tiny random-init ViT task (the notebooks run them on the embedded models)."""
 import itertools
 
+import numpy as np
+import pandas as pd
+
 import pytest
 import torch
 
@@ -90,6 +93,30 @@ def test_kappa_lambda_grid(tmp_path, monkeypatch):
     assert len(t) == 2 and set(t["kappa"]) == {5.0, 10.0}
     assert t["top1_head_refit"].between(0, 1).all() and t["stability_jaccard"].between(0, 1).all()
     assert list_records("kappa_lambda", tmp_path)
+    # span="auto": each cell's alpha and nu follow the rule for its own kappa*lam, from one measurement
+    assert t["theta"].tolist() == pytest.approx([0.25, 0.5])
+    decay = -np.log(1 - t["theta"]) / (0.8 * cfg.steps)
+    assert t["decay_rate"].to_numpy() == pytest.approx(decay.to_numpy())
+    assert (t["kappa"] * t["alpha"] / t["nu"]).to_numpy() == pytest.approx(decay.to_numpy())
+    lmax = res["info"]["auto"]["measured"]["lambda_max"]
+    assert (t["kappa"] * t["alpha"]).to_numpy() == pytest.approx([0.5 / lmax] * 2)
+    assert t["tie_share"].between(0, 1).all() and t["entered_fraction"].between(0, 1).all()
+
+
+def test_kappa_lambda_marks_cells_where_nothing_can_enter(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.KappaLambdaConfig(kappas=(5.0, 20.0), lams=(0.1,), steps=2, batch_size=8, seeds=(0,))
+    t = studies.run_kappa_lambda(cfg, task=tiny_task(), progress=False)["table"].set_index("kappa")
+    assert t.loc[20.0, "path_healthy"] == False and "never enters" in t.loc[20.0, "degenerate_because"]  # noqa: E712
+    assert pd.isna(t.loc[20.0, "top1_head_refit"]) and not pd.isna(t.loc[5.0, "top1_head_refit"])
+
+
+def test_kappa_lambda_profile_span_keeps_the_old_grid(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.KappaLambdaConfig(kappas=(5.0,), lams=(0.05,), nus=(7.0,), alpha=0.01, span="profile", steps=2,
+                                    batch_size=8, seeds=(0,))
+    t = studies.run_kappa_lambda(cfg, task=tiny_task(), progress=False)["table"]
+    assert t["nu"].tolist() == [7.0] and t["alpha"].tolist() == [0.01] and "decay_rate" not in t
 
 
 def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
@@ -121,6 +148,8 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
     lambda: studies.SeedStudyConfig(methods=("spp", "dessilbi")),
     lambda: studies.KappaLambdaConfig(kappas=()),
     lambda: studies.KappaLambdaConfig(lams=(-1.0,)),
+    lambda: studies.KappaLambdaConfig(nus=(5.0,)),
+    lambda: studies.KappaLambdaConfig(span="fixed"),
     lambda: studies.CostLatencyConfig(latency_batches=(0,)),
     lambda: studies.CostLatencyConfig(round_to=(0,)),
     lambda: studies.CostLatencyConfig(peers=("sparsegpt",)),

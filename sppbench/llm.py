@@ -44,8 +44,11 @@ from .dynamics import SLBI
 from .errors import BudgetError, UnsupportedModelError
 
 LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria")
+# controls: not methods of their own; ria-perturbed = RIA's keep-set with a given share of its pruned weights per
+# Linear swapped at random for kept ones (what a change of SPP-RIA's size, without the path, does)
+CONTROL_METHODS = ("ria-perturbed",)
 # comparison group of each method's unstructured read-out
-COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer"}
+COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer", "ria-perturbed": "layer"}
 # lam and precondition chosen on validation windows (tools/tune_llm.py, results/runs/tune_llm_embedded/)
 SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 2.5, "clip": 1.0,
                     "precondition": True}
@@ -158,6 +161,49 @@ def pruned_by_path(entry_step: torch.Tensor, keep: torch.Tensor, pattern: Patter
     pruned = ~keep
     n = int(pruned.sum())
     return float((pruned & (key > cut)).sum()) / n if n else 1.0
+
+
+def perturb_keep(keep: torch.Tensor, share: float, pattern: Pattern, compare: str = "layer", *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``keep`` with round(share * pruned) of its pruned entries swapped at random for as many kept ones, inside
+    the pattern's comparison groups, so every count the pattern fixes (per layer, per row, per N:M group) holds.
+
+    N:M: the swaps go to that many random groups, one pair per group (at most min(n, m - n) per group)."""
+    if not (0.0 <= share <= 1.0):
+        raise ValueError(f"share must lie in [0, 1], got {share!r}")
+    out_f, in_f = keep.shape
+    if pattern.kind == "nm":
+        g = keep.reshape(-1, pattern.m)
+    elif compare == "row":
+        g = keep
+    else:
+        g = keep.reshape(1, -1)
+    g = g.clone()
+    rows, width = g.shape
+    pruned_per = (~g).sum(1)
+    if pattern.kind == "nm":
+        total = int(round(share * int(pruned_per.sum())))
+        per_group = max(1, min(pattern.n, pattern.m - pattern.n))
+        k = torch.zeros(rows, dtype=torch.long)
+        if total:
+            order = torch.randperm(rows, generator=generator)
+            full, rest = divmod(min(total, rows * per_group), rows)
+            k += full
+            k[order[:rest]] += 1
+    else:
+        k = torch.round(share * pruned_per.double()).long()
+        k = torch.minimum(k, g.sum(1))
+    if int(k.sum()) == 0:
+        return keep.clone()
+    # per group: the k lowest random keys among its pruned entries and among its kept entries trade places
+    r = torch.rand(g.shape, generator=generator, dtype=torch.float64)
+    rank_p = torch.where(~g, r, torch.full_like(r, 2.0)).argsort(1).argsort(1)
+    rank_k = torch.where(g, r, torch.full_like(r, 2.0)).argsort(1).argsort(1)
+    grow = (~g) & (rank_p < k.view(-1, 1))
+    drop = g & (rank_k < k.view(-1, 1))
+    g[grow] = True
+    g[drop] = False
+    return g.reshape(out_f, in_f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,19 +352,33 @@ class LLMPruneResult:
 @torch.no_grad()
 def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: torch.Tensor | None = None, *,
               batch_size: int = 8, spp: dict | None = None, progress: Callable[[str], None] | None = None,
-              device: str | torch.device | None = None) -> LLMPruneResult:
+              device: str | torch.device | None = None, perturb: dict | None = None) -> LLMPruneResult:
     """Prune every Linear of every decoder layer of ``model`` in place (weights zeroed), layer by layer.
 
     ``calib_ids`` (n, seqlen) are the calibration windows (not needed by ``magnitude``). Each layer's
     statistics come from the outputs of the already-pruned layers before it; one layer's activations
     are held at a time. Returns per-Linear target and measured sparsity.
 
+    perturb: for the control ``ria-perturbed`` only: ``{"shares": {"<layer>.<name>": share} or one share,
+    "seed": int}``, the share of each Linear's pruned weights that RIA's keep-set trades at random for kept ones
+    (``perturb_keep``); the LLM table passes SPP-RIA's own ``differs_from_ria`` per Linear.
+
     device: where the work happens when the model is kept elsewhere (e.g. the model in CPU memory, ``"cuda"``):
     the embeddings visit it once, then each decoder layer is moved there, pruned, and moved back, so the
     device holds one layer, its Gram / SLBI state and the calibration activations (``llm_memory``).
     """
-    if method not in LLM_METHODS:
-        raise UnsupportedModelError(f"unknown LLM pruning method {method!r}; use one of {LLM_METHODS}")
+    if method not in LLM_METHODS + CONTROL_METHODS:
+        raise UnsupportedModelError(f"unknown LLM pruning method {method!r}; use one of {LLM_METHODS} (or the "
+                                    f"control {CONTROL_METHODS[0]!r} with perturb=)")
+    if (method == "ria-perturbed") != (perturb is not None):
+        raise ValueError("perturb= is given with method 'ria-perturbed' and only then: "
+                         "{'shares': {'<layer>.<name>': share} or a share, 'seed': int}")
+    gen = None
+    if perturb is not None:
+        bad = set(perturb) - {"shares", "seed"}
+        if bad or "shares" not in perturb:
+            raise ValueError(f"perturb takes 'shares' (required) and 'seed', got {sorted(perturb)}")
+        gen = torch.Generator().manual_seed(int(perturb.get("seed", 0)))
     pat = parse_pattern(pattern)
     unknown = set(spp or {}) - set(SPP_RIA_DEFAULTS)
     if unknown:
@@ -333,7 +393,10 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
         "family": family, "pattern": pat.name, "sparsity": pat.sparsity, "compare": COMPARE[method],
         "calibration": None if calib_ids is None else {"n_samples": int(calib_ids.shape[0]),
                                                        "seqlen": int(calib_ids.shape[1])},
-        **({"spp": {k: cfg[k] for k in SPP_RIA_DEFAULTS}, "note": RECONSTRUCTION} if method == "spp-ria" else {})})
+        **({"spp": {k: cfg[k] for k in SPP_RIA_DEFAULTS}, "note": RECONSTRUCTION} if method == "spp-ria" else {}),
+        **({"perturb": {"seed": int(perturb.get("seed", 0)),
+                        "shares": "per Linear" if isinstance(perturb["shares"], dict) else float(perturb["shares"])}}
+           if perturb is not None else {})})
     try:
         inputs = None
         if method != "magnitude":
@@ -385,7 +448,7 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                         rank = order_rank(wanda_score(W.float(), norm))
                     else:
                         ria = ria_score(W.float(), norm)
-                        if method == "ria":
+                        if method in ("ria", "ria-perturbed"):
                             rank = order_rank(ria)
                         else:
                             p = spp_path(W, s["G"], **{k: cfg[k] for k in SPP_RIA_DEFAULTS})
@@ -395,7 +458,16 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                             extra = {"entered": float((p["entry_step"] >= 0).float().mean()),
                                      "loss_last": p["losses"][-1] if p["losses"] else 0.0}
                 keep = keep_mask(rank, pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
+                if method == "ria-perturbed":
+                    sh = perturb["shares"]
+                    share = float(sh.get(f"{li}.{name}", 0.0) if isinstance(sh, dict) else sh)
+                    keep = perturb_keep(keep, share, pat, COMPARE[method], generator=gen)
+                    extra = {"perturbed_share": share}
                 if method == "spp-ria":  # how much of this layer's pruning did the path decide (vs the RIA tie-break)?
+                    ria_keep = keep_mask(order_rank(ria), pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
+                    n_pruned = int((~keep).sum())
+                    # share of SPP-RIA's pruned weights that RIA would have kept: how far the path moved RIA's cut
+                    extra["differs_from_ria"] = float((ria_keep & ~keep).sum()) / n_pruned if n_pruned else 0.0
                     es = p["entry_step"]
                     _, counts = torch.unique(es[es >= 0], return_counts=True)
                     extra["pruned_by_path"] = pruned_by_path(es, keep, pat, COMPARE[method] if pat.kind == "unstructured"

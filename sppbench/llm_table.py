@@ -57,6 +57,7 @@ class LLMTableConfig:
     lam: float = 0.05
     latency_batch: int = 1
     zero_shot: str = ""              # comma-separated lm-eval tasks ('' = none); skipped with a reason offline
+    ria_control: bool = True         # with spp-ria: also RIA with the same share of its cut moved at random
     study: str = "llm_table"
 
     def resolved(self) -> "LLMTableConfig":
@@ -125,9 +126,15 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
     spp = {"steps": cfg.spp_steps, "kappa": cfg.spp_kappa, "alpha": cfg.spp_alpha, "nu": cfg.spp_nu, "lam": cfg.spp_lam,
            "clip": cfg.spp_clip, "precondition": cfg.spp_precondition}
     for pattern in cfg.patterns:
-        for method in cfg.methods:
+        shares = None  # SPP-RIA's per-Linear distance from RIA's cut, for the control that follows it
+        runs = [*cfg.methods, *(["ria-perturbed"] if cfg.ria_control and "spp-ria" in cfg.methods else [])]
+        for method in runs:
             pruned = copy.deepcopy(model)
-            res = prune_llm(pruned, method, pattern, calib.ids, batch_size=cfg.batch_size, spp=spp)
+            res = prune_llm(pruned, method, pattern, calib.ids, batch_size=cfg.batch_size,
+                            spp=spp if method == "spp-ria" else None,
+                            perturb={"shares": shares, "seed": cfg.seed} if method == "ria-perturbed" else None)
+            if method == "spp-ria":
+                shares = {f"{r['layer']}.{r['name']}": r["differs_from_ria"] for r in res.layers}
             p = ppl(pruned)
             per = [r["sparsity"] for r in res.layers]
             rows.append({"model": cfg.model, "method": method, "pattern": res.pattern,
@@ -140,8 +147,11 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
                              # layer, SPP-RIA reduces to RIA there (docs/path_health.md)
                              "pruned_by_path_min": min(r["pruned_by_path"] for r in res.layers),
                              "pruned_by_path_median": statistics.median(r["pruned_by_path"] for r in res.layers),
-                             "reduces_to_ria": any(r["pruned_by_path"] < 0.5 for r in res.layers)}
-                            if method == "spp-ria" else {})})
+                             "reduces_to_ria": any(r["pruned_by_path"] < 0.5 for r in res.layers),
+                             "differs_from_ria_median": statistics.median(r["differs_from_ria"] for r in res.layers)}
+                            if method == "spp-ria" else {}),
+                         **({"perturbed_share_median": statistics.median(r["perturbed_share"] for r in res.layers)}
+                            if method == "ria-perturbed" else {})})
             layers += [{"method": method, "pattern": res.pattern, **r} for r in res.layers]
             log(f"{method} {res.pattern}: sparsity {res.sparsity():.4f}, perplexity {p:.2f}, {res.seconds:.1f}s")
             del pruned
@@ -158,6 +168,21 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
         if "spp-ria" in part.index and "ria" in part.index:
             ratio[pat] = float(part.loc["spp-ria", "perplexity"] / part.loc["ria", "perplexity"])
     info["ppl_ratio_spp_ria_over_ria"] = ratio
+    control = {}
+    for pat in table["pattern"].unique():
+        part = table[table["pattern"] == pat].set_index("method")
+        if {"spp-ria", "ria-perturbed", "ria"} <= set(part.index):
+            control[pat] = {"spp_ria_over_ria_perturbed": float(part.loc["spp-ria", "perplexity"]
+                                                               / part.loc["ria-perturbed", "perplexity"]),
+                            "ria_perturbed_over_ria": float(part.loc["ria-perturbed", "perplexity"]
+                                                           / part.loc["ria", "perplexity"])}
+    if control:
+        info["ria_control"] = {
+            "what": "ria-perturbed: RIA's keep-set with, per Linear, the share of its pruned weights that SPP-RIA "
+                    "moved (differs_from_ria) traded at random for kept ones (same seed as the calibration draw). "
+                    "SPP-RIA below it means the path's changes to RIA's cut are better than random changes of the "
+                    "same size; one draw, so a gap inside a few percent is not a result",
+            "ratios": control}
     if "spp-ria" in cfg.methods:
         red = {r["pattern"]: r for r in rows if r["method"] == "spp-ria"}
         info["spp_ria_path_share"] = {

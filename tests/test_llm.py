@@ -230,3 +230,52 @@ def test_pruned_by_path_counts_what_the_entry_order_decided():
     rank = order_rank(-torch.where(e < 0, torch.full_like(e, float("inf")), e), score)
     k = keep_mask(rank, half)
     assert int(k.sum()) == 4 and pruned_by_path(es, k, half) == 1.0
+
+
+@pytest.mark.parametrize("pattern,compare", [("0.5", "layer"), ("0.5", "row"), ("2:4", "layer")])
+def test_perturb_keep_moves_exactly_the_share_and_keeps_the_pattern(pattern, compare):
+    from sppbench.llm import perturb_keep
+
+    pat = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(0)
+    keep = keep_mask(order_rank(torch.rand(16, 32, generator=g)), pat, compare)
+    assert torch.equal(perturb_keep(keep, 0.0, pat, compare), keep)
+    for share in (0.1, 0.25):
+        new = perturb_keep(keep, share, pat, compare, generator=torch.Generator().manual_seed(1))
+        pruned = int((~keep).sum())
+        assert int((new & ~keep).sum()) == int((keep & ~new).sum())  # a swap: as many in as out
+        assert int((new & ~keep).sum()) == pytest.approx(share * pruned, abs=16 if compare == "row" else 1)
+        if pat.kind == "nm":
+            assert bool((new.view(16, -1, 4).sum(-1) == 2).all())
+        elif compare == "row":
+            assert torch.equal(new.sum(1), keep.sum(1))
+        assert int(new.sum()) == int(keep.sum())
+        again = perturb_keep(keep, share, pat, compare, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(new, again)  # the seed decides the draw
+    with pytest.raises(ValueError, match="share"):
+        perturb_keep(keep, 1.5, pat, compare)
+
+
+def test_ria_perturbed_control_is_ria_at_share_zero_and_moves_the_given_share():
+    a, b, c = tiny_llama(), tiny_llama(), tiny_llama()
+    prune_llm(a, "ria", 0.5, ids())
+    prune_llm(b, "ria-perturbed", 0.5, ids(), perturb={"shares": 0.0, "seed": 0})
+    for (na, la), (_, lb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(la != 0, lb != 0), na
+    res = prune_llm(c, "ria-perturbed", 0.5, ids(), perturb={"shares": {"0.self_attn.q_proj": 0.2}, "seed": 0})
+    assert {r["name"]: r["perturbed_share"] for r in res.layers if r["layer"] == 0}["self_attn.q_proj"] == 0.2
+    qa = decoder_layers(a)[0][0].self_attn.q_proj.weight != 0
+    qc = decoder_layers(c)[0][0].self_attn.q_proj.weight != 0
+    assert int((qc & ~qa).sum()) == round(0.2 * int((~qa).sum()))
+    assert res.sparsity() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="perturb"):
+        prune_llm(tiny_llama(), "ria", 0.5, ids(), perturb={"shares": 0.1})
+    with pytest.raises(ValueError, match="perturb"):
+        prune_llm(tiny_llama(), "ria-perturbed", 0.5, ids())
+
+
+def test_spp_ria_records_how_far_it_moved_rias_cut():
+    res = prune_llm(tiny_llama(), "spp-ria", 0.5, ids(), spp={"steps": 0})
+    assert all(r["differs_from_ria"] == 0.0 for r in res.layers)  # no steps: exactly RIA
+    res = prune_llm(tiny_llama(), "spp-ria", 0.5, ids(), spp={"steps": 5, "lam": 0.5})
+    assert all(0.0 <= r["differs_from_ria"] <= 1.0 for r in res.layers)

@@ -81,6 +81,63 @@ class KeepSet:
                    dict(d.get("request", {})), d.get("readout", "global"), dict(d.get("towers", {})))
 
 
+def loss_near(history: Sequence[Mapping], step: float, half_width: int = 2) -> float | None:
+    """The search loss averaged over the history records within ``half_width`` steps of ``step`` (None if
+    the history has no loss there)."""
+    near = [h["loss"] for h in history if abs(h["step"] - step) <= half_width and "loss" in h]
+    if not near:
+        near = [h["loss"] for h in history if h["step"] >= step and "loss" in h][:1]
+    return float(sum(near) / len(near)) if near else None
+
+
+def entry_health(entry_time: torch.Tensor, entry_step: torch.Tensor, history: Sequence[Mapping],
+                 limits: Mapping[str, float] | None = None) -> dict:
+    """The entry-order part of ``SolutionPath.diagnostics`` from flat per-entry entry times (float, -1 =
+    never entered), integer entry steps and the per-step history with the loss; also used by the report
+    for records written before diagnostics existed (their ``path.csv`` / ``history.json``)."""
+    lim = {**HEALTH_LIMITS, **(limits or {})}
+    t = entry_time.double().reshape(-1)
+    steps_int = entry_step.reshape(-1)
+    total = int(t.numel())
+    ent = t[t >= 0]
+    n_ent = int(ent.numel())
+    out: dict = {"entered": n_ent / total if total else 0.0, "entered_count": n_ent, "limits": lim}
+    if n_ent:
+        vals, counts = torch.unique(steps_int[steps_int >= 0], return_counts=True)
+        k = int(counts.argmax())
+        s = ent.sort().values
+        q = lambda f: float(s[min(n_ent - 1, max(0, int(math.ceil(f * n_ent)) - 1))])  # noqa: E731
+        out.update(max_step_share=float(counts[k]) / n_ent, max_step=int(vals[k]), first=float(s[0]),
+                   t10=q(0.1), t50=q(0.5), t90=q(0.9), last=float(s[-1]))
+        out["spread_steps"] = out["t90"] - out["t10"]
+    else:
+        out.update(max_step_share=None, max_step=None, t10=None, t50=None, t90=None, spread_steps=None)
+    out["loss_start"] = history[0]["loss"] if history and "loss" in history[0] else None
+    losses = [h["loss"] for h in history if "loss" in h]
+    out["loss_max"] = max(losses) if losses else None
+    out["loss_at_half"] = out["loss_ratio_half"] = None
+    if total and n_ent >= (total + 1) // 2:
+        half = float(ent.sort().values[(total + 1) // 2 - 1])
+        out["t_half_all"] = half
+        out["loss_at_half"] = loss_near(history, half)
+        if out["loss_at_half"] is not None and out["loss_start"]:
+            out["loss_ratio_half"] = out["loss_at_half"] / out["loss_start"]
+    problems = []
+    if out["entered"] < lim["min_entered"]:
+        problems.append(f"only {out['entered']:.1%} of entries entered (need >= {lim['min_entered']:.0%}): "
+                        "the rest are ordered by the |V| tie-break")
+    if out["max_step_share"] is not None and out["max_step_share"] > lim["max_step_share"]:
+        problems.append(f"{out['max_step_share']:.1%} of the entered entries entered at step {out['max_step']} "
+                        f"(limit {lim['max_step_share']:.0%})")
+    if out["loss_ratio_half"] is not None and out["loss_ratio_half"] > lim["max_loss_ratio_half"]:
+        problems.append(f"the search loss where half the entries had entered is {out['loss_at_half']:.3g}, "
+                        f"{out['loss_ratio_half']:.1f}x the dense {out['loss_start']:.3g} "
+                        f"(limit {lim['max_loss_ratio_half']:g}x): the order was decided on a collapsed model")
+    out["problems"] = problems
+    out["healthy"] = not problems
+    return out
+
+
 class SolutionPath:
     """Entry statistics of one search, with the ranking and budget read-outs built on them.
 
@@ -380,10 +437,7 @@ class SolutionPath:
     def loss_near(self, step: float, half_width: int = 2) -> float | None:
         """The search loss averaged over the records within ``half_width`` steps of ``step`` (None if
         the history has no loss there)."""
-        near = [h["loss"] for h in self.history if abs(h["step"] - step) <= half_width and "loss" in h]
-        if not near:
-            near = [h["loss"] for h in self.history if h["step"] >= step and "loss" in h][:1]
-        return float(sum(near) / len(near)) if near else None
+        return loss_near(self.history, step, half_width)
 
     def diagnostics(self, keepsets: Sequence["KeepSet"] | None = None,
                     limits: Mapping[str, float] | None = None) -> dict:
@@ -401,53 +455,19 @@ class SolutionPath:
         kept entry entered. ``healthy`` applies ``limits`` (default HEALTH_LIMITS); ``problems`` says
         what failed, in words. Paths ranked by a score (baselines) report ``applicable: False``.
         """
-        lim = {**HEALTH_LIMITS, **(limits or {})}
         total = sum(g.size for g in self.groups)
         if self.rank_by == "score":
             return {"applicable": False, "rank_by": "score", "entries": total}
         t = torch.cat([self.entry_time[g.name] for g in self.groups]).double()
         steps_int = torch.cat([self.entry_step[g.name] for g in self.groups])
-        ent = t[t >= 0]
-        n_ent = int(ent.numel())
-        out: dict = {"applicable": True, "rank_by": self.rank_by, "entries": total, "entered": n_ent / total,
-                     "entered_count": n_ent, "steps": self.config.get("steps"),
-                     "fractional_entry_time": self.has_entry_time, "limits": lim}
-        if n_ent:
-            vals, counts = torch.unique(steps_int[steps_int >= 0], return_counts=True)
-            k = int(counts.argmax())
-            s = ent.sort().values
-            q = lambda f: float(s[min(n_ent - 1, max(0, int(math.ceil(f * n_ent)) - 1))])
-            out.update(max_step_share=float(counts[k]) / n_ent, max_step=int(vals[k]), first=float(s[0]),
-                       t10=q(0.1), t50=q(0.5), t90=q(0.9), last=float(s[-1]))
-            out["spread_steps"] = out["t90"] - out["t10"]
-        else:
-            out.update(max_step_share=None, max_step=None, t10=None, t50=None, t90=None, spread_steps=None)
-        out["loss_start"] = self.history[0]["loss"] if self.history and "loss" in self.history[0] else None
-        losses = [h["loss"] for h in self.history if "loss" in h]
-        out["loss_max"] = max(losses) if losses else None
-        out["loss_at_half"] = out["loss_ratio_half"] = None
-        if n_ent >= (total + 1) // 2:
-            half = float(t[t >= 0].sort().values[(total + 1) // 2 - 1])
-            out["t_half_all"] = half
-            out["loss_at_half"] = self.loss_near(half)
-            if out["loss_at_half"] is not None and out["loss_start"]:
-                out["loss_ratio_half"] = out["loss_at_half"] / out["loss_start"]
+        out: dict = {"applicable": True, "rank_by": self.rank_by, "entries": total,
+                     "steps": self.config.get("steps"), "fractional_entry_time": self.has_entry_time}
+        out.update(entry_health(t, steps_int, self.history, limits))
         if keepsets is None:
             keepsets = [self.keep(fraction=f) for f in (0.25, 0.5, 0.75)]
         out["budgets"] = [self._budget_health(ks, t) for ks in keepsets]
-        problems = []
-        if out["entered"] < lim["min_entered"]:
-            problems.append(f"only {out['entered']:.1%} of entries entered (need >= {lim['min_entered']:.0%}): "
-                            "the rest are ordered by the |V| tie-break")
-        if out["max_step_share"] is not None and out["max_step_share"] > lim["max_step_share"]:
-            problems.append(f"{out['max_step_share']:.1%} of the entered entries entered at step {out['max_step']} "
-                            f"(limit {lim['max_step_share']:.0%})")
-        if out["loss_ratio_half"] is not None and out["loss_ratio_half"] > lim["max_loss_ratio_half"]:
-            problems.append(f"the search loss where half the entries had entered is {out['loss_at_half']:.3g}, "
-                            f"{out['loss_ratio_half']:.1f}x the dense {out['loss_start']:.3g} "
-                            f"(limit {lim['max_loss_ratio_half']:g}x): the order was decided on a collapsed model")
-        out["problems"] = problems
-        out["healthy"] = not problems
+        # the health verdict is decided by entry_health (the budgets add figures, not limits)
+        out["problems"], out["healthy"] = out.pop("problems"), out.pop("healthy")
         return out
 
     def _budget_health(self, ks: "KeepSet", t_all: torch.Tensor) -> dict:

@@ -610,7 +610,85 @@ def _no_record(study: str, root: Path) -> str:
     return f"no record under {root / study}; run notebook {NOTEBOOKS[study]} or nox -s reproduce"
 
 
-def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, str]) -> str:
+def _health_rows(study: str, recs: list[dict]) -> list[dict]:
+    """One row per solution path in the records' ``path_health`` (docs/path_health.md)."""
+    rows = []
+    for rec in recs:
+        health = rec["metrics"].get("path_health")
+        if health is None:
+            health = _health_from_files(rec)
+        for name, h in (health or {}).items():
+            if not isinstance(h, dict) or not h.get("applicable", True):
+                continue
+            try:
+                model = _model_of(rec)
+            except RecordError:
+                model = None
+            rows.append({"study": study, "run_id": rec["run_id"], "model": model, "search": name,
+                         "healthy": h.get("healthy"), "entered": h.get("entered"),
+                         "max_step_share": h.get("max_step_share"), "spread_steps": h.get("spread_steps"),
+                         "loss_ratio_half": h.get("loss_ratio_half"), "steps": h.get("steps"),
+                         "problems": "; ".join(h.get("problems") or []), "_rec": rec})
+    return rows
+
+
+def _health_from_files(rec: dict) -> dict | None:
+    """Path health of a record written before diagnostics existed, recomputed from its ``path.csv`` and
+    ``history.json`` (an SPP search's; entry times where the csv has them, else entry steps)."""
+    import pandas as pd
+    import torch
+
+    from .path import entry_health
+
+    search = rec["metrics"].get("search") or {}
+    folder = Path(rec["dir"])
+    if search.get("method") != "spp" or not (folder / "path.csv").is_file() or not (folder / "history.json").is_file():
+        return None
+    try:
+        table = pd.read_csv(folder / "path.csv")
+        history = json.loads((folder / "history.json").read_text())
+        steps = torch.tensor(table["entry_step"].to_numpy(), dtype=torch.long)
+        times = (torch.tensor(table["entry_time"].to_numpy(), dtype=torch.float64) if "entry_time" in table
+                 else steps.double())
+        h = entry_health(times, steps, history)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecordError(f"record {rec['run_id']}: path.csv / history.json unreadable for path health "
+                          f"({type(e).__name__}: {e})")
+    h["applicable"] = True
+    h["computed_by"] = "the report, from path.csv and history.json (the record predates path diagnostics)"
+    return {"search (recomputed)": h}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _health_text(rows: list[dict]) -> list[str]:
+    """The path-health section of report.md, in words."""
+    lines = ["", "## Path health", "",
+             "Every SPP budget is a prefix of one entry order; it means something only when the entries enter "
+             "one by one while the model still works (limits: no step holds more than 5% of the entered entries, "
+             "at least 90% enter, the search loss where half have entered is at most 3x the dense loss; "
+             "docs/path_health.md)."]
+    if not rows:
+        return lines + ["", "No record used here carries path diagnostics (records written before they existed)."]
+    bad = [r for r in rows if r["healthy"] is False]
+    lines += ["", f"{len(rows) - len(bad)} of {len(rows)} solution paths in these records are healthy"
+              + (f"; {len(bad)} are degenerate, so the SPP rows read off them measure tie-breaks or a collapsed "
+                 "model, not the path's order:" if bad else ".")]
+    for r in rows:
+        ratio = r["loss_ratio_half"]
+        lines.append(f"- {r['study']} `{r['run_id']}` {r['search']}: "
+                     f"{'healthy' if r['healthy'] else 'degenerate'}; {_pct(r['entered'])} entered, at most "
+                     f"{_pct(r['max_step_share'])} at one step, "
+                     + ("fewer than half of the entries entered" if ratio is None else
+                        f"loss at half entered {ratio:.2g}x the dense loss")
+                     + (f" ({r['problems']})" if r["problems"] and not r["healthy"] else ""))
+    return lines
+
+
+def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, str],
+           health: list[dict] | None = None) -> str:
     lines = ["# sppbench report", "",
              f"Built from the run records under `{root}` only (each study: its newest record; vision_table and "
              "solution_path: the newest record per model). Rows from a stand-in model carry its label in "
@@ -618,6 +696,8 @@ def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, s
              "", "| file | study | source run(s) |", "|---|---|---|"]
     for rel, study, runs in written:
         lines.append(f"| `{rel}` | {study} | {runs} |")
+    if health is not None:
+        lines += _health_text(health)
     lines += ["", "## Missing", ""]
     if missing:
         lines += [f"- **{study}**: {reason}" for study, reason in missing.items()]
@@ -644,6 +724,7 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
     tables_dir, figures_dir = out / "tables", out / "figures"
     result: dict = {"tables": [], "figures": [], "missing": {}, "sources": {}}
     written: list[tuple[str, str, str]] = []
+    health: list[dict] = []
     for study in chosen:
         recs, problems = select_records(study, root)
         if not recs:
@@ -659,6 +740,10 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
         if problems:
             result["missing"][study] = "; ".join(problems)
         result["sources"][study] = runs
+        try:
+            health += _health_rows(study, recs)
+        except RecordError as e:  # reported, not raised, as a malformed table is
+            result["missing"][f"{study} path health"] = str(e)
         for name, df in tables.items():
             path = atomic_write_text(tables_dir / name, df.to_csv(index=False))
             result["tables"].append(str(path))
@@ -667,9 +752,17 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
             path = atomic_write_bytes(figures_dir / name, _png(fig))  # temp file in the folder, then os.replace
             result["figures"].append(str(path))
             written.append((f"figures/{name}", study, runs))
+    if health:
+        import pandas as pd
+
+        frame = _concat([_tag(pd.DataFrame([{k: v for k, v in r.items() if k != "_rec"}]), r["_rec"]) for r in health])
+        path = atomic_write_text(tables_dir / "path_health.csv", frame.to_csv(index=False))
+        result["tables"].append(str(path))
+        written.append(("tables/path_health.csv", "path health", ", ".join(dict.fromkeys(r["run_id"] for r in health))))
+    result["health"] = [{k: v for k, v in r.items() if k != "_rec"} for r in health]
     shown = _shown(root, out)
     result["index"] = str(atomic_write_text(out / "report.md", _index(
-        Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()})))
+        Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()}, health)))
     return result
 
 

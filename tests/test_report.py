@@ -49,7 +49,7 @@ def _vision(root, run_id, model, top1s):
                    {"rows": _vision_rows(model, top1s), "info": info, "search": None})
 
 
-def _solution_path(root, run_id, model):
+def _solution_path(root, run_id, model, search=None):
     groups = []
     for layer in range(3):
         for pool, n in (("attn", 4), ("mlp", 6)):
@@ -67,7 +67,7 @@ def _solution_path(root, run_id, model):
             for f, k in ((0.3, 10), (0.5, 20), (0.7, 30))]
     info = {"label": f"stand-in: test {model}", "pool_sizes": {"attn": 12, "mlp": 18}}
     return _record(root, "solution_path", run_id, {"model": model, "study": "solution_path"},
-                   {"rows": rows, "info": info, "search": None},
+                   {"rows": rows, "info": info, "search": search},
                    files={"history.json": json.dumps(history), "path.csv": path.to_csv(index=False)})
 
 
@@ -114,7 +114,14 @@ def _all_studies(root: Path) -> None:
                 "path_healthy": lam != 0.1}  # degenerate cells are marked in the heat map, not plotted
                for k in (1.0, 10.0) for lam in (0.01, 0.05, 0.1) for nu in (1.0, 10.0)]
     _record(root, "kappa_lambda", "20200101T000000Z-00000007", {"model": "embedded-vit", "study": "kappa_lambda"},
-            {"rows": kl_rows, "info": {"label": VIT, "budget_macs_fraction": 0.5}, "search": None})
+            {"rows": kl_rows, "info": {"label": VIT, "budget_macs_fraction": 0.5}, "search": None,
+             "path_health": {"kappa=1.0 lam=0.1": {"applicable": True, "healthy": False, "entered": 0.99,
+                                                   "max_step_share": 0.835, "loss_ratio_half": 8.2, "steps": 30,
+                                                   "problems": ["83.5% of the entered entries entered at step 35"]},
+                             "kappa=10.0 lam=0.01": {"applicable": True, "healthy": True, "entered": 0.95,
+                                                     "max_step_share": 0.03, "loss_ratio_half": 1.4, "steps": 30,
+                                                     "problems": []},
+                             "lasso": {"applicable": False}}})
     cost_rows = [{"model": "embedded-vit", "method": "spp", "macs_fraction": f, "macs": 100 * f, "params": 10,
                   "batch_size": bs, "latency_ms": 10 * f * 1.2, "dense_latency_ms": 10.0, "speedup": 1 / (f * 1.2),
                   "macs_reduction": 1 / f, "speedup_over_macs_reduction": 1 / 1.2, "device": dev}
@@ -130,7 +137,7 @@ def _all_studies(root: Path) -> None:
 EXPECTED_TABLES = {"quickstart.csv", "vision_table.csv", "paper_vision.csv", "clip_table.csv", "paper_clip.csv",
                    "llm_table.csv", "llm_structured.csv", "paper_llm.csv", "solution_path_nested.csv",
                    "seed_stability.csv", "seed_kendall.csv", "kappa_lambda.csv", "cost_latency.csv",
-                   "cost_summary.csv"}
+                   "cost_summary.csv", "path_health.csv"}
 EXPECTED_FIGURES = {"vision_top1_vs_macs.png", "clip_rsum_vs_macs.png", "llm_perplexity.png",
                     "path_support_embedded-vit.png", "path_entry_order_embedded-vit.png",
                     "path_support_embedded-swin.png", "path_entry_order_embedded-swin.png", "seed_stability.png",
@@ -164,6 +171,33 @@ def test_every_study_writes_its_tables_and_figures(synthetic):
         assert name in index
     # the index names the runs folder relative to the report's checkout, never a machine's absolute path
     assert str(root.resolve()) not in index and f"`{out.name}/runs`" in index
+
+
+def test_report_states_path_health_in_words(synthetic):
+    root, rep = synthetic
+    index = Path(rep["index"]).read_text()
+    assert "## Path health" in index and "1 of 2 solution paths in these records are healthy" in index
+    assert "kappa=1.0 lam=0.1: degenerate; 99.0% entered, at most 83.5% at one step, loss at half entered 8.2x" in index
+    ph = pd.read_csv(root.parent / "tables" / "path_health.csv")
+    assert len(ph) == 2 and set(ph["healthy"]) == {True, False}  # score paths (not applicable) are left out
+
+
+def test_report_recomputes_the_health_of_records_written_before_diagnostics(tmp_path):
+    import torch
+
+    from sppbench.path import entry_health
+
+    root = tmp_path / "runs"
+    folder = _solution_path(root, "20200101T000000Z-00000001", "embedded-vit", search={"method": "spp", "steps": 10})
+    rep = build_report(root=root, out=tmp_path, studies=["solution_path"])
+    (row,) = rep["health"]
+    table = pd.read_csv(folder / "path.csv")
+    steps = torch.tensor(table["entry_step"].to_numpy())
+    expect = entry_health(steps.double(), steps, json.loads((folder / "history.json").read_text()))
+    assert row["search"] == "search (recomputed)" and row["entered"] == pytest.approx(expect["entered"])
+    assert row["max_step_share"] == pytest.approx(expect["max_step_share"]) and row["healthy"] == expect["healthy"]
+    assert expect["entered"] == pytest.approx(24 / 30)  # 6 of the 30 synthetic entries never enter
+    assert "search (recomputed): degenerate" in Path(rep["index"]).read_text()
 
 
 def test_every_table_names_its_run_and_stand_in(synthetic):
@@ -286,7 +320,9 @@ def test_committed_records_produce_their_tables(tmp_path):
     assert rep["missing"] == {}
     names = {Path(t).name for t in rep["tables"]}
     assert names == {"quickstart.csv", "vision_table.csv", "paper_vision.csv", "clip_table.csv", "paper_clip.csv",
-                     "llm_table.csv", "llm_structured.csv", "paper_llm.csv"}
+                     "llm_table.csv", "llm_structured.csv", "paper_llm.csv", "path_health.csv"}
+    # the committed quickstart predates path diagnostics: the report recomputes its path's health from path.csv
+    assert [(r["study"], r["healthy"]) for r in rep["health"]] == [("quickstart", False)]
     assert {Path(f).name for f in rep["figures"]} == {"vision_top1_vs_macs.png", "clip_rsum_vs_macs.png",
                                                       "llm_perplexity.png"}
     for study in ("quickstart", "clip_table", "llm_table"):

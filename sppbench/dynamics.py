@@ -20,6 +20,12 @@ Official form (``variant="official"``, to compare with the released DeiT code): 
 on the task loss alone, V <- V + s_k (M_new - Gamma) with s_k Adam's bias-corrected step size,
 Gamma = kappa * max(shrink(V, lam), 0) (one-sided; the released code has kappa = 1, lam = 3).
 
+Adam form (``variant="adam"``, a labelled research variant: docs/path_health.md): the paper form's coupling,
+V and Gamma, with the M step replaced by Adam (step ``lr``, bias-corrected) on the paper's full gradient
+grad_M L + (M - Gamma) / nu. The step then no longer scales with the loss's curvature, so nu (the coupling)
+and alpha / nu (V's rate) can be set for the path alone; on the embedded ViT it is the only form found whose
+path passes the health limits (160 steps; the paper form would need ~1e5).
+
 Each parameter's state exposes ``V``, ``gamma``, ``entry_step`` (the first step at which the entry
 entered supp(Gamma); -1 = not entered), ``entry_time`` (the same instant as a fraction of a step:
 ``t - 1 + (lam - |V_{t-1}|) / (|V_t| - |V_{t-1}|)``, where the threshold crossing falls when V is
@@ -37,7 +43,7 @@ import torch
 
 from .errors import SearchDivergedError
 
-VARIANTS = ("paper", "official")
+VARIANTS = ("paper", "official", "adam")
 
 
 def shrink(v: torch.Tensor, lam: float) -> torch.Tensor:
@@ -45,10 +51,16 @@ def shrink(v: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.sign(v) * torch.clamp(v.abs() - lam, min=0.0)
 
 
-def check_constants(kappa: float, alpha: float, nu: float, lam: float, variant: str = "paper") -> None:
+def check_constants(kappa: float, alpha: float, nu: float, lam: float, variant: str = "paper",
+                    lr: float | None = None) -> None:
     """Reject impossible constants; warn on the ones that make the iteration unstable."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SLBI variant {variant!r}; use one of {VARIANTS}")
+    if variant == "adam":
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"the adam form needs lr (its M step), a positive finite number; got {lr!r}")
+    elif lr is not None:
+        raise ValueError(f"lr is the adam form's M step; the {variant!r} form takes kappa, alpha, nu, lam only")
     for name, val in (("kappa", kappa), ("alpha", alpha), ("nu", nu)):
         if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
             raise ValueError(f"{name} must be a positive finite number, got {val!r}")
@@ -66,10 +78,11 @@ class SLBI(torch.optim.Optimizer):
     """SLBI on mask tensors (W frozen elsewhere); see the module docstring for both forms."""
 
     def __init__(self, params: Iterable[torch.Tensor], kappa: float, alpha: float, nu: float, lam: float,
-                 variant: str = "paper", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        check_constants(kappa, alpha, nu, lam, variant)
+                 variant: str = "paper", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr: float | None = None):
+        check_constants(kappa, alpha, nu, lam, variant, lr)
         defaults = dict(kappa=float(kappa), alpha=float(alpha), nu=float(nu), lam=float(lam), variant=variant,
-                        betas=betas, eps=eps)
+                        betas=betas, eps=eps, lr=None if lr is None else float(lr))
         super().__init__(params, defaults)
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -111,6 +124,21 @@ class SLBI(torch.optim.Optimizer):
                     p.add_(grad, alpha=-kappa * alpha).add_(diff, alpha=-kappa * alpha / nu)
                     V.add_(diff, alpha=alpha / nu)
                     gamma.copy_(shrink(V, lam)).mul_(kappa)
+                elif group["variant"] == "adam":
+                    b1, b2 = group["betas"]
+                    if "exp_avg" not in st:
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
+                    diff = p - gamma
+                    total = grad + diff / nu
+                    m1, m2 = st["exp_avg"], st["exp_avg_sq"]
+                    m1.mul_(b1).add_(total, alpha=1 - b1)
+                    m2.mul_(b2).addcmul_(total, total, value=1 - b2)
+                    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                    denom = (m2 / bc2).sqrt_().add_(group["eps"])
+                    p.addcdiv_(m1, denom, value=-group["lr"] / bc1)
+                    V.add_(diff, alpha=alpha / nu)
+                    gamma.copy_(shrink(V, lam)).mul_(kappa)
                 else:
                     b1, b2 = group["betas"]
                     if "exp_avg" not in st:
@@ -128,7 +156,7 @@ class SLBI(torch.optim.Optimizer):
                 inside = gamma != 0
                 new = inside & (st["entry_step"] < 0)
                 if bool(new.any()):
-                    if group["variant"] == "paper":
+                    if group["variant"] != "official":
                         a0, a1 = v_old.abs(), V.abs()
                     else:
                         a0, a1 = v_old, V

@@ -311,9 +311,9 @@ def ranking(method: str, m: MaskedModel, batches: Iterable, loss_fn: Callable, *
     """The solution path / ranking of a ranking method. ``spp``: the SPP constants (kappa, alpha, nu, lam)."""
     check_method(method)
     s = dict(settings or {})
-    if method == "spp":
-        return search(m, batches, loss_fn, steps=steps, seed=seed, variant="paper",
-                      **{k: spp[k] for k in ("kappa", "alpha", "nu", "lam")})
+    if method == "spp":  # spp may name another form: {"variant": "adam", "lr": ...} (docs/path_health.md)
+        return search(m, batches, loss_fn, steps=steps, seed=seed, variant=spp.get("variant", "paper"),
+                      lr=spp.get("lr"), **{k: spp[k] for k in ("kappa", "alpha", "nu", "lam")})
     if method == "spp-official":
         kappa, lam = s.get("kappa", 1.0), s.get("lam", 3.0)
         alpha = s.get("alpha", 2 * lam / steps)

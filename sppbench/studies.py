@@ -101,20 +101,32 @@ def _spp(model: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 40: the solution path
 # ---------------------------------------------------------------------------------------------
+# The adam form's constants (docs/path_health.md): chosen on the embedded ViT by the path-health limits of its
+# search on training batches (tools/path_probes.py adam; 160 steps of batch 32), never on test images.
+ADAM_FORM = {"variant": "adam", "kappa": 10.0, "alpha": 3.0, "nu": 2000.0, "lam": 0.09, "lr": 0.03}
+FORMS = ("paper", "adam")
+
+
 @dataclass
 class PathStudyConfig:
-    """One SPP search per model; support vs step, entry order, and nestedness of the read-outs."""
+    """One SPP search per model; support vs step, entry order, and nestedness of the read-outs.
+
+    form: "paper" (the profile's paper-form constants) or "adam" (``ADAM_FORM``, the labelled variant whose
+    path passes the health limits on the embedded ViT at 160 steps)."""
 
     models: tuple[str, ...] = ("embedded-vit", "embedded-swin")
     steps: int = 60
     batch_size: int = 32
     macs_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     seed: int = 0
+    form: str = "paper"
     study: str = "solution_path"
 
     def resolved(self) -> "PathStudyConfig":
         check_types(self)
         _check_fractions("macs_fractions", self.macs_fractions)
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         return self
 
 
@@ -130,7 +142,7 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
         task = (tasks or {}).get(model) or _task(model, 10, 10, 10)
         m = _attach(task.dense, task)
         try:
-            spp = _spp(model)
+            spp = _spp(model) if cfg.form == "paper" else dict(ADAM_FORM)
             path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, cfg.steps, cfg.seed), F.cross_entropy,
                                    steps=cfg.steps, seed=cfg.seed, spp=spp)
             dense = _dense_macs(m)

@@ -82,7 +82,7 @@ class _Cycle:
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FORMAT = "sppbench.search-state/1"
 # what must agree between a checkpoint and the search resuming from it (steps may grow)
-_MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "seed", "record_every")
+_MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "lr", "seed", "record_every", "slbi")
 
 
 def _rng_state() -> dict:
@@ -221,7 +221,8 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
            constants: str | None = None, variant: str = "paper", seed: int = 0, record_every: int = 1,
            log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None,
            checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-           run: dict | None = None, distributed: bool | None = None) -> SolutionPath:
+           run: dict | None = None, distributed: bool | None = None, slbi: type[SLBI] = SLBI,
+           lr: float | None = None) -> SolutionPath:
     """Run one SLBI search on the masks of ``m`` (weights frozen) and return its solution path.
 
     batches: re-iterable (or long enough iterator) of ``(inputs, target)``; ``loss_fn(output, target)``
@@ -242,6 +243,12 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     resume and stored in the path's config. distributed: wrap in DistributedDataParallel (default: when
     a process group of more than one process is active); ``batches`` then yields this rank's slice of
     every global batch, and the SLBI state is checked to be identical on every rank at the end.
+
+    variant / lr: the SLBI form (``sppbench.dynamics``): "paper" (default), "official" (the released code's),
+    or "adam" (the paper form's coupling with an Adam M step of size ``lr``; constants by hand).
+
+    slbi: the optimizer class, ``SLBI`` or a subclass (a research variant of the mask step, e.g. those
+    probed by tools/path_probes.py); a subclass's name is stored in the path's config as ``slbi``.
     """
     from . import distributed as D
 
@@ -268,6 +275,8 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     if constants == "auto" and variant != "paper":
         raise ValueError(f"constants='auto' is derived for the paper form; give the {variant!r} form's constants "
                          "by hand (kappa=, alpha=, nu=, lam=)")
+    if not (isinstance(slbi, type) and issubclass(slbi, SLBI)):
+        raise TypeError(f"slbi must be sppbench.dynamics.SLBI or a subclass of it, got {slbi!r}")
     use_ddp = D.active() if distributed is None else bool(distributed)
     torch.manual_seed(seed)
     masks = m.mask_parameters()
@@ -301,13 +310,18 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
                     f"{implied['condition_number']:.3g}); with {steps} steps the coupling shrinks it by about "
                     f"{implied['predicted_uniform_shrink']:.0%} and the path may be degenerate: read "
                     "path.diagnostics()", RuntimeWarning, stacklevel=2)
+    if (variant == "adam") != (lr is not None):
+        raise ValueError("lr is the adam form's M step: give it with variant='adam' and only then"
+                         if lr is not None else "variant='adam' needs lr= (its Adam step for M), e.g. 0.03")
     config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
+              **({"lr": lr} if lr is not None else {}),
               "constants": constants, **({"auto": auto_info} if auto_info is not None else {}),
               "steps": steps, "seed": seed, "record_every": record_every,
               **({"run": dict(run)} if run is not None else {}),
-              **({"processes": D.world()[1]} if use_ddp else {})}
+              **({"processes": D.world()[1]} if use_ddp else {}),
+              **({"slbi": f"{slbi.__module__}.{slbi.__qualname__}"} if slbi is not SLBI else {})}
     m.reset_masks()
-    opt = SLBI(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant)
+    opt = slbi(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant, lr=lr)
     history: list[dict] = []
     start, before = 0, 0.0
     if resume:

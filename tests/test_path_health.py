@@ -247,3 +247,70 @@ def test_order_ablation_reads_one_search_four_ways():
         assert [r["jaccard_with_entry_order"] for r in rows if r["arm"] == "entry-order"] == [1.0, 1.0]
     finally:
         m.detach_masks()
+
+
+def test_search_takes_an_slbi_subclass_and_records_it(tmp_path):
+    class HalfStep(SLBI):  # a research variant: the paper form with every gradient halved
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+            return super().step(closure)
+
+    model = tiny_vit()
+    m = sppbench.attach_masks(model)
+    batches = synthetic_batches(model, 32, n=2)
+    consts = dict(kappa=10.0, alpha=0.05, nu=1.0, lam=0.05)
+    plain = sppbench.search(m, batches, F.cross_entropy, steps=4, **consts)
+    half = sppbench.search(m, batches, F.cross_entropy, steps=4, **consts, slbi=HalfStep)
+    assert "slbi" not in plain.config and half.config["slbi"].endswith("HalfStep")
+    assert any(not torch.equal(plain.M[n], half.M[n]) for n in plain.M)  # the subclass's step ran
+    with pytest.raises(TypeError, match="subclass"):
+        sppbench.search(m, batches, F.cross_entropy, steps=2, **consts, slbi=torch.optim.SGD)
+    # a checkpoint of one variant does not resume as another
+    ck = tmp_path / "s.pt"
+    sppbench.search(m, batches, F.cross_entropy, steps=2, **consts, slbi=HalfStep, checkpoint=ck, checkpoint_every=1)
+    with pytest.raises(SpecError, match="slbi"):
+        sppbench.search(m, batches, F.cross_entropy, steps=3, **consts, checkpoint=ck, resume=True)
+
+
+def test_adam_form_steps_m_by_adam_on_the_papers_gradient():
+    from sppbench.dynamics import check_constants
+
+    m = torch.nn.Parameter(torch.ones(3))
+    opt = SLBI([m], kappa=10.0, alpha=2.0, nu=100.0, lam=0.09, variant="adam", lr=0.05)
+    m.grad = torch.tensor([-1.0, 0.0, 1.0])
+    opt.step()
+    # first Adam step: -lr * sign(grad + (M - Gamma) / nu); V moves by (alpha / nu) (M - Gamma) of the old iterate
+    total = torch.tensor([-1.0, 0.0, 1.0]) + 1.0 / 100.0
+    assert torch.allclose(m.detach(), 1 - 0.05 * total.sign(), atol=1e-6)
+    assert torch.allclose(opt.state[m]["V"], torch.full((3,), 2.0 / 100.0))
+    with pytest.raises(ValueError, match="needs lr"):
+        check_constants(10.0, 2.0, 100.0, 0.09, "adam")
+    with pytest.raises(ValueError, match="adam form"):
+        check_constants(10.0, 2.0, 100.0, 0.09, "paper", lr=0.1)
+
+
+def test_adam_form_through_search_records_and_resumes_only_as_itself(tmp_path):
+    model = tiny_vit()
+    m = sppbench.attach_masks(model)
+    batches = synthetic_batches(model, 32, n=2)
+    consts = dict(kappa=10.0, alpha=2.0, nu=200.0, lam=0.09)
+    path = sppbench.search(m, batches, F.cross_entropy, steps=6, variant="adam", lr=0.05, **consts)
+    assert path.config["variant"] == "adam" and path.config["lr"] == 0.05 and path.rank_by == "entry"
+    with pytest.raises(ValueError, match="needs lr"):
+        sppbench.search(m, batches, F.cross_entropy, steps=2, variant="adam", **consts)
+    with pytest.raises(ValueError, match="only then"):
+        sppbench.search(m, batches, F.cross_entropy, steps=2, lr=0.05, **consts)
+    from sppbench import methods
+
+    via = methods.ranking("spp", m, batches, F.cross_entropy, steps=6, spp={**consts, "variant": "adam", "lr": 0.05})
+    assert all(torch.equal(via.entry_step[n], path.entry_step[n]) for n in path.entry_step)
+    ck = tmp_path / "a.pt"
+    sppbench.search(m, batches, F.cross_entropy, steps=2, variant="adam", lr=0.05, **consts, checkpoint=ck,
+                    checkpoint_every=1)
+    with pytest.raises(SpecError, match="lr"):
+        sppbench.search(m, batches, F.cross_entropy, steps=3, variant="adam", lr=0.1, **consts, checkpoint=ck,
+                        resume=True)

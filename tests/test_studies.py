@@ -85,6 +85,16 @@ def test_seed_study_rows_overlaps_and_rankings(tmp_path, monkeypatch):
     assert k.loc["lasso", "ranking"].startswith("lasso-rank") and k["mean"].abs().le(1).all()
 
 
+def test_path_study_runs_the_adam_form_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=4, batch_size=8, macs_fractions=(0.5,), form="adam")
+    res = studies.run_path_study(cfg, tasks={"embedded-vit": tiny_task()}, progress=False)
+    c = res["paths"]["embedded-vit"].config
+    assert c["variant"] == "adam" and c["lr"] == studies.ADAM_FORM["lr"] and c["nu"] == studies.ADAM_FORM["nu"]
+    rec = load_record(res["records"][0])
+    assert rec["params"]["form"] == "adam" and rec["metrics"]["search"]["variant"] == "adam"
+
+
 def test_kappa_lambda_grid(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     cfg = studies.KappaLambdaConfig(kappas=(5.0, 10.0), lams=(0.05,), steps=3, batch_size=8, seeds=(0, 1))
@@ -143,6 +153,7 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("make", [
     lambda: studies.PathStudyConfig(macs_fractions=(0.5, 1.5)),
+    lambda: studies.PathStudyConfig(form="lbfgs"),
     lambda: studies.SeedStudyConfig(seeds=(1,)),
     lambda: studies.SeedStudyConfig(seeds=(1, 1, 2)),
     lambda: studies.SeedStudyConfig(methods=("spp", "dessilbi")),

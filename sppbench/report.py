@@ -365,6 +365,12 @@ def _entry_matrix(part, max_step: int):
     return layers, mat
 
 
+def _form(rec: dict) -> str:
+    """' (adam form)' etc. for a search that is not the paper form, '' for the paper form."""
+    v = (rec["metrics"].get("search") or {}).get("variant")
+    return "" if v in (None, "paper") else f" ({v} form)"
+
+
 def _solution_path(recs):
     import matplotlib
     import pandas as pd
@@ -404,7 +410,7 @@ def _solution_path(recs):
         ax.set_xlabel("search step")
         ax.set_ylabel("fraction of entries in supp(Gamma)")
         ax.set_ylim(0, 1.02)
-        ax.set_title(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}: support vs step"), fontsize=8)
+        ax.set_title(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}{_form(rec)}: support vs step"), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -428,7 +434,7 @@ def _solution_path(recs):
             never = int((path[path["pool"] == pool]["entry_step"] < 0).sum())
             ax.set_title(f"{pool}: {mat.shape[1]} entries per layer at most, {never} never entered", fontsize=8)
             fig.colorbar(im, ax=ax, extend="max", label=f"entry step (black: never, shown as {max_step + 1})")
-        fig.suptitle(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}: order of entry"), fontsize=8)
+        fig.suptitle(_title(fig, _label(rec), rec["run_id"], f"solution_path {model}{_form(rec)}: order of entry"), fontsize=8)
         fig.tight_layout()
         figures[f"path_entry_order_{safe}.png"] = fig
     return tables, figures
@@ -624,7 +630,8 @@ def _health_rows(study: str, recs: list[dict]) -> list[dict]:
                 model = _model_of(rec)
             except RecordError:
                 model = None
-            rows.append({"study": study, "run_id": rec["run_id"], "model": model, "search": name,
+            form = (rec["metrics"].get("search") or {}).get("variant") or (rec.get("params") or {}).get("form")
+            rows.append({"study": study, "run_id": rec["run_id"], "model": model, "search": name, "form": form,
                          "healthy": h.get("healthy"), "entered": h.get("entered"),
                          "max_step_share": h.get("max_step_share"), "spread_steps": h.get("spread_steps"),
                          "loss_ratio_half": h.get("loss_ratio_half"), "steps": h.get("steps"),
@@ -678,7 +685,8 @@ def _health_text(rows: list[dict]) -> list[str]:
                  "model, not the path's order:" if bad else ".")]
     for r in rows:
         ratio = r["loss_ratio_half"]
-        lines.append(f"- {r['study']} `{r['run_id']}` {r['search']}: "
+        form = f" ({r['form']} form, a labelled variant)" if r.get("form") not in (None, "paper") else ""
+        lines.append(f"- {r['study']} `{r['run_id']}` {r['search']}{form}: "
                      f"{'healthy' if r['healthy'] else 'degenerate'}; {_pct(r['entered'])} entered, at most "
                      f"{_pct(r['max_step_share'])} at one step, "
                      + ("fewer than half of the entries entered" if ratio is None else

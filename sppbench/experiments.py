@@ -188,13 +188,15 @@ def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict
 
 
 def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
-                 paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None) -> "Any":
+                 paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None,
+                 files: "dict[str, Any] | None" = None) -> "Any":
     """One run record: params.json, metrics.json (rows, info, the search config and the path health of
     every solution path), and per path its entries (``path.csv`` / ``paths/<name>.csv``) and per-step
     history with the loss (``history.json`` / ``paths/<name>.history.json``).
 
     ``health``: diagnostics already computed (e.g. with the budgets' own keep-sets); the rest are computed
-    here with the default budgets."""
+    here with the default budgets. ``files``: further JSON files of the record (name -> object), e.g.
+    per-example results."""
     rec = RunRecord(study)
     try:
         health = dict(health or {})
@@ -210,6 +212,8 @@ def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
         if path is not None:
             path.write_csv(rec.file("path.csv"))
             rec.write_json("history.json", path.history)
+        for name, obj in (files or {}).items():
+            rec.write_json(name, obj)
         for n, p in (paths or {}).items():
             safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in n)
             p.write_csv(rec.file(f"paths/{safe}.csv"))

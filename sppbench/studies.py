@@ -120,11 +120,16 @@ class PathStudyConfig:
     macs_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     seed: int = 0
     form: str = "paper"
+    ablation_fractions: tuple[float, ...] = ()  # MAC budgets of the order ablation (none: not run)
+    n_test: int = 1000               # test / refit images of the order ablation
+    n_refit: int = 1000
     study: str = "solution_path"
 
     def resolved(self) -> "PathStudyConfig":
         check_types(self)
         _check_fractions("macs_fractions", self.macs_fractions)
+        if self.ablation_fractions:
+            _check_fractions("ablation_fractions", self.ablation_fractions)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         return self
@@ -136,10 +141,12 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
     import pandas as pd
 
     cfg = (cfg or PathStudyConfig()).resolved()
-    out = {"paths": {}, "labels": {}, "records": [], "nested": None, "health": {}}
-    rows = []
+    out = {"paths": {}, "labels": {}, "records": [], "nested": None, "health": {}, "ablation": None}
+    rows, ablation = [], []
     for model in cfg.models:
-        task = (tasks or {}).get(model) or _task(model, 10, 10, 10)
+        task = (tasks or {}).get(model) or (_task(model, 10, cfg.n_test, cfg.n_refit) if cfg.ablation_fractions
+                                            else _task(model, 10, 10, 10))
+        abl_rows, abl_correct = [], {}
         m = _attach(task.dense, task)
         try:
             spp = _spp(model) if cfg.form == "paper" else dict(ADAM_FORM)
@@ -156,6 +163,9 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
                     mine.append({"model": model, "readout": ro, "macs_fraction": f, "kept_entries": int(flat_keep(k).sum()),
                                  "macs": k.macs, "achieved_fraction": k.macs / dense,
                                  "nested_in_next": None if nxt is None else nxt.issubset(k)})
+            if cfg.ablation_fractions:
+                abl_rows, abl_correct = order_ablation(m, path, task, cfg.ablation_fractions, seed=cfg.seed)
+                abl_rows = [{"model": model, **r} for r in abl_rows]
         finally:
             m.detach_masks()
         sizes = {}
@@ -163,11 +173,17 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
             sizes[g.pool] = sizes.get(g.pool, 0) + g.size
         info = {"label": task.label, "model": model, "pool_sizes": sizes, "spp_constants": spp,
                 "dense_macs": dense, "search_seconds": path.config.get("seconds"),
-                "nested_rule": "nested_in_next: the next smaller budget's keep-set is a subset of this one"}
+                "nested_rule": "nested_in_next: the next smaller budget's keep-set is a subset of this one",
+                **({"order_ablation": abl_rows,
+                    "order_ablation_rule": "one search read four ways at the same MAC budgets, head re-fit on "
+                                           f"{cfg.n_refit} refit images, top-1 on {cfg.n_test} test images; each arm "
+                                           "paired against the entry order (docs/statistics.md); per-image "
+                                           "correctness in order_ablation_correct.json"} if abl_rows else {})}
         table = pd.DataFrame(mine)
         if record:
             out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model}, path, table, info,
-                                               health={"search": health}))
+                                               health={"search": health},
+                                               files={"order_ablation_correct.json": abl_correct} if abl_rows else None))
         if progress:
             print(f"[path] {model}: {cfg.steps} steps in {path.config.get('seconds', 0):.1f}s; nested at every budget: "
                   f"{bool(table['nested_in_next'].dropna().all())}", flush=True)
@@ -175,7 +191,9 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
         out["health"][model] = health
         out["labels"][model] = task.label
         rows += mine
+        ablation += abl_rows
     out["nested"] = pd.DataFrame(rows)
+    out["ablation"] = pd.DataFrame(ablation) if ablation else None
     return out
 
 
@@ -609,7 +627,9 @@ def order_variants(path: SolutionPath, seed: int = 0) -> dict[str, tuple[Solutio
 def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0) -> tuple[list[dict], dict]:
     """At each MAC budget: the keep-set of every arm of ``order_variants``, compressed and evaluated on the
     same test images (head re-fit on the refit split). Returns (rows, per-example correctness per
-    arm and budget: lists of 0/1 over the test images, in the split's order, for paired statistics)."""
+    arm and budget: lists of 0/1 over the test images, in the split's order, for paired statistics).
+    Each row carries its paired comparison with the entry order at the same budget (``sppbench.stats``:
+    delta, 95% paired-bootstrap interval over test images, McNemar p, verdict better / worse / tie)."""
     from .evaluate import fit_linear_head
     from .vision import _features
 
@@ -629,4 +649,14 @@ def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0
                          "achieved_fraction": keep.macs / dense, "top1_head_refit": float(correct.float().mean()),
                          "n_test": int(correct.numel()),
                          "jaccard_with_entry_order": jaccard(keep, arms["entry-order"][0].keep(macs=int(f * dense)))})
+    from .stats import compare
+
+    for r in rows:  # paired against the entry order at the same budget, over the same test images
+        ref = per_example[f"entry-order@{r['budget_macs_fraction']}"]
+        if r["arm"] == "entry-order":
+            r.update(delta_vs_entry_order=0.0, delta_lo=None, delta_hi=None, mcnemar_p=None, verdict="reference")
+            continue
+        c = compare(per_example[f"{r['arm']}@{r['budget_macs_fraction']}"], ref, seed=seed)
+        r.update(delta_vs_entry_order=c["delta"], delta_lo=c["lo"], delta_hi=c["hi"], mcnemar_p=c["mcnemar_p"],
+                 verdict=c["verdict"])
     return rows, per_example

@@ -245,6 +245,15 @@ def test_order_ablation_reads_one_search_four_ways():
             assert 0 <= r["jaccard_with_entry_order"] <= 1
             assert r["top1_head_refit"] == pytest.approx(sum(per_example[f"{r['arm']}@{r['budget_macs_fraction']}"]) / n)
         assert [r["jaccard_with_entry_order"] for r in rows if r["arm"] == "entry-order"] == [1.0, 1.0]
+        # each arm is paired against the entry order at its budget, on the same test images
+        for r in rows:
+            if r["arm"] == "entry-order":
+                assert r["verdict"] == "reference"
+                continue
+            ref = [x for x in rows if x["arm"] == "entry-order" and x["budget_macs_fraction"] == r["budget_macs_fraction"]][0]
+            assert r["delta_vs_entry_order"] == pytest.approx(r["top1_head_refit"] - ref["top1_head_refit"])
+            assert r["delta_lo"] <= r["delta_vs_entry_order"] <= r["delta_hi"] and 0 <= r["mcnemar_p"] <= 1
+            assert r["verdict"] in ("better", "worse", "tie")
     finally:
         m.detach_masks()
 

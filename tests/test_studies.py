@@ -1,5 +1,6 @@
 """The studies behind notebooks 40-70, on a tiny random-init ViT task (the notebooks run them on the embedded models)."""
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,19 @@ def test_path_study_runs_the_adam_form_and_records_it(tmp_path, monkeypatch):
     assert rec["params"]["form"] == "adam" and rec["metrics"]["search"]["variant"] == "adam"
 
 
+def test_path_study_runs_the_order_ablation_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=4, batch_size=8, macs_fractions=(0.5,),
+                                  ablation_fractions=(0.7, 0.5))
+    res = studies.run_path_study(cfg, tasks={"embedded-vit": tiny_task()}, progress=False)
+    a = res["ablation"]
+    assert len(a) == 2 * len(studies.ORDER_ARMS) and set(a["verdict"]) <= {"reference", "better", "worse", "tie"}
+    folder = res["records"][0]
+    correct = json.loads((folder / "order_ablation_correct.json").read_text())
+    assert set(correct) == {f"{arm}@{f}" for arm in studies.ORDER_ARMS for f in (0.7, 0.5)}
+    assert load_record(folder)["metrics"]["info"]["order_ablation"][0]["model"] == "embedded-vit"
+
+
 def test_kappa_lambda_grid(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     cfg = studies.KappaLambdaConfig(kappas=(5.0, 10.0), lams=(0.05,), steps=3, batch_size=8, seeds=(0, 1))
@@ -154,6 +168,7 @@ def test_cost_latency_measures_every_model_and_batch(tmp_path, monkeypatch):
 @pytest.mark.parametrize("make", [
     lambda: studies.PathStudyConfig(macs_fractions=(0.5, 1.5)),
     lambda: studies.PathStudyConfig(form="lbfgs"),
+    lambda: studies.PathStudyConfig(ablation_fractions=(0.0,)),
     lambda: studies.SeedStudyConfig(seeds=(1,)),
     lambda: studies.SeedStudyConfig(seeds=(1, 1, 2)),
     lambda: studies.SeedStudyConfig(methods=("spp", "dessilbi")),

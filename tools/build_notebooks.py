@@ -633,13 +633,19 @@ def check_cell(params_source: str):
                 f"check_params(globals(), {json.dumps(specs)})", IGNORE)
 
 
-def build(name: str) -> Path:
+def build(name: str, force: bool = False) -> Path:
     """Write the notebook without outputs, except that a code cell whose source is unchanged keeps the stored
-    outputs it had (run `store` after changing a check cell)."""
+    outputs it had (run `store` after changing a check cell).
+
+    Several notebooks (30, 40, 60 at least) were edited directly after their definitions here were
+    written; ``write`` therefore refuses to replace a notebook whose cells differ from the definitions
+    (that would drop those edits) unless ``--force``: port the edits into NOTEBOOKS first."""
     out = ROOT / "notebooks" / f"{name}.ipynb"
     old = {}
+    existing = []
     if out.is_file():
         for c in json.loads(out.read_text())["cells"]:
+            existing.append("".join(c["source"]))
             if c["cell_type"] == "code" and c.get("outputs"):
                 old["".join(c["source"])] = (c["outputs"], c.get("execution_count"))
     cells = []
@@ -655,6 +661,9 @@ def build(name: str) -> Path:
             outputs, count = old.get(text, ([], None))
             cell.update(execution_count=count, outputs=outputs)
         cells.append(cell)
+    if existing and existing != ["".join(c["source"]) for c in cells] and not force:
+        raise SystemExit(f"{out} differs from its definitions in tools/build_notebooks.py (it was edited directly); "
+                         "port the edits into NOTEBOOKS first, or pass --force to overwrite them")
     nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
                                                       "name": "python3"}, "language_info": {"name": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
@@ -687,7 +696,7 @@ def store(path: Path) -> None:
 if __name__ == "__main__":
     verb, target = sys.argv[1], sys.argv[2]
     if verb == "write":
-        print(build(target))
+        print(build(target, force="--force" in sys.argv[3:]))
     elif verb == "store":
         store(Path(target))
     else:

@@ -138,7 +138,8 @@ def adam(args) -> None:
         rows, _ = studies.order_ablation(m, path, task, (0.7, 0.5), seed=0)
         for r in rows:
             print(json.dumps({k: r.get(k) for k in ("arm", "budget_macs_fraction", "top1_head_refit",
-                                                     "jaccard_with_entry_order")}))
+                                                     "jaccard_with_entry_order", "delta_vs_entry_order", "delta_lo",
+                                                     "delta_hi", "mcnemar_p", "verdict")}))
     m.detach_masks()
 
 

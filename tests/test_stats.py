@@ -1,0 +1,62 @@
+"""Paired statistics: bootstrap intervals, McNemar's exact test, verdicts, sample sd."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sppbench import stats
+
+
+def test_identical_rows_tie_with_a_zero_interval():
+    a = np.random.default_rng(0).integers(0, 2, 500)
+    out = stats.compare(a, a)
+    assert out["delta"] == 0.0 and out["lo"] == 0.0 and out["hi"] == 0.0
+    assert out["mcnemar_p"] == 1.0 and out["verdict"] == "tie"
+
+
+def test_a_clear_gap_is_detected_and_its_sign_kept():
+    rng = np.random.default_rng(1)
+    b = (rng.random(2000) < 0.70).astype(int)
+    a = b.copy()
+    flip = np.flatnonzero(b == 0)[:200]  # a is right on 200 examples b gets wrong: +0.10
+    a[flip] = 1
+    better = stats.compare(a, b)
+    assert better["delta"] == pytest.approx(0.10) and better["lo"] > 0.08 and better["verdict"] == "better"
+    assert better["mcnemar_p"] < 1e-40
+    worse = stats.compare(b, a)
+    assert worse["verdict"] == "worse" and worse["hi"] < 0
+
+
+def test_the_interval_covers_a_small_noisy_difference():
+    rng = np.random.default_rng(2)
+    a = (rng.random(300) < 0.75).astype(int)
+    b = (rng.random(300) < 0.75).astype(int)  # independent draws of the same accuracy
+    out = stats.compare(a, b, resamples=4000)
+    assert out["lo"] < out["delta"] < out["hi"] and out["verdict"] == "tie"
+    # the paired interval is about +-1.96 sd of the mean difference
+    sd = np.std(a - b, ddof=1) / math.sqrt(300)
+    assert out["hi"] - out["lo"] == pytest.approx(2 * 1.96 * sd, rel=0.15)
+
+
+def test_mcnemar_matches_the_binomial_tail():
+    a = np.array([1] * 8 + [0] * 2 + [1] * 50)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 50)  # 8 vs 2 discordant
+    out = stats.mcnemar(a, b)
+    tail = sum(math.comb(10, i) for i in range(3)) / 2 ** 10
+    assert (out["b10"], out["b01"]) == (8, 2) and out["p"] == pytest.approx(2 * tail)
+
+
+def test_seeds_are_averaged_per_example_and_bad_input_refused():
+    a = [[1, 0, 1, 1], [1, 1, 1, 0]]
+    b = [1, 0, 0, 1]
+    out = stats.paired_bootstrap(a, b, resamples=10)
+    assert out["delta"] == pytest.approx(np.mean([0.0, 0.5, 1.0, -0.5]))
+    assert stats.compare(a, b, resamples=10)["seeds"] == [2, 1]
+    with pytest.raises(ValueError, match="same examples"):
+        stats.paired_bootstrap([1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.paired_bootstrap([1.0, float("nan")], [1.0, 0.0])
+    assert stats.verdict(-0.01, 0.02) == "tie" and stats.verdict(0.01, 0.02, higher_is_better=False) == "worse"
+    assert stats.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0) and stats.mean_sd([4.0]) == (4.0, None)

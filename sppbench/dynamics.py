@@ -153,19 +153,25 @@ class SLBI(torch.optim.Optimizer):
                     p.addcdiv_(m, denom, value=-step_size)
                     V.add_(p - gamma, alpha=step_size)
                     gamma.copy_(shrink(V, lam).clamp_(min=0)).mul_(kappa)
-                inside = gamma != 0
-                new = inside & (st["entry_step"] < 0)
-                if bool(new.any()):
-                    if group["variant"] != "official":
-                        a0, a1 = v_old.abs(), V.abs()
-                    else:
-                        a0, a1 = v_old, V
-                    frac = ((lam - a0) / (a1 - a0).clamp_min(1e-30)).clamp_(0.0, 1.0).double()
-                    st["entry_time"] = torch.where(new, (t - 1) + frac, st.setdefault(
-                        "entry_time", torch.full(p.shape, -1.0, dtype=torch.float64, device=p.device)))
-                st["entry_step"].masked_fill_(new, t)
-                st["support_steps"].add_(inside.long())
+                self.track_entries(st, v_old, lam, signed=group["variant"] == "official")
         return loss
+
+    @staticmethod
+    def track_entries(st: dict, v_old: torch.Tensor, lam: float, signed: bool = False) -> None:
+        """After a step (``st["step"]`` already advanced, ``st["V"]`` / ``st["gamma"]`` updated): record the entries
+        that just entered supp(Gamma) -- ``entry_step``, the fractional ``entry_time`` where V (|V|, or signed V
+        for the one-sided form) crossed ``lam`` -- and add one to ``support_steps`` of every entry inside.
+        Subclasses that change the M step (research variants) call it to keep the path's bookkeeping."""
+        t, V = st["step"], st["V"]
+        inside = st["gamma"] != 0
+        new = inside & (st["entry_step"] < 0)
+        if bool(new.any()):
+            a0, a1 = (v_old, V) if signed else (v_old.abs(), V.abs())
+            frac = ((lam - a0) / (a1 - a0).clamp_min(1e-30)).clamp_(0.0, 1.0).double()
+            st["entry_time"] = torch.where(new, (t - 1) + frac, st.setdefault(
+                "entry_time", torch.full(V.shape, -1.0, dtype=torch.float64, device=V.device)))
+        st["entry_step"].masked_fill_(new, t)
+        st["support_steps"].add_(inside.long())
 
     def support(self) -> list[torch.Tensor]:
         """Boolean supp(Gamma) of every parameter, in parameter order."""

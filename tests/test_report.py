@@ -197,6 +197,8 @@ def test_report_recomputes_the_health_of_records_written_before_diagnostics(tmp_
     assert row["search"] == "search (recomputed)" and row["entered"] == pytest.approx(expect["entered"])
     assert row["max_step_share"] == pytest.approx(expect["max_step_share"]) and row["healthy"] == expect["healthy"]
     assert expect["entered"] == pytest.approx(24 / 30)  # 6 of the 30 synthetic entries never enter
+    entered = table["entry_step"][table["entry_step"] >= 0]
+    assert row["max_step_share"] == pytest.approx(entered.value_counts().max() / len(entered))
     assert "search (recomputed): degenerate" in Path(rep["index"]).read_text()
 
 

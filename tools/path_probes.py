@@ -41,19 +41,6 @@ def _short(d: dict) -> dict:
     return {k: (round(d[k], 3) if isinstance(d.get(k), float) else d.get(k)) for k in keys}
 
 
-def _record_entry(st: dict, lam: float, v_old: torch.Tensor, t: int) -> None:
-    """The entry bookkeeping of the paper form (entry_step, fractional entry_time, support_steps)."""
-    V, gamma = st["V"], st["gamma"]
-    inside = gamma != 0
-    new = inside & (st["entry_step"] < 0)
-    if bool(new.any()):
-        a0, a1 = v_old.abs(), V.abs()
-        frac = ((lam - a0) / (a1 - a0).clamp_min(1e-30)).clamp_(0.0, 1.0).double()
-        st["entry_time"] = torch.where(new, (t - 1) + frac, st["entry_time"])
-    st["entry_step"].masked_fill_(new, t)
-    st["support_steps"].add_(inside.long())
-
-
 def semi_implicit_slbi(diag: dict[int, torch.Tensor]) -> type[SLBI]:
     """Paper form with the M step divided by (1 + kappa*alpha*d) per entry (d: the loss's diagonal curvature,
     ``diag[id(param)]``; 0 where absent), the semi-implicit diagonal step SPP-RIA uses (``precondition``)."""
@@ -75,7 +62,7 @@ def semi_implicit_slbi(diag: dict[int, torch.Tensor]) -> type[SLBI]:
                     p.sub_(a * (g + diff / nu) / (1 + a * d))
                     V.add_(diff, alpha=alpha / nu)
                     gamma.copy_(shrink(V, lam)).mul_(kappa)
-                    _record_entry(st, lam, v_old, st["step"])
+                    self.track_entries(st, v_old, lam)
 
     return SemiImplicitSLBI
 

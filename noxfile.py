@@ -31,15 +31,19 @@ EXECUTED = ROOT / "results" / "executed"
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
-    "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 60, "random_seeds": 3,
+    # searches: 160 steps (the Swin 640) = the steps the adam form's settings were chosen at (docs/path_health.md)
+    "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 160,
+                              "model_steps": {"embedded-swin": 640}, "spp_form": "adam", "random_seeds": 3,
                               "lasso_trials": 2, "n_val": 500, "n_test": 1000, "n_refit": 1000,
                               "finetune_steps": 20},
     "20_clip_retrieval.ipynb": {"methods": ["spp", "lasso", "dessilbi", "magnitude"],
-                                "macs_fractions": [0.7, 0.5, 0.35], "steps": 60, "lasso_trials": 2, "n_val": 500,
+                                "macs_fractions": [0.7, 0.5, 0.35], "steps": 160, "spp_form": "adam",
+                                "lasso_trials": 2, "n_val": 500,
                                 "n_test": 1000, "refit_steps": 300, "finetune_steps": 20},
     "30_llm_zero_shot.ipynb": {"n_samples": 32, "seqlen": 256, "eval_seqlen": 256, "eval_windows": 32,
                                "spp_steps": 20, "structured_fractions": [0.9, 0.8], "structured_steps": 20},
-    "40_solution_path.ipynb": {"steps": 160, "form": "adam", "ablation_fractions": [0.7, 0.5]},  # the labelled variant whose path is healthy (docs/path_health.md)
+    "40_solution_path.ipynb": {"steps": 160, "model_steps": {"embedded-swin": 640}, "form": "adam",
+                               "ablation_fractions": [0.7, 0.5]},  # the labelled variant whose path is healthy (docs/path_health.md)
     "50_seed_stability.ipynb": {"seeds": [0, 1, 2], "macs_fractions": [0.7, 0.5, 0.35], "steps": 30,
                                 "lasso_trials": 2, "n_test": 1000, "n_refit": 1000},
     "60_kappa_lambda.ipynb": {"kappas": [5.0, 10.0, 20.0], "lams": [0.01, 0.03, 0.045], "steps": 30, "n_val": 500,

@@ -43,7 +43,7 @@ class ClipTableConfig:
     macs_fractions: tuple[float, ...] = (0.7, 0.5, 0.35)
     budget_towers: str = "joint"     # joint: MACs of one image + one caption; image / text: that tower only (the
                                      # other stays dense); each: every tower to the fraction of its own MACs
-    steps: int = 60
+    steps: int = 160
     batch_size: int = 32
     seed: int = 0
     random_seeds: int = 1
@@ -61,6 +61,8 @@ class ClipTableConfig:
     alpha: float = 0.0
     nu: float = 0.0
     lam: float = 0.0
+    spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant, methods.ADAM_FORM) or
+                                     # "paper" (the constants above); "" = adam for the stand-in, paper for paper models
     study: str = "clip_table"
 
     def resolved(self) -> "ClipTableConfig":
@@ -73,6 +75,9 @@ class ClipTableConfig:
             raise SppBenchError(f"unknown CLIP model {self.model!r}; use embedded-clip or one of {PAPER_CLIP_MODELS}")
         if self.readout not in ("val", *READOUTS):
             raise ValueError(f"readout must be 'val', 'global' or 'per-layer', got {self.readout!r}")
+        if self.spp_form not in ("", *methods.SPP_FORMS):
+            raise ValueError(f"spp_form must be one of {methods.SPP_FORMS} (or '' for the model's default), "
+                             f"got {self.spp_form!r}")
         if self.budget_towers not in BUDGET_TOWERS:
             raise ValueError(f"budget_towers must be one of {BUDGET_TOWERS}, got {self.budget_towers!r}")
         if self.budget_towers == "each" and "lasso" in self.methods:
@@ -81,6 +86,11 @@ class ClipTableConfig:
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
             raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
         return self
+
+    @property
+    def form(self) -> str:
+        """The 'spp' search's form: spp_form, or its default (adam for the embedded stand-in)."""
+        return self.spp_form or ("adam" if self.model == "embedded-clip" else "paper")
 
 
 def clip_constants(cfg: ClipTableConfig) -> dict:
@@ -156,6 +166,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             print(f"[clip {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     spp = clip_constants(cfg)
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)  # the 'spp' rows' own search (docs/path_health.md)
     if task is None:
         task = get_clip_task(cfg, progress=log)
     dense = task.model
@@ -215,10 +226,12 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
-                common = dict(batches=batches, loss_fn=contrastive_loss, steps=cfg.steps, spp=spp, seed=seed,
+                spp_m = spp_search if method == "spp" else spp  # baselines keep the paper-form step (Lasso's lr)
+                common = dict(batches=batches, loss_fn=contrastive_loss, steps=cfg.steps, spp=spp_m, seed=seed,
                               settings={"trials": cfg.lasso_trials})
                 if method in methods.RANKING_METHODS:
-                    path = methods.ranking(method, m, batches, contrastive_loss, steps=cfg.steps, seed=seed, spp=spp)
+                    path = methods.ranking(method, m, batches, contrastive_loss, steps=cfg.steps, seed=seed,
+                                           spp=spp_m)
                     searches[f"{method}@seed{seed}"] = path.config.get("seconds", 0.0)
                     configs[f"{method}@seed{seed}"] = path.config
                     candidates = ["per-layer"] if method == "random" else (
@@ -253,6 +266,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                                   "search_s": round(p.search_seconds, 2),
                                   "shared_search": method in methods.RANKING_METHODS,
                                   "finetune_s": rinfo["finetune_s"]})
+                    if method == "spp":
+                        row["form"] = cfg.form  # "adam": the labelled variant, not the paper's update
                     if h is not None:  # is the order behind this row real? (docs/path_health.md)
                         row["path_healthy"] = h["healthy"]
                         row["path_by_order"] = h["budgets"][bi]["by_order"] if bi < len(h["budgets"]) else None
@@ -266,7 +281,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     finally:
         m.detach_masks()
     table = pd.DataFrame(rows)
-    info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp,
+    info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp, "spp_form": cfg.form,
+            "spp_search_constants": spp_search,
             "search_configs": configs, "search_seconds": searches, "budgets": budgets,
             "budget_rule": {"joint": "MACs of one image plus one caption", "image": "image tower MACs; text dense",
                             "text": "text tower MACs; image dense",
@@ -287,4 +303,5 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health) if record else None
     if folder:
         log(f"record written: {folder}")
-    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg)}
+    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg), "paths": paths,
+            "path_health": health}

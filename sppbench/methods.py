@@ -65,6 +65,57 @@ DEFAULTS = {
 }
 
 
+# The forms of the SPP search behind a table's 'spp' rows (docs/path_health.md). "paper": the paper's update with
+# the profile's constants. "adam": a labelled research variant, the paper form's coupling, V and Gamma with an Adam
+# M step (sppbench.dynamics), the only form found whose path passes the health limits on the embedded stand-ins
+# within a CPU budget. Its constants are written free of the step count N:
+#   travel      lr * N: how far (in mask units) Adam's step can move a mask over the search;
+#   held_entry  the share of the search after which a mask the loss holds at 1 enters: kappa*alpha/nu = theta /
+#               (held_entry * N), theta = kappa*lam;
+#   nu, kappa, lam as in the paper form; steps: the search length the setting was chosen at (and is used at).
+# They were chosen per stand-in by the path-health limits of the search on its own training batches
+# (tools/path_probes.py adam; never validation or test images): "default" on the embedded ViT (160 steps; also
+# used, unchanged, for the CLIP stand-in), "embedded-swin" on the Swin, where the ViT's travel leaves a third of the
+# masks at zero before they enter (docs/path_health.md). Any other model gets "default".
+ADAM_FORMS = {
+    "default": {"travel": 4.8, "held_entry": 0.375, "nu": 2000.0, "kappa": 10.0, "lam": 0.09, "steps": 160},
+    "embedded-swin": {"travel": 1.6, "held_entry": 0.375, "nu": 2000.0, "kappa": 10.0, "lam": 0.09, "steps": 640},
+}
+SPP_FORMS = ("paper", "adam")
+
+
+def adam_setting(model: str) -> dict:
+    """The adam form's step-free setting for ``model`` (``ADAM_FORMS``; "default" for models without one)."""
+    return dict(ADAM_FORMS.get(model, ADAM_FORMS["default"]))
+
+
+def adam_constants(model: str, steps: int | None = None) -> dict:
+    """The adam form's search constants (variant, kappa, alpha, nu, lam, lr) for ``model`` at ``steps`` (default:
+    the steps its setting was chosen at): lr = travel / steps, kappa*alpha/nu = kappa*lam / (held_entry * steps)."""
+    s = adam_setting(model)
+    n = s["steps"] if steps is None else steps
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"steps must be a positive integer, got {n!r}")
+    def clean(x: float) -> float:  # 12 significant digits: 3.0, not 2.9999999999999996
+        return float(f"{x:.12g}")
+
+    alpha = s["lam"] * s["nu"] / (s["held_entry"] * n)  # kappa*alpha/nu = kappa*lam / (held_entry * n)
+    return {"variant": "adam", "kappa": s["kappa"], "alpha": clean(alpha), "nu": s["nu"], "lam": s["lam"],
+            "lr": clean(s["travel"] / n)}
+
+
+ADAM_FORM = adam_constants("embedded-vit")  # the ViT's, at 160 steps: kappa 10, alpha 3, nu 2000, lam 0.09, lr 0.03
+
+
+def spp_search_constants(form: str, paper: dict, model: str = "", steps: int | None = None) -> dict:
+    """The constants of the 'spp' search in ``form``: the paper form's ``paper`` (kappa, alpha, nu, lam) as
+    given, or the adam form's for ``model`` at ``steps`` (``adam_constants``, with ``variant`` and ``lr``). The
+    baselines whose step follows SPP's (Lasso's lr = kappa*alpha) always take the paper-form constants."""
+    if form not in SPP_FORMS:
+        raise SppBenchError(f"unknown SPP form {form!r}; use one of {SPP_FORMS} (docs/path_health.md)")
+    return adam_constants(model, steps) if form == "adam" else {k: paper[k] for k in ("kappa", "alpha", "nu", "lam")}
+
+
 @dataclass
 class Pruned:
     """One method's pruned model for one budget."""

@@ -45,6 +45,13 @@ def support_vs_step(path, title: str = ""):
     return fig
 
 
+def method_label(method: str, rows) -> str:
+    """A method's legend label: its name, with the search form when ``rows`` (its rows of a table) name one
+    other than the paper's (e.g. 'spp (adam form, a variant)')."""
+    forms = [f for f in (rows["form"].dropna().unique() if "form" in rows else []) if f and f != "paper"]
+    return f"{method} ({', '.join(forms)} form, a variant)" if forms else method
+
+
 def methods_vs_macs(summary, title: str = "", dense=None):
     """One panel per top-1 read-out (no retraining, head re-fit, fine-tuned): mean top-1 per method
     against the achieved MACs fraction (error bars: spread over seeds where there are several)."""
@@ -58,7 +65,7 @@ def methods_vs_macs(summary, title: str = "", dense=None):
             part = part.sort_values("macs_fraction")
             err = part.get(col + "_sd")
             ax.errorbar(part["macs_fraction"], part[col], yerr=err if err is not None and err.any() else None,
-                        marker="o", ms=4, capsize=2, label=method)
+                        marker="o", ms=4, capsize=2, label=method_label(method, part))
         if dense is not None and col in dense:
             ax.axhline(float(dense[col]), color="grey", lw=1, ls=":", label="dense")
         ax.set_title(f"top-1, {label}", fontsize=9)

@@ -184,7 +184,7 @@ def _mean_over_seeds(df, keys: list[str], sd_cols: Iterable[str]):
     skip = set(keys) | {"seed", "source_run", "stand_in"}
     num = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])
            and not pd.api.types.is_bool_dtype(df[c])]
-    text = [c for c in ("readout", "units", "source_run", "stand_in") if c in df and c not in keys]
+    text = [c for c in ("readout", "units", "form", "source_run", "stand_in") if c in df and c not in keys]
     g = df.groupby(keys, sort=False, dropna=False)
     out = g[num].mean() if num else g.size().to_frame("_n").drop(columns="_n")
     for c in sd_cols:
@@ -225,12 +225,14 @@ def _png(fig) -> bytes:
 def _methods_vs_macs(ax, frame, col: str) -> None:
     """One line per method of ``col`` (mean over seeds, sd bars where there are several) against the measured
     MACs fraction, and the dense value as a dotted line."""
+    from .plots import method_label
+
     pruned = frame[frame["method"] != "dense"]
     sd = f"{col}_sd"
     for method, m in pruned.groupby("method", sort=False):
         m = m.sort_values("macs_fraction")
         err = m[sd] if sd in m and m[sd].any() else None
-        ax.errorbar(m["macs_fraction"], m[col], yerr=err, marker="o", ms=4, capsize=2, label=method)
+        ax.errorbar(m["macs_fraction"], m[col], yerr=err, marker="o", ms=4, capsize=2, label=method_label(method, m))
     dense = frame[frame["method"] == "dense"]
     if len(dense):
         ax.axhline(float(dense[col].iloc[0]), color="grey", lw=1, ls=":", label="dense")
@@ -254,7 +256,7 @@ def _vision(recs):
                          ["top1_no_retrain", "top1_head_refit", "top1_finetuned", "macs_fraction"])
     if "macs" in s:
         s["gmacs"] = s["macs"] / 1e9
-    first = ["model", "method", "budget_macs_fraction", "seeds", "macs_fraction", "gmacs", "params", "readout",
+    first = ["model", "method", "form", "budget_macs_fraction", "seeds", "macs_fraction", "gmacs", "params", "readout",
              "top1_no_retrain", "top1_no_retrain_sd", "top1_head_refit", "top1_head_refit_sd", "top1_finetuned",
              "top1_finetuned_sd", "search_s"]
     cols = [c for c in first if c in s] + [c for c in s.columns if c not in first and c not in ("source_run", "stand_in")]
@@ -630,7 +632,8 @@ def _health_rows(study: str, recs: list[dict]) -> list[dict]:
                 model = _model_of(rec)
             except RecordError:
                 model = None
-            form = (rec["metrics"].get("search") or {}).get("variant") or (rec.get("params") or {}).get("form")
+            form = (h.get("variant") or (rec["metrics"].get("search") or {}).get("variant")
+                    or (rec.get("params") or {}).get("form"))
             rows.append({"study": study, "run_id": rec["run_id"], "model": model, "search": name, "form": form,
                          "healthy": h.get("healthy"), "entered": h.get("entered"),
                          "max_step_share": h.get("max_step_share"), "spread_steps": h.get("spread_steps"),

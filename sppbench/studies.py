@@ -81,6 +81,15 @@ def path_length(path: SolutionPath, macs: int) -> int | None:
     return None
 
 
+def check_model_steps(model_steps) -> None:
+    """A per-model steps override must map model names to positive integers."""
+    if not isinstance(model_steps, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in model_steps.items()):
+        raise ValueError(f"model_steps maps model names to positive integer step counts, e.g. "
+                         f"{{'embedded-swin': 640}}; got {model_steps!r}")
+
+
 def _check_fractions(name: str, fractions) -> None:
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise ValueError(f"{name} must be fractions in (0, 1], got {fractions!r}")
@@ -101,18 +110,19 @@ def _spp(model: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 40: the solution path
 # ---------------------------------------------------------------------------------------------
-# The adam form's constants (docs/path_health.md): chosen on the embedded ViT by the path-health limits of its
-# search on training batches (tools/path_probes.py adam; 160 steps of batch 32), never on test images.
-ADAM_FORM = {"variant": "adam", "kappa": 10.0, "alpha": 3.0, "nu": 2000.0, "lam": 0.09, "lr": 0.03}
-FORMS = ("paper", "adam")
+# The adam form's constants live with the methods (sppbench.methods.ADAM_FORM, docs/path_health.md).
+ADAM_FORM = methods.ADAM_FORM
+FORMS = methods.SPP_FORMS
 
 
 @dataclass
 class PathStudyConfig:
     """One SPP search per model; support vs step, entry order, and nestedness of the read-outs.
 
-    form: "paper" (the profile's paper-form constants) or "adam" (``ADAM_FORM``, the labelled variant whose
-    path passes the health limits on the embedded ViT at 160 steps)."""
+    form: "paper" (the profile's paper-form constants) or "adam" (``methods.adam_constants`` of the model at its
+    steps: the labelled variant whose path passes the health limits on the embedded stand-ins).
+    model_steps: per-model search steps overriding ``steps`` (e.g. {"embedded-swin": 640}, the steps the Swin's
+    adam setting was chosen at)."""
 
     models: tuple[str, ...] = ("embedded-vit", "embedded-swin")
     steps: int = 60
@@ -120,6 +130,7 @@ class PathStudyConfig:
     macs_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     seed: int = 0
     form: str = "paper"
+    model_steps: dict = dataclasses.field(default_factory=dict)
     ablation_fractions: tuple[float, ...] = ()  # MAC budgets of the order ablation (none: not run)
     n_test: int = 1000               # test / refit images of the order ablation
     n_refit: int = 1000
@@ -132,6 +143,7 @@ class PathStudyConfig:
             _check_fractions("ablation_fractions", self.ablation_fractions)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        check_model_steps(self.model_steps)
         return self
 
 
@@ -149,9 +161,10 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
         abl_rows, abl_correct = [], {}
         m = _attach(task.dense, task)
         try:
-            spp = _spp(model) if cfg.form == "paper" else dict(ADAM_FORM)
-            path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, cfg.steps, cfg.seed), F.cross_entropy,
-                                   steps=cfg.steps, seed=cfg.seed, spp=spp)
+            steps = cfg.model_steps.get(model, cfg.steps)
+            spp = _spp(model) if cfg.form == "paper" else methods.adam_constants(model, steps)
+            path = methods.ranking("spp", m, task.train_batches(cfg.batch_size, steps, cfg.seed), F.cross_entropy,
+                                   steps=steps, seed=cfg.seed, spp=spp)
             dense = _dense_macs(m)
             fr = sorted(set(cfg.macs_fractions), reverse=True)
             mine = []
@@ -181,11 +194,12 @@ def run_path_study(cfg: PathStudyConfig | None = None, *, record: bool = True, p
                                            "correctness in order_ablation_correct.json"} if abl_rows else {})}
         table = pd.DataFrame(mine)
         if record:
-            out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model}, path, table, info,
+            out["records"].append(write_record(cfg.study, {**dataclasses.asdict(cfg), "model": model, "steps": steps},
+                                               path, table, info,
                                                health={"search": health},
                                                files={"order_ablation_correct.json": abl_correct} if abl_rows else None))
         if progress:
-            print(f"[path] {model}: {cfg.steps} steps in {path.config.get('seconds', 0):.1f}s; nested at every budget: "
+            print(f"[path] {model}: {steps} steps in {path.config.get('seconds', 0):.1f}s; nested at every budget: "
                   f"{bool(table['nested_in_next'].dropna().all())}", flush=True)
         out["paths"][model] = path
         out["health"][model] = health

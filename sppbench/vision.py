@@ -167,7 +167,7 @@ class VisionTableConfig:
     methods: tuple[str, ...] = ("spp", "spp-official", "lasso", "lasso-rank", "dessilbi", "magnitude", "random",
                                 "tp-magnitude", "tp-taylor")
     macs_fractions: tuple[float, ...] = (0.7, 0.5, 0.35)   # budgets: fractions of the dense model's MACs
-    steps: int = 100                 # search steps (every searching method: the same count)
+    steps: int = 160                 # search steps (every searching method: the same count)
     batch_size: int = 32
     seed: int = 0
     random_seeds: int = 3            # 'random' is run with seeds seed, seed+1, ...
@@ -185,6 +185,9 @@ class VisionTableConfig:
     alpha: float = 0.0               # only: the paper profile's constants are not published and must be given,
     nu: float = 0.0                  # chosen by the kappa/lambda study on a validation split)
     lam: float = 0.0
+    spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant whose path is healthy on the
+                                     # embedded ViT at 160 steps; methods.ADAM_FORM) or "paper" (the constants above);
+                                     # "" = adam for the embedded stand-ins, paper for the paper models
     data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
     study: str = "vision_table"
 
@@ -196,7 +199,15 @@ class VisionTableConfig:
             raise ValueError(f"readout must be 'val', 'global' or 'per-layer', got {self.readout!r}")
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
             raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
+        if self.spp_form not in ("", *methods.SPP_FORMS):
+            raise ValueError(f"spp_form must be one of {methods.SPP_FORMS} (or '' for the model's default), "
+                             f"got {self.spp_form!r}")
         return self
+
+    @property
+    def form(self) -> str:
+        """The 'spp' search's form: spp_form, or its default for the model (adam for embedded stand-ins)."""
+        return self.spp_form or ("adam" if self.model.startswith("embedded") else "paper")
 
 
 def _width_spread(head_dims, mlp_hidden) -> dict:
@@ -246,6 +257,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             print(f"[vision {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     spp = spp_constants(cfg)
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)  # the 'spp' rows' own search (docs/path_health.md)
     if task is None:
         task = get_task(cfg.model, cfg.data_root, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
                                                       "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
@@ -293,12 +305,13 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
-                common = dict(batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp, seed=seed,
+                spp_m = spp_search if method == "spp" else spp  # baselines keep the paper-form step (Lasso's lr)
+                common = dict(batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp_m, seed=seed,
                               settings={"trials": cfg.lasso_trials}, example_inputs=x_macs)
                 t0 = time.perf_counter()
                 path = None
                 if method in methods.RANKING_METHODS:
-                    path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp)
+                    path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp_m)
                     searches[(method, seed)] = path.config.get("seconds", time.perf_counter() - t0)
                     configs[f"{method}@seed{seed}"] = path.config
                     candidates = [cfg.readout] if cfg.readout != "val" else list(READOUTS)
@@ -345,6 +358,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                            "top1_finetuned": ft, "search_s": round(p.search_seconds, 2),
                            "shared_search": method in methods.RANKING_METHODS, "finetune_s": ft_rec["seconds"],
                            **_spread_cols(p.keep, m.groups)}
+                    if method == "spp":
+                        row["form"] = cfg.form  # "adam": the labelled variant, not the paper's update
                     if h is not None:  # a path method: is the order behind this row real? (docs/path_health.md)
                         row["path_healthy"] = h["healthy"]
                         row["path_by_order"] = h["budgets"][bi]["by_order"] if bi < len(h["budgets"]) else None
@@ -361,7 +376,11 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         m.detach_masks()
     table = pd.DataFrame(rows)
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
-            "spp_constants": spp, "skipped": skipped, "search_configs": configs,
+            "spp_constants": spp, "spp_form": cfg.form, "spp_search_constants": spp_search,
+            "spp_form_note": ("the 'spp' rows come from the adam form, a labelled research variant of the paper's "
+                              "update (docs/path_health.md); the paper form's path is degenerate at these step "
+                              "counts" if cfg.form == "adam" else "the paper's update"),
+            "skipped": skipped, "search_configs": configs,
             "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
             "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
                          "start": "LP-FT: the classifier starts from the head re-fit on the pruned features",
@@ -415,4 +434,6 @@ def summarize(table, by=("model", "method", "budget_macs_fraction")):
         if c in out:
             out[c + "_sd"] = std[c]
     out["seeds"] = g.size()
+    if "form" in table:  # the 'spp' rows' search form (adam = a labelled variant)
+        out["form"] = table.groupby(list(by), sort=False)["form"].agg(lambda f: ", ".join(dict.fromkeys(str(v) for v in f if isinstance(v, str))))
     return out.reset_index()

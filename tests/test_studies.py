@@ -91,9 +91,25 @@ def test_path_study_runs_the_adam_form_and_records_it(tmp_path, monkeypatch):
     cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=4, batch_size=8, macs_fractions=(0.5,), form="adam")
     res = studies.run_path_study(cfg, tasks={"embedded-vit": tiny_task()}, progress=False)
     c = res["paths"]["embedded-vit"].config
-    assert c["variant"] == "adam" and c["lr"] == studies.ADAM_FORM["lr"] and c["nu"] == studies.ADAM_FORM["nu"]
+    want = methods.adam_constants("embedded-vit", 4)  # the ViT's step-free setting at 4 steps
+    assert c["variant"] == "adam" and c["lr"] == want["lr"] and c["alpha"] == want["alpha"] and c["nu"] == want["nu"]
     rec = load_record(res["records"][0])
     assert rec["params"]["form"] == "adam" and rec["metrics"]["search"]["variant"] == "adam"
+    assert rec["metrics"]["path_health"]["search"]["variant"] == "adam"
+
+
+def test_path_study_model_steps_override_the_steps_per_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=4, batch_size=8, macs_fractions=(0.5,), form="adam",
+                                  model_steps={"embedded-vit": 6, "embedded-swin": 9})
+    res = studies.run_path_study(cfg, tasks={"embedded-vit": tiny_task()}, progress=False)
+    path = res["paths"]["embedded-vit"]
+    assert path.config["steps"] == 6 and len(path.history) == 6
+    assert path.config["lr"] == methods.adam_constants("embedded-vit", 6)["lr"]
+    assert load_record(res["records"][0])["params"]["steps"] == 6
+    for bad in ({"embedded-vit": 0}, {"embedded-vit": 2.5}, {"embedded-vit": True}, [("embedded-vit", 3)]):
+        with pytest.raises(ValueError, match="model_steps"):
+            studies.PathStudyConfig(model_steps=bad).resolved()
 
 
 def test_path_study_runs_the_order_ablation_when_asked(tmp_path, monkeypatch):

@@ -77,3 +77,44 @@ def test_a_peer_that_cannot_prune_the_family_is_skipped_with_its_reason(tmp_path
     res = run_vision_table(cfg, task=task, progress=False)
     assert "SwinTransformer" in res["info"]["skipped"]["tp-magnitude"]
     assert set(res["table"]["method"]) == {"dense", "magnitude"}
+
+
+def test_adam_constants_are_written_free_of_the_step_count():
+    vit = methods.adam_constants("embedded-vit")  # the setting chosen on the embedded ViT, at its 160 steps
+    assert vit == {"variant": "adam", "kappa": 10.0, "alpha": 3.0, "nu": 2000.0, "lam": 0.09, "lr": 0.03}
+    assert methods.ADAM_FORM == vit
+    for model in ("embedded-vit", "embedded-swin", "some-other-model"):
+        s = methods.adam_setting(model)
+        for n in (7, 160, 640):
+            c = methods.adam_constants(model, n)
+            assert c["lr"] * n == pytest.approx(s["travel"])
+            # a mask held at 1 enters after held_entry of the steps: kappa*alpha/nu * held_entry * n = kappa*lam
+            assert c["kappa"] * c["alpha"] / c["nu"] * s["held_entry"] * n == pytest.approx(c["kappa"] * c["lam"])
+    assert methods.adam_setting("some-other-model") == methods.ADAM_FORMS["default"]
+    assert methods.adam_setting("embedded-swin")["travel"] < methods.adam_setting("embedded-vit")["travel"]
+    with pytest.raises(ValueError, match="steps"):
+        methods.adam_constants("embedded-vit", 0)
+    with pytest.raises(Exception, match="unknown SPP form"):
+        methods.spp_search_constants("official", {})
+
+
+def test_vision_table_spp_rows_use_their_form_and_the_baselines_keep_the_paper_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    kw = dict(model="embedded-vit", methods=("spp", "lasso"), macs_fractions=(0.6,), steps=3, batch_size=8,
+              lasso_trials=1, finetune_steps=0, finetune_batch=8)
+    res = run_vision_table(VisionTableConfig(**kw), task=tiny_task(), progress=False)  # embedded default: adam
+    info, t = res["info"], res["table"]
+    assert info["spp_form"] == "adam" and info["spp_search_constants"] == methods.adam_constants("embedded-vit", 3)
+    assert info["search_configs"]["spp@seed0"]["variant"] == "adam"
+    assert res["path_health"]["spp@seed0"]["variant"] == "adam"
+    assert set(t.loc[t["method"] == "spp", "form"]) == {"adam"} and t.loc[t["method"] != "spp", "form"].isna().all()
+    paper = info["spp_constants"]  # Lasso's step is kappa*alpha of the paper-form constants, never the adam form's
+    assert info["search_configs"]["lasso@seed0"][0]["search"]["lr"] == pytest.approx(paper["kappa"] * paper["alpha"])
+    assert set(summarize(t).query("method == 'spp'")["form"]) == {"adam"}
+    res = run_vision_table(VisionTableConfig(**{**kw, "methods": ("spp",), "spp_form": "paper"}), task=tiny_task(),
+                           progress=False)
+    assert res["info"]["search_configs"]["spp@seed0"]["variant"] == "paper"
+    assert set(res["table"].query("method == 'spp'")["form"]) == {"paper"}
+    assert VisionTableConfig(model="deit_small_patch16_224").form == "paper"  # paper models: the paper form
+    with pytest.raises(ValueError, match="spp_form"):
+        VisionTableConfig(spp_form="official").resolved()

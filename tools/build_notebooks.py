@@ -41,8 +41,12 @@ plus the search wall time and how unevenly the keep-set spreads over layers (coe
 variation of the kept share across blocks; `empty_blocks` = branches left with nothing).
 
 Read-outs (global or per-layer) are chosen per budget on a **validation split carved from the
-training data**; the test split is only reported. The SPP constants come from the validation-split
-grid in `sppbench/configs/search_embedded.json`.
+training data**; the test split is only reported. The `spp` rows' search runs in the **adam form** on
+the embedded stand-ins (`spp_form`; a labelled research variant of the paper's update: the paper form's
+coupling, V and Gamma with an Adam step on the masks, `sppbench.methods.ADAM_FORM`), because the paper
+form's solution path is degenerate at CPU step counts (docs/path_health.md); `spp_form = "paper"` runs
+the paper form with the constants of `sppbench/configs/search_embedded.json`. Every row of a path method
+carries `path_healthy` and `path_by_order`: whether the order behind it is real.
 
 **Stand-ins.** The embedded models are a real DINOv2 ViT-S/14 with a linear head trained here on
 Fashion-MNIST, and a compact Swin trained here on Fashion-MNIST (not a public checkpoint). They do
@@ -54,6 +58,7 @@ models = ["embedded-vit"]  # embedded-vit, embedded-swin
 methods = ["spp", "spp-official", "lasso", "lasso-rank", "dessilbi", "magnitude", "random", "tp-magnitude", "tp-taylor"]
 macs_fractions = [0.7, 0.5, 0.35]  # budgets: fractions of the dense model's MACs
 steps = 12  # search steps (the same for every searching method), batch 32
+model_steps = {}  # per-model steps overriding steps, e.g. {"embedded-swin": 640} (the Swin's adam setting)
 random_seeds = 2  # 'random' keep-sets drawn with this many seeds
 lasso_trials = 3  # Lasso searches per budget (lambda bisection)
 readout = "val"  # val = choose global or per-layer per budget on the validation split
@@ -63,6 +68,7 @@ n_refit = 300  # training images for the head re-fit
 finetune_steps = 10  # shared fine-tune: AdamW + cosine, batch 32
 data_root = ""  # paper models (deit_*, swin_tiny_*): the ImageNet folder (else $SPPBENCH_IMAGENET)
 constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
+spp_form = ""  # the spp rows' search: adam (labelled variant) or paper; "" = adam for embedded, paper for paper models
 seed = 0""", ["parameters"]),
     code("""import matplotlib.pyplot as plt
 import pandas as pd
@@ -79,10 +85,11 @@ print("methods run:", available)
 print("skipped (and why):", skipped or "none")
 results = {}
 for model in models:
-    cfg = VisionTableConfig(model=model, methods=tuple(available), macs_fractions=tuple(macs_fractions), steps=steps,
+    cfg = VisionTableConfig(model=model, methods=tuple(available), macs_fractions=tuple(macs_fractions),
+                            steps=model_steps.get(model, steps),
                             random_seeds=random_seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
                             n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, seed=seed,
-                            data_root=data_root, **constants.get(model, {}))
+                            data_root=data_root, spp_form=spp_form, **constants.get(model, {}))
     results[model] = run_vision_table(cfg)""", IGNORE),
     code("""# Ours: one row per model x method x budget (mean over seeds; *_sd = spread over seeds, 0 for one seed)
 for model, res in results.items():
@@ -90,14 +97,15 @@ for model, res in results.items():
     s = summarize(res["table"])
     s["gmacs"] = (s["macs_fraction"] * res["info"]["dense_macs"] / 1e9).round(4)
     s["params_m"] = (s["params"] / 1e6).round(2)
-    cols = ["method", "budget_macs_fraction", "gmacs", "params_m", "top1_no_retrain", "top1_head_refit",
+    cols = ["method", "form", "budget_macs_fraction", "gmacs", "params_m", "top1_no_retrain", "top1_head_refit",
             "top1_finetuned", "top1_finetuned_sd", "seeds", "search_s"]
-    display(s[cols].round(3))""", IGNORE),
+    display(s[[c for c in cols if c in s]].round(3))""", IGNORE),
     code("""# Per-row details: achieved MACs, read-out used, layer spread, peers' units
 for model, res in results.items():
     t = res["table"]
     cols = [c for c in ["method", "seed", "budget_macs_fraction", "macs_fraction", "readout", "val_head_refit",
-                        "spread_attn_cv", "spread_mlp_cv", "empty_blocks", "lasso_tries", "units"] if c in t]
+                        "path_healthy", "path_by_order", "spread_attn_cv", "spread_mlp_cv", "empty_blocks",
+                        "lasso_tries", "units"] if c in t]
     display(t[cols].round(3))""", IGNORE),
     code("""# Reported by others (the paper, timm, UPop) on ImageNet: NOT measured here, never mixed with ours
 display(reference.vision_rows())""", IGNORE),
@@ -105,7 +113,8 @@ display(reference.vision_rows())""", IGNORE),
     s = summarize(res["table"])
     dense = s[s["method"] == "dense"].iloc[0]
     fig = plots.methods_vs_macs(s, dense=dense, title=f"{res['info']['label']} | Fashion-MNIST test "
-                                f"({n_test} images) | search {steps} steps, fine-tune {finetune_steps} steps")
+                                f"({n_test} images) | search {res['config']['steps']} steps, fine-tune "
+                                f"{finetune_steps} steps")
     plt.show()""", IGNORE),
     code("""# Which method won at each budget (mean top-1 after the fine-tune; ties within the seed spread are not wins)
 for model, res in results.items():
@@ -149,7 +158,9 @@ fraction of their own MACs (`each`). The table reports params and MACs **per tow
 in both directions (image to text, text to image) three ways: with no retraining, with both
 projections re-fit on the pruned towers (the counterpart of a head re-fit), and after the shared
 AdamW fine-tune with the contrastive loss. Read-outs are chosen per budget on a validation split;
-the test split is only reported.
+the test split is only reported. On the stand-in the `spp` rows' search runs in the adam form (`spp_form`, a
+labelled research variant of the paper's update whose path is healthy where the paper form's is not;
+docs/path_health.md).
 
 **Stand-in.** No CLIP weights and no image-caption data install offline, so the embedded model is an
 open_clip `CustomTextCLIP` built from real parts: the DINOv2 ViT-S/14 image tower and the
@@ -176,6 +187,7 @@ refit_steps = 200  # projection re-fit steps
 finetune_steps = 0  # shared contrastive fine-tune steps (0 = skip)
 data_root = ""  # paper models: the COCO or Flickr30K folder
 constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
+spp_form = ""  # the spp rows' search: adam (labelled variant) or paper; "" = adam for the stand-in, paper otherwise
 seed = 0""", ["parameters"]),
     code("""import json
 
@@ -190,10 +202,14 @@ pd.set_option("display.max_columns", 40)
 cfg = ClipTableConfig(model=model, methods=tuple(methods), macs_fractions=tuple(macs_fractions),
                       budget_towers=budget_towers, steps=steps, lasso_trials=lasso_trials, random_seeds=random_seeds,
                       readout=readout, n_val=n_val, n_test=n_test, refit_steps=refit_steps,
-                      finetune_steps=finetune_steps, data_root=data_root, seed=seed, **constants.get(model, {}))
+                      finetune_steps=finetune_steps, data_root=data_root, seed=seed, spp_form=spp_form,
+                      **constants.get(model, {}))
 res = run_clip_table(cfg)
 table = res["table"]
-print(res["info"]["label"])""", IGNORE),
+print(res["info"]["label"])
+print("spp search:", res["info"]["spp_form"], "form", res["info"]["spp_search_constants"],
+      "| path health:", {k: ("healthy" if h.get("healthy") else "degenerate: " + "; ".join(h.get("problems", [])))
+                         for k, h in res.get("path_health", {}).items()})""", IGNORE),
     code("""# Ours: one row per method x budget; params in millions and GMACs per tower (MACs per image / per caption)
 t = table.copy()
 for tower in ("image", "text"):

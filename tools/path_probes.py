@@ -2,7 +2,7 @@
 
     python tools/path_probes.py fragility            # no-retrain loss of hard keep-sets (embedded ViT)
     python tools/path_probes.py adam --lr 0.03 --nu 2000 --rate 0.0015 --steps 160 [--evaluate]
-    python tools/path_probes.py planted --steps 400 [--precondition 10]
+    python tools/path_probes.py planted --steps 400 [--precondition 10 | --adam-lr 0.01 --nu 6000 --rate 0.0015]
     python tools/path_probes.py snr                  # per-entry mask-gradient signal-to-noise at batch 32
 
 Every probe runs on CPU in a few minutes (2 cores). ``adam`` runs the library's adam form
@@ -181,7 +181,10 @@ def planted(args) -> None:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        if args.precondition:
+        if args.adam_lr:  # the adam form at a hand setting (docs/path_health.md, planted test)
+            path = search(m, batches, F.cross_entropy, steps=args.steps, seed=0, record_every=1, kappa=10.0,
+                          alpha=args.rate * args.nu, nu=args.nu, lam=0.09, variant="adam", lr=args.adam_lr)
+        elif args.precondition:
             meas = measure_dense(m, [(x, target)] * 2, F.cross_entropy)
             consts, _ = auto.derive(meas, args.steps)
             # K x the loss step at the same decay rate kappa*alpha/nu; the diagonal keeps the stiff units stable
@@ -194,6 +197,7 @@ def planted(args) -> None:
     entered = et >= 0
     et[~entered] = float("inf")
     print(json.dumps({"steps": args.steps, "precondition": args.precondition or None,
+                      **({"adam": {"lr": args.adam_lr, "nu": args.nu, "v_rate": args.rate}} if args.adam_lr else {}),
                       "planted_entered": round(float(entered.float().mean()), 3),
                       "spearman_effect_vs_entry_order": round(_spearman(-np.array(effect), et.numpy()), 3),
                       "spearman_effect_vs_diag_curvature": round(_spearman(np.array(effect), diag.numpy()), 3),
@@ -232,6 +236,9 @@ def main(argv=None) -> None:
     p = sub.add_parser("planted")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--precondition", type=float, default=0.0, help="K: semi-implicit diagonal step, K x auto's")
+    p.add_argument("--adam-lr", type=float, default=0.0, help="run the adam form with this lr (0: paper form)")
+    p.add_argument("--nu", type=float, default=6000.0, help="adam form: nu")
+    p.add_argument("--rate", type=float, default=0.0015, help="adam form: V's rate alpha/nu")
     p = sub.add_parser("snr")
     p.add_argument("--batches", type=int, default=12)
     args = ap.parse_args(argv)

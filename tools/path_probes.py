@@ -153,26 +153,35 @@ def planted_model(seed: int = 0, grade_decades: float = 1.0, scale: float = 4.0,
     return model.eval(), grade
 
 
-def planted(args) -> None:
+def planted_problem():
+    """The planted model with masks, its full batch with the dense model's soft predictions as targets
+    (distillation: the dense model is the loss's optimum), the planted mask's name and each planted unit's
+    known effect (the loss increase when it alone is removed). Returns (m, x, target, name, effect)."""
     from sppbench.data import preprocess
 
     model, _ = planted_model()
     g = torch.Generator().manual_seed(1)
     x = preprocess(torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=g), 32)
     with torch.no_grad():
-        target = F.softmax(model(x), -1)  # distillation target: the dense model is the loss's optimum
+        target = F.softmax(model(x), -1)
     m = attach_masks(model, input_size=32)
     name = next(n for n in m.mask_parameters() if "mlp" in n)
     P = m.mask_parameters()[name]
     for p in m.weight_parameters():
         p.requires_grad_(False)
-    with torch.no_grad():  # the planted units' known effect: the loss increase when each is removed alone
+    with torch.no_grad():
         base = float(F.cross_entropy(m(x), target))
         effect = []
         for j in range(P.numel()):
             P[j] = 0.0
             effect.append(float(F.cross_entropy(m(x), target)) - base)
             P[j] = 1.0
+    return m, x, target, name, effect
+
+
+def planted(args) -> None:
+    m, x, target, name, effect = planted_problem()
+    P = m.mask_parameters()[name]
     P.requires_grad_(True)
     gr = torch.autograd.grad(F.cross_entropy(m(x), target), P, create_graph=True)[0]
     diag = torch.stack([torch.autograd.grad(gr[j], P, retain_graph=True)[0][j] for j in range(P.numel())]).detach()

@@ -61,7 +61,7 @@ class ClipTableConfig:
     alpha: float = 0.0
     nu: float = 0.0
     lam: float = 0.0
-    spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant, methods.ADAM_FORM) or
+    spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant, methods.adam_constants) or
                                      # "paper" (the constants above); "" = adam for the stand-in, paper for paper models
     study: str = "clip_table"
 
@@ -166,7 +166,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             print(f"[clip {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     spp = clip_constants(cfg)
-    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)  # the 'spp' rows' own search (docs/path_health.md)
+    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
     if task is None:
         task = get_clip_task(cfg, progress=log)
     dense = task.model

@@ -96,6 +96,7 @@ def adam_constants(model: str, steps: int | None = None) -> dict:
     n = s["steps"] if steps is None else steps
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be a positive integer, got {n!r}")
+
     def clean(x: float) -> float:  # 12 significant digits: 3.0, not 2.9999999999999996
         return float(f"{x:.12g}")
 

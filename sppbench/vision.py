@@ -186,7 +186,7 @@ class VisionTableConfig:
     nu: float = 0.0                  # chosen by the kappa/lambda study on a validation split)
     lam: float = 0.0
     spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant whose path is healthy on the
-                                     # embedded ViT at 160 steps; methods.ADAM_FORM) or "paper" (the constants above);
+                                     # stand-ins; methods.adam_constants) or "paper" (the constants above);
                                      # "" = adam for the embedded stand-ins, paper for the paper models
     data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
     study: str = "vision_table"
@@ -257,7 +257,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             print(f"[vision {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     spp = spp_constants(cfg)
-    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)  # the 'spp' rows' own search (docs/path_health.md)
+    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
     if task is None:
         task = get_task(cfg.model, cfg.data_root, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
                                                       "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}

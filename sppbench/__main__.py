@@ -67,6 +67,27 @@ def _constants(args) -> dict:
     _check_model(args.model)
     names = ("kappa", "alpha", "nu", "lam")
     given = [k for k in names if getattr(args, k) is not None]
+    if getattr(args, "variant", "paper") == "adam":  # the labelled variant (docs/path_health.md)
+        from . import methods
+        from .errors import ConfigError
+
+        if getattr(args, "constants", None) == "auto":
+            raise ConfigError("--constants auto is derived for the paper form; the adam form takes its per-model "
+                              "setting (methods.ADAM_FORMS, the default) or all of --kappa --alpha --nu --lam --adam-lr")
+        if given or args.adam_lr is not None:
+            missing = [f"--{k}" for k in names if getattr(args, k) is None] + (
+                ["--adam-lr"] if args.adam_lr is None else [])
+            if missing:
+                raise ConfigError(f"the adam form takes all of --kappa --alpha --nu --lam --adam-lr or none (its "
+                                  f"per-model setting); missing {', '.join(missing)}")
+            return {**{k: getattr(args, k) for k in names}, "lr": args.adam_lr, "constants": "given"}
+        model = "embedded-vit" if args.model == "embedded" else args.model
+        c = methods.adam_constants(model, args.steps)
+        return {**{k: c[k] for k in names}, "lr": c["lr"], "constants": "given"}
+    if getattr(args, "adam_lr", None) is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("--adam-lr is the adam form's mask step: pass it with --variant adam")
     mode = getattr(args, "constants", None) or ("given" if given else "auto")
     if mode == "auto" and getattr(args, "variant", "paper") != "paper":
         mode = "tuned" if not given else "given"  # the auto rule is derived for the paper form
@@ -156,7 +177,8 @@ def cmd_search(args) -> int:
         h = path_health(path, name=f"search {args.model}")
         entered = sum(int((t >= 0).sum()) for t in path.entry_step.values())
         print(json.dumps({"path": str(out), "steps": args.steps, "processes": world, "entered": entered,
-                          **{k: path.config[k] for k in ("constants", "kappa", "alpha", "nu", "lam")},
+                          **{k: path.config[k] for k in ("variant", "constants", "kappa", "alpha", "nu", "lam")
+                             if k in path.config}, **({"lr": path.config["lr"]} if "lr" in path.config else {}),
                           "seconds": path.config.get("seconds"),
                           "health": {k: h.get(k) for k in ("healthy", "entered", "max_step_share", "t10", "t90",
                                                            "loss_start", "loss_at_half", "problems")}}))
@@ -276,7 +298,7 @@ def cmd_vision_table(args) -> int:
                             steps=args.steps, random_seeds=args.random_seeds, lasso_trials=args.lasso_trials,
                             readout=args.readout, n_val=args.n_val, n_test=args.n_test, n_refit=args.n_refit,
                             finetune_steps=args.finetune_steps, seed=args.seed, data_root=args.data_root or "",
-                            **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
+                            spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     res = run_vision_table(cfg)
     s = summarize(res["table"])
     print(s.round(4).to_string(index=False))
@@ -293,7 +315,7 @@ def cmd_clip_table(args) -> int:
                           macs_fractions=tuple(args.macs_fractions), budget_towers=args.budget_towers, steps=args.steps,
                           lasso_trials=args.lasso_trials, readout=args.readout, n_val=args.n_val, n_test=args.n_test,
                           refit_steps=args.refit_steps, finetune_steps=args.finetune_steps, seed=args.seed,
-                          **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
+                          spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     if cfg.model != "embedded-clip":
         from .profiles import clip_check_ready, clip_paper_config
 
@@ -372,7 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedded profile); tuned: the embedded ViT's tuned profile")
     for k in ("kappa", "alpha", "nu", "lam"):
         s.add_argument(f"--{k}", type=float, default=None, help="a hand-given constant (implies --constants given)")
-    s.add_argument("--variant", choices=("paper", "official"), default="paper")
+    s.add_argument("--variant", choices=("paper", "official", "adam"), default="paper",
+                   help="the SLBI form; adam = the labelled variant whose path is healthy on the embedded stand-ins "
+                        "(its per-model setting at --steps unless all constants and --adam-lr are given; "
+                        "docs/path_health.md)")
+    s.add_argument("--adam-lr", type=float, default=None, help="adam form only: the Adam step of the masks")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--log-every", type=int, default=10)
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
@@ -430,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded-vit, embedded-swin, or a paper model (e.g. deit_small_patch16_224) with --data-root")
     v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     v.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
-    v.add_argument("--steps", type=int, default=100)
+    v.add_argument("--steps", type=int, default=160)
+    v.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
+                   help="the spp rows' search: adam (labelled variant) or paper; default: adam on the embedded "
+                        "stand-ins, paper on the paper models (docs/path_health.md)")
     v.add_argument("--random-seeds", type=int, default=3)
     v.add_argument("--lasso-trials", type=int, default=5)
     v.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
@@ -453,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=[m for m in METHODS if not m.startswith("tp-")])
     t.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
     t.add_argument("--budget-towers", default="joint", choices=("joint", "image", "text", "each"))
-    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--steps", type=int, default=160)
+    t.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
+                   help="the spp rows' search: adam (labelled variant) or paper; default: adam on the stand-in")
     t.add_argument("--lasso-trials", type=int, default=3)
     t.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
     t.add_argument("--n-val", type=int, default=500)

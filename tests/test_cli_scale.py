@@ -137,3 +137,26 @@ def test_auto_constants_on_one_and_two_processes(tmp_path):
     assert b.config["auto"]["measured"]["lambda_max"] == pytest.approx(a.config["auto"]["measured"]["lambda_max"], rel=1e-3)
     given = cli(*args, "--kappa", "5", "--constants", "auto", "--out", tmp_path / "bad.json")
     assert given.returncode == 2 and "--constants given" in given.stderr and not (tmp_path / "bad.json").exists()
+
+
+def test_search_adam_variant_takes_the_models_setting_or_all_constants(tmp_path):
+    """`--variant adam` (the labelled variant): the model's step-free setting at --steps unless every constant
+    and --adam-lr are given; partial or contradictory settings are refused before anything is written."""
+    from sppbench import methods
+
+    args = ["search", "--steps", "5", "--batch-size", "8", "--log-every", "0", "--variant", "adam"]
+    res = cli(*args, "--out", tmp_path / "a.json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    want = methods.adam_constants("embedded-vit", 5)
+    assert line["variant"] == "adam" and line["lr"] == want["lr"] and line["alpha"] == want["alpha"]
+    assert SolutionPath.load(tmp_path / "a.json").config["variant"] == "adam"
+    hand = cli(*args, "--kappa", "10", "--alpha", "3", "--nu", "2000", "--lam", "0.09", "--adam-lr", "0.05",
+               "--out", tmp_path / "b.json")
+    assert hand.returncode == 0, hand.stderr[-2000:]
+    assert json.loads(hand.stdout.strip().splitlines()[-1])["lr"] == 0.05
+    for bad, says in (([*args, "--kappa", "10"], "--adam-lr"), ([*args, "--constants", "auto"], "paper form"),
+                      (["search", "--steps", "5", "--adam-lr", "0.1"], "--variant adam")):
+        r = cli(*bad, "--out", tmp_path / "bad.json")
+        assert r.returncode == 2 and says in r.stderr, r.stderr[-1000:]
+        assert not (tmp_path / "bad.json").exists()

@@ -180,8 +180,8 @@ def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict
     import warnings
 
     d = path.diagnostics(keepsets)
-    if d.get("applicable"):  # which update made the path: the report labels every non-paper form a variant
-        d["variant"] = path.config.get("variant", "paper")
+    if d.get("applicable") and path.config.get("method") == "spp":  # which SLBI form made an SPP path: the report
+        d["variant"] = path.config.get("variant", "paper")              # labels every non-paper form a variant
     if d.get("applicable") and not d["healthy"]:
         warnings.warn(f"{name}: the solution path is degenerate ({'; '.join(d['problems'])}); budgets read off it "
                       "are decided by tie-breaks or on a collapsed model. See docs/path_health.md",

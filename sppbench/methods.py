@@ -271,7 +271,8 @@ def dessilbi_search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, ste
                       "prunes the same dense weights",
            "relative_weight_drift": drift, "shrink_threshold": "lam * sqrt(unit size)"}
     sup = {n: torch.where(e > 0, steps - e + 1, torch.zeros_like(e)) for n, e in entry.items()}
-    return SolutionPath(m.groups, entry, V, M, m.cost_model, cfg, [], sup, m.info)
+    history = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]  # the loss per step, for its path health
+    return SolutionPath(m.groups, entry, V, M, m.cost_model, cfg, history, sup, m.info)
 
 
 def magnitude_path(m: MaskedModel) -> SolutionPath:

@@ -513,6 +513,8 @@ class SolutionPath:
 
         rows = []
         for rec in self.history:
+            if "support_pool" not in rec:  # a path whose history holds the loss only (DessiLBI)
+                continue
             sizes = rec["support_pool"] if by == "pool" else rec["support_group"]
             for name, size in sizes.items():
                 rows.append({"step": rec["step"], by: name, "support": size})

@@ -634,6 +634,8 @@ def _health_rows(study: str, recs: list[dict]) -> list[dict]:
                 model = None
             form = (h.get("variant") or (rec["metrics"].get("search") or {}).get("variant")
                     or (rec.get("params") or {}).get("form"))
+            if not name.startswith(("spp", "search")):  # DessiLBI etc.: no SLBI form of SPP's (older records said paper)
+                form = None
             rows.append({"study": study, "run_id": rec["run_id"], "model": model, "search": name, "form": form,
                          "healthy": h.get("healthy"), "entered": h.get("entered"),
                          "max_step_share": h.get("max_step_share"), "spread_steps": h.get("spread_steps"),
@@ -692,7 +694,8 @@ def _health_text(rows: list[dict]) -> list[str]:
         lines.append(f"- {r['study']} `{r['run_id']}` {r['search']}{form}: "
                      f"{'healthy' if r['healthy'] else 'degenerate'}; {_pct(r['entered'])} entered, at most "
                      f"{_pct(r['max_step_share'])} at one step, "
-                     + ("fewer than half of the entries entered" if ratio is None else
+                     + (("fewer than half of the entries entered" if (r["entered"] or 0) < 0.5 else
+                         "no search loss recorded, so the loss limit is not checked") if ratio is None else
                         f"loss at half entered {ratio:.2g}x the dense loss")
                      + (f" ({r['problems']})" if r["problems"] and not r["healthy"] else ""))
     return lines

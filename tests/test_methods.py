@@ -97,6 +97,27 @@ def test_every_ranking_method_gives_nested_exact_budgets(method):
         assert torch.equal(m(x), ref)
 
 
+def test_dessilbi_path_records_its_loss_so_its_health_checks_every_limit():
+    from sppbench.experiments import path_health
+
+    model = tiny_vit()
+    m = sppbench.attach_masks(model)
+    batches = synthetic_batches(model, 32, n=3)
+    path = methods.ranking("dessilbi", m, batches, F.cross_entropy, steps=5, seed=0, spp=SPP)
+    assert [h["step"] for h in path.history] == [1, 2, 3, 4, 5]
+    assert path.history[0]["loss"] == path.config["loss_first"] and path.history[-1]["loss"] == path.config["loss_last"]
+    assert path.support_curve().empty  # no per-step support in its history: an empty curve, not a KeyError
+    d = path.diagnostics()
+    assert d["loss_start"] == path.config["loss_first"]
+    assert "variant" not in path_health(path)  # only SPP paths name an SLBI form
+    spp = methods.ranking("spp", m, batches, F.cross_entropy, steps=3, seed=0, spp=SPP)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert path_health(spp)["variant"] == "paper"
+
+
 def test_magnitude_scores_are_the_rms_of_each_unit():
     model = tiny_vit()
     m = sppbench.attach_masks(model)

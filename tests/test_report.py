@@ -324,7 +324,12 @@ def test_committed_records_produce_their_tables(tmp_path):
     assert names == {"quickstart.csv", "vision_table.csv", "paper_vision.csv", "clip_table.csv", "paper_clip.csv",
                      "llm_table.csv", "llm_structured.csv", "paper_llm.csv", "path_health.csv"}
     # the committed quickstart predates path diagnostics: the report recomputes its path's health from path.csv
-    assert [(r["study"], r["healthy"]) for r in rep["health"]] == [("quickstart", False)]
+    health = [(r["study"], r["search"], r["form"], r["healthy"]) for r in rep["health"]]
+    assert [(h[0], h[3]) for h in health if h[0] == "quickstart"] == [("quickstart", False)]
+    spp_rows = [h for h in health if h[0] in ("vision_table", "clip_table") and h[1].startswith("spp@")]
+    assert spp_rows  # the tables' SPP rows are read off paths whose health the records carry ...
+    assert all(form == "adam" and ok is True for _, _, form, ok in spp_rows), spp_rows  # ... healthy, adam form
+    assert all(form is None for s, name, form, _ in health if name.startswith("dessilbi"))
     assert {Path(f).name for f in rep["figures"]} == {"vision_top1_vs_macs.png", "clip_rsum_vs_macs.png",
                                                       "llm_perplexity.png"}
     for study in ("quickstart", "clip_table", "llm_table"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -370,7 +371,7 @@ def _positive(kind, zero: bool = False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (value >= 0 if zero else value > 0):
+        if not (value >= 0 if zero else value > 0) or (isinstance(value, float) and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
@@ -398,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SLBI form; adam = the labelled variant whose path is healthy on the embedded stand-ins "
                         "(its per-model setting at --steps unless all constants and --adam-lr are given; "
                         "docs/path_health.md)")
-    s.add_argument("--adam-lr", type=float, default=None, help="adam form only: the Adam step of the masks")
+    s.add_argument("--adam-lr", type=_positive(float), default=None, help="adam form only: the Adam step of the masks")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--log-every", type=int, default=10)
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")

@@ -156,7 +156,9 @@ def test_search_adam_variant_takes_the_models_setting_or_all_constants(tmp_path)
     assert hand.returncode == 0, hand.stderr[-2000:]
     assert json.loads(hand.stdout.strip().splitlines()[-1])["lr"] == 0.05
     for bad, says in (([*args, "--kappa", "10"], "--adam-lr"), ([*args, "--constants", "auto"], "paper form"),
-                      (["search", "--steps", "5", "--adam-lr", "0.1"], "--variant adam")):
+                      (["search", "--steps", "5", "--adam-lr", "0.1"], "--variant adam"),
+                      ([*args, "--adam-lr", "inf"], "expected a positive float"),
+                      ([*args, "--adam-lr", "-1"], "expected a positive float")):
         r = cli(*bad, "--out", tmp_path / "bad.json")
         assert r.returncode == 2 and says in r.stderr, r.stderr[-1000:]
         assert not (tmp_path / "bad.json").exists()

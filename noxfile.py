@@ -31,14 +31,22 @@ EXECUTED = ROOT / "results" / "executed"
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
-    # searches: 160 steps (the Swin 640) = the steps the adam form's settings were chosen at (docs/path_health.md)
+    # searches: 160 steps (the Swin 640) = the steps the adam form's settings were chosen at (docs/path_health.md).
+    # Every method with randomness at 3 seeds, the whole 10,000-image test split, the ViT's re-fit on its dense
+    # head's 3,000 fit images. The Swin (cheap) runs every method at three budgets; the ViT (a 12-block ViT-S:
+    # ~80 s per search, ~50 s per evaluated row on 2 cores) runs the ranking methods at 50% MACs only: columns
+    # and budgets are cut before samples (issue 18); `model_methods` / `model_fractions` {} run everything.
     "10_vision_table.ipynb": {"models": ["embedded-vit", "embedded-swin"], "steps": 160,
-                              "model_steps": {"embedded-swin": 640}, "spp_form": "adam", "random_seeds": 3,
-                              "lasso_trials": 2, "n_val": 500, "n_test": 1000, "n_refit": 1000,
-                              "finetune_steps": 20},
+                              "model_steps": {"embedded-swin": 640}, "spp_form": "adam", "seeds": 3,
+                              "macs_fractions": [0.7, 0.5, 0.35],
+                              "model_methods": {"embedded-vit": ["spp", "lasso-rank", "dessilbi", "magnitude",
+                                                                 "random"]},
+                              "model_fractions": {"embedded-vit": [0.5]},
+                              "lasso_trials": 6, "n_val": 1000, "n_test": 10000, "n_refit": 3000,
+                              "finetune_steps": 0, "resamples": 2000},
     "20_clip_retrieval.ipynb": {"methods": ["spp", "lasso", "dessilbi", "magnitude"],
                                 "macs_fractions": [0.7, 0.5, 0.35], "steps": 160, "spp_form": "adam",
-                                "lasso_trials": 2, "n_val": 500,
+                                "lasso_trials": 2, "n_val": 500, "seeds": 3, "resamples": 2000,
                                 "n_test": 1000, "refit_steps": 300, "finetune_steps": 20},
     "30_llm_zero_shot.ipynb": {"n_samples": 32, "seqlen": 256, "eval_seqlen": 256, "eval_windows": 32,
                                "spp_steps": 20, "structured_fractions": [0.9, 0.8], "structured_steps": 20},
@@ -147,8 +155,8 @@ def reproduce(session: nox.Session) -> None:
 # are a first pass that fits a day on one GPU. Override any of them with SPPBENCH_PAPER_PARAMS (JSON file,
 # {notebook name: {parameter: value}}).
 PAPER_PARAMS = {
-    "10_vision_table.ipynb": {"steps": 2000, "random_seeds": 1, "lasso_trials": 3, "n_val": 10000, "n_test": 50000,
-                              "n_refit": 10000, "finetune_steps": 2000},
+    "10_vision_table.ipynb": {"steps": 2000, "seeds": 3, "lasso_trials": 6, "n_val": 10000, "n_test": 50000,
+                              "n_refit": 10000, "finetune_steps": 2000, "resamples": 2000},
     "20_clip_retrieval.ipynb": {"steps": 2000, "lasso_trials": 3, "n_val": 5000, "n_test": 5000, "refit_steps": 300,
                                 "finetune_steps": 2000, "methods": ["spp", "lasso", "dessilbi", "magnitude"]},
 }

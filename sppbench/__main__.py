@@ -293,16 +293,21 @@ def cmd_bench(args) -> int:
 
 
 def cmd_vision_table(args) -> int:
-    from .vision import VisionTableConfig, run_vision_table, summarize
+    from .vision import VisionTableConfig, run_vision_table
 
     cfg = VisionTableConfig(model=args.model, methods=tuple(args.methods), macs_fractions=tuple(args.macs_fractions),
-                            steps=args.steps, random_seeds=args.random_seeds, lasso_trials=args.lasso_trials,
+                            steps=args.steps, seeds=args.seeds, lasso_trials=args.lasso_trials,
                             readout=args.readout, n_val=args.n_val, n_test=args.n_test, n_refit=args.n_refit,
-                            finetune_steps=args.finetune_steps, seed=args.seed, data_root=args.data_root or "",
+                            finetune_steps=args.finetune_steps, resamples=args.resamples, seed=args.seed,
+                            data_root=args.data_root or "",
                             spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     res = run_vision_table(cfg)
-    s = summarize(res["table"])
-    print(s.round(4).to_string(index=False))
+    s = res["summary"]
+    cols = [c for c in s.columns if c.startswith(("top1_", "delta_head_refit", "verdict_")) or c in
+            ("method", "budget_macs_fraction", "seeds", "macs_fraction")]
+    print(s[cols].round(4).to_string(index=False))
+    for c in res["sanity"]:
+        print(f"SANITY CHECK FAILED: {c['message']}")
     print(f"family cost: {res['info']['family_cost']}")
     print(f"record: {res['record']}")
     return 0
@@ -316,6 +321,7 @@ def cmd_clip_table(args) -> int:
                           macs_fractions=tuple(args.macs_fractions), budget_towers=args.budget_towers, steps=args.steps,
                           lasso_trials=args.lasso_trials, readout=args.readout, n_val=args.n_val, n_test=args.n_test,
                           refit_steps=args.refit_steps, finetune_steps=args.finetune_steps, seed=args.seed,
+                          seeds=args.seeds, resamples=args.resamples,
                           spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     if cfg.model != "embedded-clip":
         from .profiles import clip_check_ready, clip_paper_config
@@ -457,17 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded-vit, embedded-swin, or a paper model (e.g. deit_small_patch16_224) with --data-root")
     v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     v.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
-    v.add_argument("--steps", type=int, default=160)
+    v.add_argument("--steps", type=_positive(int), default=160)
     v.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
                    help="the spp rows' search: adam (labelled variant) or paper; default: adam on the embedded "
                         "stand-ins, paper on the paper models (docs/path_health.md)")
-    v.add_argument("--random-seeds", type=int, default=3)
-    v.add_argument("--lasso-trials", type=int, default=5)
+    v.add_argument("--seeds", type=_positive(int), default=3,
+                   help="seeds of every method with randomness (magnitude and tp-magnitude run once)")
+    v.add_argument("--lasso-trials", type=_positive(int), default=6, help="Lasso tries per seed, shared by the budgets")
     v.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
-    v.add_argument("--n-val", type=int, default=1000)
-    v.add_argument("--n-test", type=int, default=2000)
-    v.add_argument("--n-refit", type=int, default=1000)
-    v.add_argument("--finetune-steps", type=int, default=100)
+    v.add_argument("--n-val", type=_positive(int), default=1000)
+    v.add_argument("--n-test", type=_positive(int), default=10000)
+    v.add_argument("--n-refit", type=_positive(int), default=3000)
+    v.add_argument("--finetune-steps", type=_positive(int, zero=True), default=0, help="0 = no fine-tune column")
+    v.add_argument("--resamples", type=_positive(int), default=2000, help="paired bootstrap resamples")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--data-root", default=None, help="paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)")
     for k in ("kappa", "alpha", "nu", "lam"):
@@ -486,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=160)
     t.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
                    help="the spp rows' search: adam (labelled variant) or paper; default: adam on the stand-in")
-    t.add_argument("--lasso-trials", type=int, default=3)
+    t.add_argument("--lasso-trials", type=_positive(int), default=3)
+    t.add_argument("--seeds", type=_positive(int), default=3,
+                   help="seeds of every method with randomness (magnitude runs once)")
+    t.add_argument("--resamples", type=_positive(int), default=2000, help="paired bootstrap resamples")
     t.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
     t.add_argument("--n-val", type=int, default=500)
     t.add_argument("--n-test", type=int, default=1000)

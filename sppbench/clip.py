@@ -170,19 +170,41 @@ def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, image_keys:
     """Image->text and text->image recall@k (in %): a query counts as found at k if one of its top-k
     results is relevant; image i and caption j are relevant to each other when their keys are equal
     (COCO / Flickr: the caption's image index; the embedded stand-in: the described class and attributes)."""
-    sim = image_feats @ text_feats.T
     rel = image_keys.view(-1, 1) == text_keys.view(1, -1)
     if not bool(rel.any(1).all()) or not bool(rel.any(0).all()):
         raise DataError("every image needs at least one relevant caption and every caption one relevant image")
+    ranks = query_ranks(image_feats, text_feats, image_keys, text_keys)
     out = {}
-    kmax = max(ks)
-    for name, s, r in (("i2t", sim, rel), ("t2i", sim.T, rel.T)):
-        top = s.topk(min(kmax, s.shape[1]), dim=1).indices
-        hits = r.gather(1, top)
+    for name in ("i2t", "t2i"):
         for k in ks:
-            out[f"{name}_r{k}"] = 100.0 * float(hits[:, :k].any(1).float().mean())
+            out[f"{name}_r{k}"] = 100.0 * float((ranks[name] <= k).mean())
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
     return out
+
+
+def query_ranks(image_feats: torch.Tensor, text_feats: torch.Tensor, image_keys: torch.Tensor,
+                text_keys: torch.Tensor) -> dict:
+    """Per query, the 1-based rank of its first relevant result: {"i2t": one per image, "t2i": one per caption}
+    (int64 numpy arrays, query order = the set's order); ``recall_at_k`` is 100 * mean(rank <= k). Ties count
+    against the query: an irrelevant result scoring exactly as high as the best relevant one ranks before it."""
+    import numpy as np
+
+    sim = image_feats @ text_feats.T
+    rel = image_keys.view(-1, 1) == text_keys.view(1, -1)
+    out = {}
+    for name, s, r in (("i2t", sim, rel), ("t2i", sim.T, rel.T)):
+        best = torch.where(r, s, torch.full_like(s, -float("inf"))).max(1).values.view(-1, 1)  # best relevant score
+        ahead = (s > best) | ((s == best) & ~r)
+        out[name] = (1 + ahead.sum(1)).numpy().astype(np.int64)
+    return out
+
+
+def rsum_per_query(ranks: dict, ks: Sequence[int] = KS) -> dict:
+    """Each query's share of rsum: 100 * (number of k in ``ks`` with rank <= k); rsum = the mean over image queries
+    plus the mean over caption queries (``stats.paired_bootstrap_parts`` compares two models on it)."""
+    import numpy as np
+
+    return {d: 100.0 * sum((np.asarray(ranks[d]) <= k).astype(np.float64) for k in ks) for d in ("i2t", "t2i")}
 
 
 def zero_shot_accuracy(image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor) -> float:
@@ -211,11 +233,14 @@ class RetrievalSet:
 
 
 def evaluate(model: nn.Module, data: RetrievalSet, tokenizer: Callable, *, classnames: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None) -> dict:
-    """Recall@1/5/10 both ways (and zero-shot top-1 where class names and labels exist), in %."""
+             templates: Sequence[str] | None = None, ranks: bool = False) -> dict:
+    """Recall@1/5/10 both ways (and zero-shot top-1 where class names and labels exist), in %; with ``ranks``
+    also "ranks": every query's rank of its first relevant result (``query_ranks``)."""
     img = encode_images(model, data.images)
     txt = encode_texts(model, data.captions, tokenizer)
     out = recall_at_k(img, txt, data.image_keys, data.caption_keys)
+    if ranks:
+        out["ranks"] = query_ranks(img, txt, data.image_keys, data.caption_keys)
     if classnames is not None and data.labels is not None:
         out["zero_shot_top1"] = zero_shot_accuracy(img, data.labels, class_embeddings(model, classnames, templates,
                                                                                        tokenizer))
@@ -387,10 +412,11 @@ class ClipTask:
     input_size: dict = field(default_factory=dict)  # {"image": px, "text": tokens per caption}
     info: dict = field(default_factory=dict)
 
-    def evaluate(self, model: nn.Module, split: str = "test") -> dict:
+    def evaluate(self, model: nn.Module, split: str = "test", ranks: bool = False) -> dict:
         if split not in self.sets:
             raise ValueError(f"unknown split {split!r}; this task has {sorted(self.sets)}")
-        return evaluate(model, self.sets[split], self.tokenizer, classnames=self.classnames, templates=self.templates)
+        return evaluate(model, self.sets[split], self.tokenizer, classnames=self.classnames, templates=self.templates,
+                        ranks=ranks)
 
 
 def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None, *, image_size: int | None = None,

@@ -46,9 +46,10 @@ class ClipTableConfig:
     steps: int = 160
     batch_size: int = 32
     seed: int = 0
-    random_seeds: int = 1
+    seeds: int = 3                   # every method with randomness runs seeds seed, seed+1, ...; magnitude once
     readout: str = "val"             # 'val' = global / per-layer chosen per budget by re-fit rsum on the val split
     lasso_trials: int = 3
+    resamples: int = 2000            # paired bootstrap resamples (over queries, and seeds) of the comparisons
     n_fit: int = 3000
     n_val: int = 500
     n_test: int = 1000
@@ -85,6 +86,8 @@ class ClipTableConfig:
                                 "budget_towers='joint', 'image' or 'text', or drop lasso")
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
             raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
+        if self.seeds < 1 or self.resamples < 100:
+            raise ValueError(f"seeds must be >= 1 and resamples >= 100, got {self.seeds}, {self.resamples}")
         return self
 
     @property
@@ -180,20 +183,26 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                                  text_image=refit_text_image, steps=cfg.refit_steps, seed=seed)
 
     rows = []
+    ranks: dict = {}  # per-query ranks of every row and stage (ranks_key), saved as ranks.npz
 
-    def scores(model: nn.Module, split: str, prefix: str) -> dict:
-        return {f"{prefix}_{k}": v for k, v in task.evaluate(model, split).items()}
+    def scores(model: nn.Module, split: str, prefix: str, key: tuple | None = None) -> dict:
+        """Recall / rsum on ``split``; on the test split (``key`` = (method, budget, seed)) the per-query ranks are
+        kept under that row and stage."""
+        res = task.evaluate(model, split, ranks=key is not None)
+        for d, arr in res.pop("ranks", {}).items():
+            ranks[ranks_key(task.name, *key, prefix, d)] = arr
+        return {f"{prefix}_{k}": v for k, v in res.items()}
 
-    def retrained(model: nn.Module, seed: int) -> tuple[nn.Module, dict, dict]:
+    def retrained(model: nn.Module, seed: int, key: tuple) -> tuple[nn.Module, dict, dict]:
         """(re-fit copy, its test scores, fine-tuned test scores + records)."""
         refit = copy.deepcopy(model)
         rinfo = refit_in_place(refit, seed)
-        out = scores(refit, "test", "refit")
+        out = scores(refit, "test", "refit", key)
         tuned = copy.deepcopy(refit)
         rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
                        steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed, loss_fn=contrastive_loss)
         if cfg.finetune_steps:
-            out.update(scores(tuned, "test", "finetuned"))
+            out.update(scores(tuned, "test", "finetuned", key))
         return refit, out, {"refit": rinfo, "finetune_s": rec["seconds"]}
 
     def row_of(model: nn.Module, method: str, seed: int, frac: float, keep, groups, extra: dict) -> dict:
@@ -209,8 +218,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             row.update(empty_blocks=s["attn"]["empty_blocks"] + s["mlp"]["empty_blocks"])
         return row
 
-    ev = scores(dense, "test", "no_retrain")
-    _, rt, rinfo = retrained(dense, cfg.seed)
+    ev = scores(dense, "test", "no_retrain", ("dense", 1.0, cfg.seed))
+    _, rt, rinfo = retrained(dense, cfg.seed, ("dense", 1.0, cfg.seed))
     rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, None, {**ev, **rt, "readout": None, "search_s": 0.0,
                                                               "finetune_s": rinfo["finetune_s"]}))
     log(f"dense: image {dense_cost['macs_image'] / 1e6:.1f} + text {dense_cost['macs_text'] / 1e6:.1f} MMACs, "
@@ -224,7 +233,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     paths, health = {}, {}  # the path methods' solution paths and their health (docs/path_health.md)
     try:
         for method in cfg.methods:
-            seeds = [cfg.seed + i for i in range(cfg.random_seeds)] if method == "random" else [cfg.seed]
+            seeds = [cfg.seed] if method in methods.DETERMINISTIC_METHODS else [cfg.seed + i for i in range(cfg.seeds)]
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
                 spp_m = spp_search if method == "spp" else spp  # baselines keep the paper-form step (Lasso's lr)
@@ -260,8 +269,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                     configs[f"{method}@seed{seed}"] = [p.info for _, p in chosen]
                 h = health.get(f"{method}@seed{seed}") if method in methods.RANKING_METHODS else None
                 for bi, ((val, p), frac) in enumerate(zip(chosen, cfg.macs_fractions)):
-                    ev = scores(p.model, "test", "no_retrain")
-                    _, rt, rinfo = retrained(p.model, seed)
+                    ev = scores(p.model, "test", "no_retrain", (method, frac, seed))
+                    _, rt, rinfo = retrained(p.model, seed, (method, frac, seed))
                     row = row_of(p.model, method, seed, frac, p.keep, m.groups,
                                  {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
                                   "search_s": round(p.search_seconds, 2),
@@ -282,7 +291,18 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     finally:
         m.detach_masks()
     table = pd.DataFrame(rows)
+    summary = summarize_clip(table, ranks, resamples=cfg.resamples)
     info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp, "spp_form": cfg.form,
+            "summary": summary.to_dict(orient="records"),
+            "queries": {d: int(len(next(v for k, v in ranks.items() if k.endswith(f"|{d}")))) for d in ("i2t", "t2i")},
+            "statistics": {"reference": "spp at the same model and budget", "resamples": cfg.resamples,
+                           "statistic": "rsum = mean over image queries + mean over caption queries of 100 x the "
+                                        "number of k in (1, 5, 10) with the first relevant result at rank <= k",
+                           "interval": "95% two-level paired bootstrap: each side's seeds drawn with replacement, "
+                                       "then image queries and caption queries each drawn with replacement",
+                           "sd": "sample standard deviation over seeds (ddof = 1)"},
+            "seeds": {"seeded_methods": cfg.seeds,
+                      "deterministic": [x for x in cfg.methods if x in methods.DETERMINISTIC_METHODS]},
             "spp_search_constants": spp_search,
             "search_configs": configs, "search_seconds": searches, "budgets": budgets,
             "budget_rule": {"joint": "MACs of one image plus one caption", "image": "image tower MACs; text dense",
@@ -301,8 +321,62 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             "readout_rule": "per budget, the read-out with the higher re-fit rsum on the validation split"
                             if cfg.readout == "val" else f"fixed: {cfg.readout}",
             "seconds": round(time.perf_counter() - t_start, 1)}
-    folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health) if record else None
+    folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health,
+                          arrays={"ranks.npz": ranks}) if record else None
     if folder:
         log(f"record written: {folder}")
-    return {"table": table, "record": folder, "info": info, "config": dataclasses.asdict(cfg), "paths": paths,
-            "path_health": health}
+    return {"table": table, "summary": summary, "ranks": ranks, "record": folder, "info": info,
+            "config": dataclasses.asdict(cfg), "paths": paths, "path_health": health}
+
+
+def ranks_key(model: str, method: str, budget: float, seed: int, stage: str, direction: str) -> str:
+    """The key of one per-query rank array in a CLIP table's ``ranks.npz``:
+    "model|method|budget|seed|stage|direction" (stage no_retrain / refit / finetuned; direction i2t / t2i)."""
+    return f"{model}|{method}|{float(budget)!r}|{int(seed)}|{stage}|{direction}"
+
+
+def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamples: int = 2000):
+    """One row per model x method x budget: mean and sample sd (ddof = 1) over seeds of every rsum column, seeds, and
+    with ``ranks`` for each stage S the paired comparison of rsum with ``ref`` at the same budget: ``delta_S_rsum``,
+    ``delta_S_rsum_lo`` / ``_hi`` (95% two-level bootstrap: seeds, then image and caption queries) and
+    ``verdict_S_rsum`` (better / worse / tie; 'reference' on the reference's rows)."""
+    from . import stats
+    from .clip import rsum_per_query
+
+    by = ["model", "method", "budget_macs_fraction"]
+    cols = [c for c in table.columns if c.endswith("_rsum") or c in ("macs_fraction", "search_s")]
+    g = table.groupby(by, sort=False)[cols]
+    out = g.mean()
+    sd = g.std(ddof=1)
+    for c in cols:
+        if c.endswith("_rsum"):
+            out[c + "_sd"] = sd[c]
+    out["seeds"] = g.size()
+    out = out.reset_index()
+    if not ranks:
+        return out
+
+    def per_seed(model, method, budget, stage):
+        prefix = f"{model}|{method}|{float(budget)!r}|"
+        seeds = sorted({int(k.split("|")[3]) for k in ranks if k.startswith(prefix) and f"|{stage}|" in k})
+        return [rsum_per_query({d: ranks[f"{prefix}{s}|{stage}|{d}"] for d in ("i2t", "t2i")}) for s in seeds]
+
+    stages = [c[:-len("_rsum")] for c in cols if c.endswith("_rsum")]
+    extra: dict = {}
+    for _, r in out.iterrows():
+        for st in stages:
+            a = per_seed(r["model"], r["method"], r["budget_macs_fraction"], st)
+            b = per_seed(r["model"], ref, r["budget_macs_fraction"], st)
+            if r["method"] == ref:
+                v = {"delta": 0.0, "lo": 0.0, "hi": 0.0, "verdict": "reference"}
+            elif not a or not b:
+                v = {"delta": None, "lo": None, "hi": None, "verdict": None}
+            else:
+                v = stats.paired_bootstrap_parts([([x[d] for x in a], [y[d] for y in b]) for d in ("i2t", "t2i")],
+                                                 resamples=resamples, resample_seeds=True)
+            for k, n in (("delta", f"delta_{st}_rsum"), ("lo", f"delta_{st}_rsum_lo"), ("hi", f"delta_{st}_rsum_hi"),
+                         ("verdict", f"verdict_{st}_rsum")):
+                extra.setdefault(n, []).append(v[k])
+    for n, v in extra.items():
+        out[n] = v
+    return out

@@ -191,14 +191,15 @@ def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict
 
 def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
                  paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None,
-                 files: "dict[str, Any] | None" = None) -> "Any":
+                 files: "dict[str, Any] | None" = None, arrays: "dict[str, dict] | None" = None) -> "Any":
     """One run record: params.json, metrics.json (rows, info, the search config and the path health of
     every solution path), and per path its entries (``path.csv`` / ``paths/<name>.csv``) and per-step
     history with the loss (``history.json`` / ``paths/<name>.history.json``).
 
     ``health``: diagnostics already computed (e.g. with the budgets' own keep-sets); the rest are computed
     here with the default budgets. ``files``: further JSON files of the record (name -> object), e.g.
-    per-example results."""
+    per-example results; ``arrays``: compressed numpy files (name.npz -> {key: array}), e.g. per-image
+    correctness (docs/records.md)."""
     rec = RunRecord(study)
     try:
         health = dict(health or {})
@@ -216,6 +217,11 @@ def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
             rec.write_json("history.json", path.history)
         for name, obj in (files or {}).items():
             rec.write_json(name, obj)
+        for name, arrs in (arrays or {}).items():
+            import numpy as np
+
+            with open(rec.file(name), "wb") as fh:
+                np.savez_compressed(fh, **arrs)
         for n, p in (paths or {}).items():
             safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in n)
             p.write_csv(rec.file(f"paths/{safe}.csv"))

@@ -11,7 +11,8 @@ name               kind         what ranks the entries
 spp                one search   entry step on the SLBI path (paper form, method.md section 3)
 spp-official       one search   steps spent in the support (the released code's Adam form)
 lasso              per budget   the support of an L1-penalised mask search (ISTA), lambda by a
-                                recorded bisection per budget, trimmed to the budget by |M|
+                                recorded bisection per budget (or tries shared by all budgets,
+                                ``lasso_family``; the tables use it), trimmed to the budget by |M|
 lasso-rank         one search   |M| after one Lasso search (ablation: Lasso used as a ranking)
 dessilbi           one search   entry step of SLBI on the WEIGHTS with group shrinkage over the
                                 same structural units (method.md section 7)
@@ -48,6 +49,8 @@ RANKING_METHODS = ("spp", "spp-official", "lasso-rank", "dessilbi", "magnitude",
 PER_BUDGET_METHODS = ("lasso",)
 PEER_METHODS = ("tp-magnitude", "tp-taylor")
 METHODS = RANKING_METHODS + PER_BUDGET_METHODS + PEER_METHODS
+# methods whose result does not depend on a seed (no batches drawn, no random order): run once per table
+DETERMINISTIC_METHODS = ("magnitude", "tp-magnitude")
 
 # Defaults that are not the tuned SPP constants (those come from sppbench/configs/search_<profile>.json).
 DEFAULTS = {
@@ -304,6 +307,15 @@ def _budget_value(keep_or_cost: tuple[int, int], kind: str) -> int:
     return keep_or_cost[0] if kind == "params" else keep_or_cost[1]
 
 
+def _support_cost(path: SolutionPath, kind: str, tower: str | None) -> float:
+    """What a Lasso search's support costs in the budget's unit (kept fraction, params or MACs; one tower or all)."""
+    widths = path.info["support"]
+    if kind == "fraction":
+        groups = [g for g in path.groups if tower is None or g.tower == tower]
+        return sum(widths[g.name] for g in groups) / sum(g.size for g in groups)
+    return _budget_value(path.cost_model.cost(widths, part=tower), kind)
+
+
 def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget: dict, *, steps: int, lr: float,
                     u_start: float = 2.0, trials: int = 5, seed: int = 0) -> tuple[KeepSet, dict]:
     """Lasso searches with lambda = u / (lr * steps), u bracketed (x2 / /2) then bisected geometrically,
@@ -316,18 +328,11 @@ def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget
                           "({'macs': ..., 'tower': 'image'}), not a 'towers' budget")
     tower = budget.get("tower")
 
-    def cost_of(path: SolutionPath) -> float:
-        widths = path.info["support"]
-        if kind == "fraction":
-            groups = [g for g in path.groups if tower is None or g.tower == tower]
-            return sum(widths[g.name] for g in groups) / sum(g.size for g in groups)
-        return _budget_value(path.cost_model.cost(widths, part=tower), kind)
-
     tries, paths = [], []
 
     def run(u: float) -> float:
         p = lasso_search(m, batches, loss_fn, steps=steps, lr=lr, lam=u / (lr * steps), seed=seed)
-        c = cost_of(p)
+        c = _support_cost(p, kind, tower)
         tries.append({"u": u, "lam": p.config["lam"], "support_cost": c, "seconds": p.config["seconds"]})
         paths.append(p)
         return c
@@ -354,6 +359,79 @@ def lasso_to_budget(m: MaskedModel, batches: Iterable, loss_fn: Callable, budget
             "trimmed": "support trimmed to the budget by |M|" if above else
                        "every try was below the budget: support filled by the order entries were zeroed"}
     return keep, info
+
+
+def lasso_family(m: MaskedModel, batches: Iterable, loss_fn: Callable, budgets: Sequence[dict], *, steps: int,
+                 lr: float, u_start: float = 2.0, trials: int = 6, seed: int = 0) -> list[tuple[KeepSet | None, dict]]:
+    """Lasso searches shared by several budgets of one kind (and tower): ``trials`` searches in all, each
+    informing every budget (Lasso's support shrinks as lambda grows, so one try brackets several budgets).
+
+    Lambda = u / (lr * steps). The tries first double / halve u until every budget has a try at or above it and
+    one below it, then bisect (geometric mean of u) the bracket of the budget whose best try overshoots it most.
+    Each budget takes the try with the smallest support still at or above it, trimmed to the budget by |M|.
+    A budget no try brackets gets ``(None, info)`` with ``info["refused"]`` saying why and what to change (it
+    is not silently filled from another method's order). Every try is recorded."""
+    if trials < 2:
+        raise ValueError(f"a shared Lasso search needs at least 2 tries to bracket a budget, got {trials}")
+    kinds = {(check_budget(b)[0], b.get("tower")) for b in budgets}
+    if len(kinds) != 1 or next(iter(kinds))[0] == "towers":
+        raise BudgetError("shared Lasso tries need budgets of one kind and tower (not 'towers' budgets); "
+                          f"got {list(budgets)!r}")
+    kind, tower = next(iter(kinds))
+    values = [check_budget(b)[1] for b in budgets]
+    tries, paths = [], []
+
+    def run(u: float) -> None:
+        p = lasso_search(m, batches, loss_fn, steps=steps, lr=lr, lam=u / (lr * steps), seed=seed)
+        tries.append({"u": u, "lam": p.config["lam"], "support_cost": _support_cost(p, kind, tower),
+                      "seconds": p.config["seconds"]})
+        paths.append(p)
+
+    def bracket(v: float):
+        above = [t for t in tries if t["support_cost"] >= v]
+        below = [t for t in tries if t["support_cost"] < v]
+        return (min(above, key=lambda t: t["support_cost"]) if above else None,
+                max(below, key=lambda t: t["support_cost"]) if below else None)
+
+    def u_bracket(v: float) -> tuple[float, float]:  # the largest u still at or above v, the smallest u below it
+        return (max(t["u"] for t in tries if t["support_cost"] >= v),
+                min(t["u"] for t in tries if t["support_cost"] < v))
+
+    run(u_start)
+    while len(tries) < trials:
+        us = [t["u"] for t in tries]
+        pairs = [bracket(v) for v in values]
+        if any(b is None for _, b in pairs):      # a budget every try stays above: shrink harder
+            u = max(us) * 2
+        elif any(a is None for a, _ in pairs):    # a budget every try is below: shrink less
+            u = min(us) / 2
+        else:                                     # bisect where the chosen try overshoots its budget most
+            order = sorted(range(len(values)), key=lambda k: -pairs[k][0]["support_cost"] / values[k])
+            cands = [math.sqrt(a * b) for a, b in (u_bracket(values[k]) for k in order)]
+            fresh = [c for c in cands if all(abs(c - x) > 1e-9 * x for x in us)]
+            if not fresh:  # every bracket is as tight as lambda can resolve
+                break
+            u = fresh[0]
+        run(u)
+    out = []
+    for b, v in zip(budgets, values):
+        above, below = bracket(v)
+        info = {"tries": tries, "shared_by_budgets": len(budgets), "steps": steps, "lr": lr,
+                "search_seconds": round(sum(t["seconds"] for t in tries), 3)}
+        if above is None or below is None:
+            side = "above" if above is None else "below"
+            info["refused"] = (f"Lasso: none of the {len(tries)} tries (u {min(t['u'] for t in tries):.3g} .. "
+                               f"{max(t['u'] for t in tries):.3g}) left a support {side} the budget {kind}={v:g}, "
+                               f"so it cannot be bracketed; raise the tries or change u_start")
+            out.append((None, info))
+            continue
+        i = tries.index(above)
+        info.update({"chosen_try": i, "bracket_u": [above["u"], below["u"]],
+                     "bracket_cost": [above["support_cost"], below["support_cost"]],
+                     "overshoot": above["support_cost"] / v - 1,
+                     "trimmed": "support trimmed to the budget by |M|"})
+        out.append((paths[i].keep(**{kind: v}, readout="global", tower=tower), info))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +491,15 @@ def prune(method: str, m: MaskedModel, budgets: Sequence[dict], *, batches: Iter
         return out
     if method == "lasso":
         lr = s.get("lr", spp["kappa"] * spp["alpha"])
+        if s.get("shared_tries"):  # one set of tries for every budget (lasso_family); refused budgets are skipped
+            for b, (keep, info) in zip(budgets, lasso_family(m, batches, loss_fn, budgets, steps=steps, lr=lr,
+                                                            u_start=s.get("u_start", 2.0), trials=s.get("trials", 6),
+                                                            seed=seed)):
+                t = time.perf_counter()
+                small = compress(m, keep) if keep is not None else None
+                out.append(Pruned(method, dict(b), small, keep, time.perf_counter() - t, info["search_seconds"],
+                                  "support", {"search": info}))
+            return out
         for b in budgets:
             t = time.perf_counter()
             keep, info = lasso_to_budget(m, batches, loss_fn, b, steps=steps, lr=lr, u_start=s.get("u_start", 2.0),

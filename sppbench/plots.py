@@ -52,18 +52,24 @@ def method_label(method: str, rows) -> str:
     return f"{method} ({', '.join(forms)} form, a variant)" if forms else method
 
 
+STAGE_LABELS = {"top1_no_retrain": "no retraining", "top1_restandardised": "no retraining, re-standardised",
+                "top1_head_refit": "head re-fit", "top1_finetuned": "fine-tuned"}
+
+
 def methods_vs_macs(summary, title: str = "", dense=None):
-    """One panel per top-1 read-out (no retraining, head re-fit, fine-tuned): mean top-1 per method
-    against the achieved MACs fraction (error bars: spread over seeds where there are several)."""
+    """One panel per top-1 read-out in ``summary`` (no retraining, re-standardised, head re-fit, fine-tuned):
+    mean top-1 per method against the achieved MACs fraction (error bars: sd over seeds where there are several)."""
     import matplotlib.pyplot as plt
 
-    cols = [("top1_no_retrain", "no retraining"), ("top1_head_refit", "head re-fit"), ("top1_finetuned", "fine-tuned")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    cols = [(c, label) for c, label in STAGE_LABELS.items() if c in summary]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.4 * len(cols), 4), sharex=True, squeeze=False)
+    axes = axes[0]
     pruned = summary[summary["method"] != "dense"]
     for ax, (col, label) in zip(axes, cols):
         for method, part in pruned.groupby("method", sort=False):
             part = part.sort_values("macs_fraction")
             err = part.get(col + "_sd")
+            err = err.fillna(0.0) if err is not None else None
             ax.errorbar(part["macs_fraction"], part[col], yerr=err if err is not None and err.any() else None,
                         marker="o", ms=4, capsize=2, label=method_label(method, part))
         if dense is not None and col in dense:

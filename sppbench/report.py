@@ -12,8 +12,9 @@ measured on a stand-in model, the stand-in's label (``stand_in``). Numbers repor
 paper, timm, UPop; ``sppbench.reference``) are written to their own ``paper_*.csv`` tables, marked
 ``source = "paper (reported, not measured here)"``, never mixed with ours.
 
-Spread over seeds (``*_sd``) is the population standard deviation (ddof=0; 0 for one seed), as in
-``sppbench.vision.summarize``.
+Spread over seeds (``*_sd``) is the sample standard deviation (ddof=1; blank for one seed), as in
+``sppbench.vision.summarize``. Studies whose records keep per-example results (the vision table's
+``correct.npz``) also show their paired statistics inline in report.md, with the hardware they ran on.
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def _paper(df):
 
 
 def _mean_over_seeds(df, keys: list[str], sd_cols: Iterable[str]):
-    """Mean of the numeric columns per ``keys`` (seed dropped), *_sd (ddof=0) of ``sd_cols``, seeds =
+    """Mean of the numeric columns per ``keys`` (seed dropped), *_sd (ddof=1) of ``sd_cols``, seeds =
     the number of rows averaged, and text columns joined (distinct values, in order)."""
     import pandas as pd
 
@@ -189,7 +190,7 @@ def _mean_over_seeds(df, keys: list[str], sd_cols: Iterable[str]):
     out = g[num].mean() if num else g.size().to_frame("_n").drop(columns="_n")
     for c in sd_cols:
         if c in num:
-            out[c + "_sd"] = g[c].std(ddof=0).fillna(0.0)
+            out[c + "_sd"] = g[c].std(ddof=1)  # sample sd over seeds; NaN (blank) for one seed
     out["seeds"] = g.size()
     for c in text:
         out[c] = g[c].agg(lambda s: ", ".join(dict.fromkeys(str(v) for v in s if v is not None and v == v)))
@@ -231,7 +232,7 @@ def _methods_vs_macs(ax, frame, col: str) -> None:
     sd = f"{col}_sd"
     for method, m in pruned.groupby("method", sort=False):
         m = m.sort_values("macs_fraction")
-        err = m[sd] if sd in m and m[sd].any() else None
+        err = m[sd].fillna(0.0) if sd in m and m[sd].fillna(0.0).any() else None
         ax.errorbar(m["macs_fraction"], m[col], yerr=err, marker="o", ms=4, capsize=2, label=method_label(method, m))
     dense = frame[frame["method"] == "dense"]
     if len(dense):
@@ -245,6 +246,113 @@ def _quickstart(recs):
     return {"quickstart.csv": _tag(pd.DataFrame(rec["metrics"]["rows"]), rec)}, {}
 
 
+def _hardware(rec: dict) -> str:
+    env = rec.get("env") or {}
+    v = env.get("versions") or {}
+    dev = f"CUDA {env['cuda']}" if env.get("cuda") else "CPU only"
+    return (f"{env.get('cpu') or 'unknown CPU'}, {env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} torch "
+            f"threads, {dev}; torch {v.get('torch', '?')}, timm {v.get('timm', '?')}; commit "
+            f"{str(env.get('git_commit') or '?')[:7]}")
+
+
+def _md_table(df, cols: list[tuple[str, str]]) -> list[str]:
+    """A markdown table of ``df`` with (column, header) pairs; floats to 3 decimals."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    cols = [(c, h) for c, h in cols if c in df]
+    out = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        out.append("| " + " | ".join(cell(r[c]) for c, _ in cols) + " |")
+    return out
+
+
+VERDICT_WORDS = {"better": "better than spp", "worse": "worse than spp", "tie": "within noise of spp"}
+
+
+def _interval(r, st: str) -> str:
+    lo, hi = r.get(f"delta_{st}_lo"), r.get(f"delta_{st}_hi")
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return ""
+    return f"{r[f'delta_{st}']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _vision_text(rec: dict, s, figure: str) -> list[str]:
+    """The vision table of one record, inline: settings, the paired comparison with spp, verdicts, checks."""
+    info, params = rec["metrics"]["info"], rec.get("params") or {}
+    model = _model_of(rec)
+    rec_cols = {c for r in rec["metrics"]["rows"] for c in r}
+    stages = info.get("stages") or [c[5:] for c in ("top1_no_retrain", "top1_restandardised", "top1_head_refit",
+                                                      "top1_finetuned") if c in rec_cols]
+    seeds = (f"{params['seeds']} per method with randomness ("
+             f"{', '.join((info.get('seeds') or {}).get('deterministic') or []) or 'none'} deterministic: one run)"
+             if "seeds" in params else
+             f"one per method ({params.get('random_seeds', 1)} for random); this record predates per-image records, "
+             "so it has no paired statistics and supports no comparison")
+    lines = ["", f"### vision_table: {model} (run `{rec['run_id']}`)", "",
+             f"{_label(rec)}. Test images: {info.get('test_images', params.get('n_test'))}; seeds: {seeds}; "
+             f"search {params.get('steps')} steps of batch {params.get('batch_size')}; read-out chosen on "
+             f"{params.get('n_val')} validation images; head re-fit on {params.get('n_refit')} training images; "
+             + (f"{info['statistics']['resamples']} bootstrap resamples. " if info.get("statistics") else "")
+             + f"Hardware: {_hardware(rec)}. Run time {info.get('seconds', '?')} s."]
+    table = s.copy()
+    for st in stages:
+        if f"top1_{st}" in table:
+            table[f"{st}_txt"] = [f"{m:.3f}" + (f" ± {sd:.3f}" if sd == sd and sd is not None else "")
+                                  for m, sd in zip(table[f"top1_{st}"], table.get(f"top1_{st}_sd",
+                                                                                  [float('nan')] * len(table)))]
+            table[f"{st}_vs"] = ["reference" if r.get(f"verdict_{st}") == "reference" else
+                                 _interval(r, st) + (f" {r[f'verdict_{st}']}" if isinstance(r.get(f"verdict_{st}"),
+                                                                                             str) else "")
+                                 for _, r in table.iterrows()]
+    cols = [("method", "method"), ("budget_macs_fraction", "MACs budget"), ("seeds", "seeds")]
+    for st in stages:
+        cols += [(f"{st}_txt", f"top-1 {st} (mean ± sd)"), (f"{st}_vs", f"{st}: vs spp, delta [95% CI] verdict")]
+    lines += ["", *_md_table(table, cols)]
+    if "verdict_head_refit" in s:
+        lines += ["", "In words (head re-fit read-out; a difference counts only when its paired 95% interval "
+                      "excludes zero; the interval resamples the search seeds and the test images):"]
+        for _, r in s[~s["method"].isin(["dense", "spp"])].iterrows():
+            v = r.get("verdict_head_refit")
+            if isinstance(v, str):
+                lines.append(f"- {r['method']} at {r['budget_macs_fraction']:g} MACs: {VERDICT_WORDS.get(v, v)} "
+                             f"({_interval(r, 'head_refit')}, McNemar p {r.get('mcnemar_p_head_refit', float('nan')):.3g})")
+        half = [(r["delta_head_refit_hi"] - r["delta_head_refit_lo"]) / 2 for _, r in s.iterrows()
+                if r["method"] not in ("dense", "spp") and r["budget_macs_fraction"] == 0.5
+                and isinstance(r.get("verdict_head_refit"), str)]
+        if half:
+            lines.append(f"- Power: at 50% MACs the 95% interval half-widths against spp are "
+                         f"{min(half) * 100:.2f} to {max(half) * 100:.2f} points of top-1 (median "
+                         f"{sorted(half)[len(half) // 2] * 100:.2f}).")
+    sanity = info.get("sanity")
+    if sanity is not None:
+        lines.append("- Sanity checks (no pruned row beats dense beyond its interval; accuracy does not rise beyond "
+                     "noise as the budget shrinks): " + ("all passed." if not sanity else
+                                                         "FAILED: " + "; ".join(c["message"] for c in sanity)))
+    for key, what in (("skipped", "not run"), ("refused", "Lasso budgets refused (no try bracketed them)"),
+                      ("identical_keep_sets", "identical keep-sets (a baseline equal to another)")):
+        if info.get(key):
+            lines.append(f"- {what}: " + "; ".join(f"{k}: {v}" for k, v in info[key].items()))
+    health = rec["metrics"].get("path_health") or {}
+    counts: dict = {}
+    for k, h in health.items():
+        if isinstance(h, dict) and h.get("healthy") is not None:
+            c = counts.setdefault(k.split("@")[0], [0, 0])
+            c[0] += h["healthy"] is False
+            c[1] += 1
+    bad = [f"{m} ({c[0]} of {c[1]} seeds)" for m, c in counts.items() if c[0]]
+    if bad:
+        lines.append("- Degenerate solution paths (rows read off them measure tie-breaks, not an order; "
+                     f"docs/path_health.md): {', '.join(bad)}.")
+    if figure:
+        lines += ["", f"![vision table: top-1 vs MACs]({figure})"]
+    return lines
+
+
 def _vision(recs):
     import pandas as pd
 
@@ -252,32 +360,54 @@ def _vision(recs):
     for c in ("model", "method", "budget_macs_fraction", "macs_fraction", "top1_head_refit"):
         if c not in rows:
             raise RecordError(f"vision rows lack the column {c!r}")
-    s = _mean_over_seeds(rows, ["model", "method", "budget_macs_fraction"],
-                         ["top1_no_retrain", "top1_head_refit", "top1_finetuned", "macs_fraction"])
+    parts = []
+    for r in recs:  # records with per-image statistics carry their own summary (vision.summarize)
+        summ = (r["metrics"]["info"] or {}).get("summary")
+        if summ:
+            parts.append(_tag(pd.DataFrame(summ), r))
+        else:
+            old = _tag(pd.DataFrame(r["metrics"]["rows"]), r)
+            parts.append(_mean_over_seeds(old, ["model", "method", "budget_macs_fraction"],
+                                          [c for c in old.columns if c.startswith("top1_")] + ["macs_fraction"]))
+    s = _concat(parts)
     if "macs" in s:
         s["gmacs"] = s["macs"] / 1e9
-    first = ["model", "method", "form", "budget_macs_fraction", "seeds", "macs_fraction", "gmacs", "params", "readout",
-             "top1_no_retrain", "top1_no_retrain_sd", "top1_head_refit", "top1_head_refit_sd", "top1_finetuned",
-             "top1_finetuned_sd", "search_s"]
+    first = ["model", "method", "form", "budget_macs_fraction", "seeds", "macs_fraction", "gmacs", "params", "readout"]
+    first += [c for c in s.columns if c.startswith(("top1_", "delta_", "mcnemar_p_", "verdict_"))]
     cols = [c for c in first if c in s] + [c for c in s.columns if c not in first and c not in ("source_run", "stand_in")]
     s = s[cols + [c for c in ("source_run", "stand_in") if c in s]]
     from . import reference
 
     tables = {"vision_table.csv": s, "paper_vision.csv": _paper(reference.vision_rows())}
-
-    fig, axes = _fig(1, len(recs), size=(6.0, 4.6))
-    for ax, rec in zip(axes[0], recs):
+    text = ["", "## Vision table", "",
+            "Stand-in models on Fashion-MNIST: no row reproduces a paper number (the paper's ImageNet rows are in "
+            "`tables/paper_vision.csv`, never mixed with ours)."]
+    stage_cols = ("top1_no_retrain", "top1_restandardised", "top1_head_refit", "top1_finetuned")
+    per_rec = []
+    for rec in recs:
+        part = s[s["source_run"] == rec["run_id"]]
+        per_rec.append((rec, part, [c for c in stage_cols if c in part and part[c].notna().any()]))
+    ncols = max(len(st) for _, _, st in per_rec)
+    fig, axes = _fig(len(recs), ncols, size=(4.6, 4.0))
+    for row, (rec, part, stages) in enumerate(per_rec):
         model = _model_of(rec)
-        part = s[s["model"] == model]
-        _methods_vs_macs(ax, part, "top1_head_refit")
-        ax.set_xlabel("MACs / dense MACs (measured)")
-        ax.set_ylabel("top-1 after head re-fit (test split)")
-        ax.set_title(textwrap.fill(f"{model}: {_label(rec)} | run {rec['run_id']}", 70), fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle("vision_table: top-1 after head re-fit vs MACs fraction (mean over seeds, bars: sd)", fontsize=9)
+        for j in range(ncols):
+            ax = axes[row][j]
+            if j >= len(stages):
+                ax.set_visible(False)
+                continue
+            _methods_vs_macs(ax, part, stages[j])
+            ax.set_xlabel("MACs / dense MACs (measured)")
+            ax.set_ylabel(f"top-1, {stages[j][5:].replace('_', ' ')} (test split)")
+            ax.set_title(textwrap.fill(f"{model} | run {rec['run_id']}", 60), fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[row][len(stages) - 1].legend(fontsize=6, loc="best")
+        text += _vision_text(rec, part, "figures/vision_top1_vs_macs.png" if row == len(recs) - 1 else "")
+    fig.suptitle("vision_table: top-1 per read-out vs MACs fraction (mean over seeds, bars: sd over seeds, ddof = 1)",
+                 fontsize=9)
     fig.tight_layout()
-    return tables, {"vision_top1_vs_macs.png": fig}
+    figures = {"vision_top1_vs_macs.png": fig}
+    return tables, figures, text
 
 
 def _clip(recs):
@@ -702,7 +832,7 @@ def _health_text(rows: list[dict]) -> list[str]:
 
 
 def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, str],
-           health: list[dict] | None = None) -> str:
+           health: list[dict] | None = None, sections: list[str] | None = None) -> str:
     lines = ["# sppbench report", "",
              f"Built from the run records under `{root}` only (each study: its newest record; vision_table and "
              "solution_path: the newest record per model). Rows from a stand-in model carry its label in "
@@ -710,6 +840,7 @@ def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, s
              "", "| file | study | source run(s) |", "|---|---|---|"]
     for rel, study, runs in written:
         lines.append(f"| `{rel}` | {study} | {runs} |")
+    lines += list(sections or [])
     if health is not None:
         lines += _health_text(health)
     lines += ["", "## Missing", ""]
@@ -739,6 +870,7 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
     result: dict = {"tables": [], "figures": [], "missing": {}, "sources": {}}
     written: list[tuple[str, str, str]] = []
     health: list[dict] = []
+    sections: list[str] = []  # inline markdown of the studies that give it (tables, verdicts, figures)
     for study in chosen:
         recs, problems = select_records(study, root)
         if not recs:
@@ -746,7 +878,9 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
             continue
         runs = ", ".join(r["run_id"] for r in recs)
         try:
-            tables, figures = BUILDERS[study](recs)
+            built = BUILDERS[study](recs)
+            tables, figures = built[0], built[1]
+            sections += list(built[2]) if len(built) > 2 else []
         except Exception as e:  # a record that parses but lacks what the study needs: reported, not raised
             reason = f"record {runs} is malformed for this study ({type(e).__name__}: {e})"
             result["missing"][study] = "; ".join([*problems, reason])
@@ -776,7 +910,8 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
     result["health"] = [{k: v for k, v in r.items() if k != "_rec"} for r in health]
     shown = _shown(root, out)
     result["index"] = str(atomic_write_text(out / "report.md", _index(
-        Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()}, health)))
+        Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()}, health,
+        sections)))
     return result
 
 

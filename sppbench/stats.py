@@ -32,8 +32,12 @@ def _as_matrix(x) -> np.ndarray:
 
 
 def paired_bootstrap(a, b, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0,
-                     chunk: int = 250) -> dict:
-    """Mean of ``a - b`` (per-example, seed-averaged) and its percentile bootstrap interval over examples."""
+                     chunk: int = 250, resample_seeds: bool = False) -> dict:
+    """Mean of ``a - b`` (per-example, seed-averaged) and its percentile bootstrap interval over examples.
+
+    ``resample_seeds``: a two-level (hierarchical) bootstrap: each resample also draws each side's seeds with
+    replacement before averaging them per example, so the interval covers the variation between searches as
+    well as which examples were drawn (a side with one seed contributes no seed variation)."""
     if resamples < 1 or not (0 < level < 1):
         raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples!r}, {level!r}")
     A, B = _as_matrix(a), _as_matrix(b)
@@ -44,13 +48,54 @@ def paired_bootstrap(a, b, *, resamples: int = RESAMPLES, level: float = LEVEL, 
     n = d.size
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
-    for start in range(0, resamples, chunk):
-        k = min(chunk, resamples - start)
-        idx = rng.integers(0, n, size=(k, n))
-        means[start:start + k] = d[idx].mean(1)
+    if resample_seeds and (A.shape[0] > 1 or B.shape[0] > 1):
+        for r in range(resamples):
+            da = A[rng.integers(0, A.shape[0], A.shape[0])].mean(0) - B[rng.integers(0, B.shape[0], B.shape[0])].mean(0)
+            means[r] = da[rng.integers(0, n, n)].mean()
+    else:
+        for start in range(0, resamples, chunk):
+            k = min(chunk, resamples - start)
+            idx = rng.integers(0, n, size=(k, n))
+            means[start:start + k] = d[idx].mean(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"delta": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(n), "resamples": int(resamples),
-            "level": level}
+            "level": level, "resample_seeds": bool(resample_seeds)}
+
+
+def paired_bootstrap_parts(parts: Sequence[tuple], *, resamples: int = RESAMPLES, level: float = LEVEL,
+                           seed: int = 0, resample_seeds: bool = False) -> dict:
+    """A statistic that is a SUM of per-example means over independent example sets (e.g. CLIP's rsum: image
+    queries for image->text plus caption queries for text->image): ``parts`` = [(a_p, b_p), ...], each pair per-example
+    scores of the row and its reference over one set (one array or a list of per-seed arrays). Returns the
+    difference sum_p mean(a_p - b_p) and its percentile interval, each set resampled on its own (and, with
+    ``resample_seeds``, the seeds too: the same seed draw for every part of one side)."""
+    if resamples < 1 or not (0 < level < 1):
+        raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples!r}, {level!r}")
+    mats = []
+    for a, b in parts:
+        A, B = _as_matrix(a), _as_matrix(b)
+        if A.shape[1] != B.shape[1]:
+            raise ValueError(f"a part covers different numbers of examples ({A.shape[1]} vs {B.shape[1]})")
+        mats.append((A, B))
+    sa, sb = {A.shape[0] for A, _ in mats}, {B.shape[0] for _, B in mats}
+    if len(sa) != 1 or len(sb) != 1:
+        raise ValueError("every part of one side needs the same seeds")
+    sa, sb = sa.pop(), sb.pop()
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for r in range(resamples):
+        ia = rng.integers(0, sa, sa) if resample_seeds else np.arange(sa)
+        ib = rng.integers(0, sb, sb) if resample_seeds else np.arange(sb)
+        total = 0.0
+        for A, B in mats:
+            d = A[ia].mean(0) - B[ib].mean(0)
+            total += d[rng.integers(0, d.size, d.size)].mean()
+        means[r] = total
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    delta = float(sum((A.mean(0) - B.mean(0)).mean() for A, B in mats))
+    return {"delta": delta, "lo": float(lo), "hi": float(hi), "n": [int(A.shape[1]) for A, _ in mats],
+            "resamples": int(resamples), "level": level, "resample_seeds": bool(resample_seeds),
+            "verdict": verdict(float(lo), float(hi)), "seeds": [sa, sb]}
 
 
 def mcnemar(a, b) -> dict:
@@ -85,9 +130,10 @@ def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
 
 
 def compare(a, b, *, binary: bool = True, higher_is_better: bool = True, resamples: int = RESAMPLES,
-            seed: int = 0) -> dict:
-    """Row ``a`` against reference ``b`` on the same examples: delta, lo, hi, (McNemar p for 0/1), verdict."""
-    out = paired_bootstrap(a, b, resamples=resamples, seed=seed)
+            seed: int = 0, resample_seeds: bool = False) -> dict:
+    """Row ``a`` against reference ``b`` on the same examples: delta, lo, hi, (McNemar p for 0/1), verdict.
+    ``resample_seeds``: the interval also resamples each side's seeds (``paired_bootstrap``)."""
+    out = paired_bootstrap(a, b, resamples=resamples, seed=seed, resample_seeds=resample_seeds)
     if binary:
         out["mcnemar_p"] = mcnemar(a, b)["p"]
     out["verdict"] = verdict(out["lo"], out["hi"], higher_is_better)
@@ -103,4 +149,4 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
 
 
-__all__ = ["compare", "paired_bootstrap", "mcnemar", "verdict", "mean_sd", "RESAMPLES", "LEVEL"]
+__all__ = ["compare", "paired_bootstrap", "paired_bootstrap_parts", "mcnemar", "verdict", "mean_sd", "RESAMPLES", "LEVEL"]

@@ -328,11 +328,32 @@ def test_clip_table_runs_every_method_within_budget(towers):
     methods = ("spp", "dessilbi", "magnitude", "random") + (() if towers == "each" else ("lasso",))
     cfg = ClipTableConfig(model="embedded-clip", methods=methods, macs_fractions=(0.8, 0.6), budget_towers=towers,
                           steps=4, batch_size=8, lasso_trials=2, refit_steps=5, finetune_steps=2, finetune_batch=8,
-                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05, seeds=2 if towers == "joint" else 1, resamples=200)
     res = run_clip_table(cfg, task=tiny_task(), record=False, progress=False)
     t = res["table"]
     pruned = t[t["method"] != "dense"]
-    assert len(pruned) == len(methods) * 2 and set(pruned["method"]) == set(methods)
+    n_seeds = cfg.seeds
+    assert len(pruned) == (n_seeds * (len(methods) - 1) + 1) * 2 and set(pruned["method"]) == set(methods)
+    assert set(pruned.loc[pruned["method"] == "magnitude", "seed"]) == {0}  # deterministic: one run
+    # per-query ranks of every row and stage; the table's recall is recomputed from them
+    ranks = res["ranks"]
+    assert len(ranks) == len(t) * 3 * 2
+    from sppbench.clip_table import ranks_key
+
+    for _, r in t.iterrows():
+        for stage in ("no_retrain", "refit", "finetuned"):
+            i2t = ranks[ranks_key(r["model"], r["method"], r["budget_macs_fraction"], r["seed"], stage, "i2t")]
+            assert 100 * (i2t <= 1).mean() == pytest.approx(r[f"{stage}_i2t_r1"])
+    s = res["summary"]
+    assert (s.loc[s["method"] == "spp", "verdict_refit_rsum"] == "reference").all()
+    others = s[~s["method"].isin(["spp", "dense"])]
+    assert others["verdict_refit_rsum"].isin(["better", "worse", "tie"]).all()
+    for _, r in others.iterrows():
+        ref = s[(s["method"] == "spp") & (s["budget_macs_fraction"] == r["budget_macs_fraction"])].iloc[0]
+        assert r["delta_refit_rsum"] == pytest.approx(r["refit_rsum"] - ref["refit_rsum"], abs=1e-6)
+        assert r["delta_refit_rsum_lo"] <= r["delta_refit_rsum"] <= r["delta_refit_rsum_hi"]
+    if n_seeds > 1:
+        assert s.loc[s["method"] == "spp", "refit_rsum_sd"].notna().all()
     dense = t[t["method"] == "dense"].iloc[0]
     for _, r in pruned.iterrows():
         if towers == "joint":
@@ -384,7 +405,7 @@ def test_karpathy_task_on_a_miniature(tmp_path, dataset):
     assert 0 <= scores["i2t_r1"] <= scores["i2t_r10"] <= 100
     cfg = ClipTableConfig(model="embedded-clip", methods=("spp", "magnitude"), macs_fractions=(0.7,), steps=3,
                           batch_size=4, readout="global", refit_steps=3, finetune_steps=1, finetune_batch=4,
-                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05)
+                          kappa=5.0, alpha=0.5, nu=50.0, lam=0.05, seeds=1, resamples=100)
     res = run_clip_table(cfg, task=task, record=False, progress=False)
     assert len(res["table"]) == 3
 
@@ -405,3 +426,23 @@ def test_clip_paper_profiles_say_what_is_missing(monkeypatch, tmp_path):
     assert clip_check_ready(clip_paper_config("ViT-B-32"), "coco", root, min_gpus=0) == {"gpus": 0}
     with pytest.raises(sppbench.SppBenchError, match="GPU"):
         clip_check_ready(clip_paper_config("ViT-B-32"), "coco", root, min_gpus=99)
+
+
+def test_per_query_ranks_give_the_same_recall_and_rsum():
+    import numpy as np
+
+    from sppbench.clip import query_ranks, rsum_per_query
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(90, 16, generator=g), dim=-1)
+    ikeys = torch.arange(40) % 13  # several relevant captions per image and images per caption
+    tkeys = torch.arange(90) % 13
+    r = recall_at_k(img, txt, ikeys, tkeys)
+    ranks = query_ranks(img, txt, ikeys, tkeys)
+    assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (90,) and ranks["i2t"].min() >= 1
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert 100 * np.mean(ranks[d] <= k) == pytest.approx(r[f"{d}_r{k}"])
+    per = rsum_per_query(ranks)
+    assert per["i2t"].mean() + per["t2i"].mean() == pytest.approx(r["rsum"])

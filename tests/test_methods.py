@@ -154,6 +154,35 @@ def test_lasso_bisection_meets_the_budget_and_records_every_try():
     assert all(float(p.detach().min()) == 1.0 for p in m.mask_parameters().values())  # masks reset
 
 
+def test_shared_lasso_tries_bracket_every_budget_or_refuse_it():
+    model = tiny_dinov2()
+    m = sppbench.attach_masks(model)
+    batches = synthetic_batches(model, 28, n=3)
+    dense = m.cost()[1]
+    budgets = [{"macs": int(0.7 * dense)}, {"macs": int(0.4 * dense)}]
+    out = methods.lasso_family(m, batches, F.cross_entropy, budgets, steps=8, lr=0.2, trials=6)
+    tries = out[0][1]["tries"]
+    assert len(tries) == 6 and out[1][1]["tries"] is tries  # one set of tries serves both budgets
+    assert len({t["u"] for t in tries}) == 6
+    for (keep, info), b in zip(out, budgets):
+        assert keep is not None and keep.macs <= b["macs"]
+        above, below = info["bracket_cost"]
+        assert above >= b["macs"] > below  # a try on each side of the budget
+        assert info["overshoot"] >= 0 and tries[info["chosen_try"]]["support_cost"] == above
+    # two tries cannot bracket a budget the first try's support is already far below: refused with a reason
+    out = methods.lasso_family(m, batches, F.cross_entropy, [{"macs": int(0.999 * dense)}], steps=8, lr=0.2,
+                               u_start=50.0, trials=2)
+    keep, info = out[0]
+    assert keep is None and "cannot be bracketed" in info["refused"] and "u_start" in info["refused"]
+    pruned = methods.prune("lasso", m, [{"macs": int(0.999 * dense)}], batches=batches, loss_fn=F.cross_entropy,
+                           steps=8, spp={"kappa": 1.0, "alpha": 0.2, "nu": 1.0, "lam": 1.0},
+                           settings={"shared_tries": True, "trials": 2, "u_start": 50.0})
+    assert pruned[0].model is None and "refused" in pruned[0].info["search"]
+    with pytest.raises(ValueError, match="at least 2 tries"):
+        methods.lasso_family(m, batches, F.cross_entropy, budgets, steps=8, lr=0.2, trials=1)
+    assert all(float(p.detach().min()) == 1.0 for p in m.mask_parameters().values())  # masks reset
+
+
 def test_lasso_rank_orders_nonzero_by_magnitude_then_zeroed_entries_by_when():
     model = tiny_vit()
     m = sppbench.attach_masks(model)

@@ -60,3 +60,37 @@ def test_seeds_are_averaged_per_example_and_bad_input_refused():
         stats.paired_bootstrap([1.0, float("nan")], [1.0, 0.0])
     assert stats.verdict(-0.01, 0.02) == "tie" and stats.verdict(0.01, 0.02, higher_is_better=False) == "worse"
     assert stats.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0) and stats.mean_sd([4.0]) == (4.0, None)
+
+
+def test_resampling_seeds_widens_the_interval_by_the_spread_between_searches():
+    rng = np.random.default_rng(0)
+    n = 4000
+    base = rng.random(n)
+    ref = [(base < 0.80).astype(float)]
+    # three seeds that disagree by a few points: the seed-averaged difference is small, the spread between seeds large
+    seeds = [(base < p).astype(float) for p in (0.78, 0.83, 0.86)]
+    plain = stats.compare(seeds, ref, resamples=1000)
+    both = stats.compare(seeds, ref, resamples=1000, resample_seeds=True)
+    assert plain["delta"] == both["delta"]
+    assert (both["hi"] - both["lo"]) > 3 * (plain["hi"] - plain["lo"])
+    assert plain["verdict"] == "better" and both["verdict"] == "tie"  # the images alone would have claimed a win
+    # one seed per side: nothing to resample, the same interval as the plain bootstrap
+    one = stats.compare([seeds[0]], ref, resamples=500, resample_seeds=True)
+    assert (one["lo"], one["hi"]) == (stats.compare([seeds[0]], ref, resamples=500)["lo"],
+                                      stats.compare([seeds[0]], ref, resamples=500)["hi"])
+
+
+def test_a_sum_over_independent_query_sets_is_bootstrapped_part_by_part():
+    rng = np.random.default_rng(1)
+    a1, b1 = rng.random(300), rng.random(300)
+    a2, b2 = rng.random(500) + 0.2, rng.random(500)
+    out = stats.paired_bootstrap_parts([(a1, b1), (a2, b2)], resamples=500)
+    assert out["delta"] == pytest.approx((a1 - b1).mean() + (a2 - b2).mean())
+    assert out["lo"] < out["delta"] < out["hi"] and out["n"] == [300, 500]
+    # one part: the same as the plain paired bootstrap's interval width (not the same draws)
+    one = stats.paired_bootstrap_parts([(a2, b2)], resamples=2000)
+    plain = stats.paired_bootstrap(a2, b2, resamples=2000)
+    assert one["hi"] - one["lo"] == pytest.approx(plain["hi"] - plain["lo"], rel=0.15)
+    assert one["verdict"] == "better"
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.paired_bootstrap_parts([([a1, a1], b1), (a2, b2)])

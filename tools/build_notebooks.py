@@ -31,13 +31,18 @@ def code(text: str, tags=None):
 NOTEBOOKS: dict[str, list] = {}
 
 NOTEBOOKS["10_vision_table"] = [
-    md("""# 10 · The vision table: SPP vs Lasso vs DessiLBI vs peers, same model, masks, data and fine-tune
+    md("""# 10 · The vision table: SPP vs Lasso vs DessiLBI vs peers, same model, masks, data and read-outs
 
 Every method prunes **the same dense model** to **the same MAC budgets** with **the same masks**
-(Torch-Pruning prunes its own, slightly different units: see the `units` column), and every pruned
-model gets **the same evaluations and the same short fine-tune**. Per budget the table reports top-1
-with no retraining, with the classifier head re-fit on the pruned features, and after the fine-tune,
-plus the search wall time and how unevenly the keep-set spreads over layers (coefficient of
+(Torch-Pruning prunes its own, slightly different units: see the `units` column), at **several seeds**
+(every method with randomness; magnitude and tp-magnitude are deterministic), and every pruned model
+gets **the same read-outs**, each scored per test image: the dense head with no retraining, the dense
+head after only the features' mean and scale are re-estimated ("re-standardised"), and a linear head
+re-fit on the same images the dense head was fit on (optionally a fine-tune; off by default). Every row
+is compared with SPP at the same budget by a **two-level paired bootstrap** (search seeds drawn with
+replacement, then test images) and McNemar's test: a method is "better" or "worse" only when the 95%
+interval excludes zero, otherwise "tie" (within noise). The per-image records (`correct.npz` in the run record) let anyone recompute every statistic
+(docs/records.md, docs/statistics.md). The table also reports the search wall time and how unevenly the keep-set spreads over layers (coefficient of
 variation of the kept share across blocks; `empty_blocks` = branches left with nothing).
 
 Read-outs (global or per-layer) are chosen per budget on a **validation split carved from the
@@ -56,16 +61,19 @@ The defaults below are small so the notebook runs in minutes under `pytest --nbv
     code("""# Parameters: literals only (papermill overrides them). Defaults: a small run for nbval.
 models = ["embedded-vit"]  # embedded-vit, embedded-swin
 methods = ["spp", "spp-official", "lasso", "lasso-rank", "dessilbi", "magnitude", "random", "tp-magnitude", "tp-taylor"]
-macs_fractions = [0.7, 0.5, 0.35]  # budgets: fractions of the dense model's MACs
-steps = 12  # search steps (the same for every searching method), batch 32
+macs_fractions = [0.7, 0.5]  # budgets: fractions of the dense model's MACs (reproduce: 0.7, 0.5, 0.35)
+model_methods = {}  # per-model method lists overriding methods, e.g. {"embedded-vit": ["spp", "magnitude"]}
+model_fractions = {}  # per-model budgets overriding macs_fractions, e.g. {"embedded-vit": [0.5]}
+steps = 8  # search steps (the same for every searching method), batch 32
 model_steps = {}  # per-model steps overriding steps, e.g. {"embedded-swin": 640} (the Swin's adam setting)
-random_seeds = 2  # 'random' keep-sets drawn with this many seeds
-lasso_trials = 3  # Lasso searches per budget (lambda bisection)
+seeds = 2  # seeds of every method with randomness (reproduce: 3); magnitude and tp-magnitude run once
+lasso_trials = 3  # Lasso searches per seed, shared by the budgets (each budget bracketed, or refused)
 readout = "val"  # val = choose global or per-layer per budget on the validation split
-n_val = 200  # validation images (training split) for the read-out choice
-n_test = 500  # test images for reporting
-n_refit = 300  # training images for the head re-fit
-finetune_steps = 10  # shared fine-tune: AdamW + cosine, batch 32
+n_val = 100  # validation images (training split) for the read-out choice
+n_test = 300  # test images for reporting (reproduce: all 10,000)
+n_refit = 200  # training images for the head re-fit (reproduce: the dense head's 3,000)
+finetune_steps = 0  # shared fine-tune steps (0 = no fine-tune column)
+resamples = 300  # paired bootstrap resamples (reproduce: 2000)
 data_root = ""  # paper models (deit_*, swin_tiny_*): the ImageNet folder (else $SPPBENCH_IMAGENET)
 constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
 spp_form = ""  # the spp rows' search: adam (labelled variant) or paper; "" = adam for embedded, paper for paper models
@@ -75,56 +83,72 @@ import pandas as pd
 
 from sppbench import methods as M
 from sppbench import plots, reference
-from sppbench.vision import VisionTableConfig, run_vision_table, summarize
+from sppbench.vision import VisionTableConfig, run_vision_table
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 30)
-available = [m for m in methods if m not in M.PEER_METHODS or M.peer_reason(m) is None]
+def runnable(names):
+    return [m for m in names if m not in M.PEER_METHODS or M.peer_reason(m) is None]
+
+
+available = runnable(methods)
 skipped = {m: M.peer_reason(m) for m in methods if m not in available}
-print("methods run:", available)
+print("methods run:", {model: runnable(model_methods.get(model, methods)) for model in models})
+print("budgets:", {model: model_fractions.get(model, macs_fractions) for model in models})
 print("skipped (and why):", skipped or "none")
 results = {}
 for model in models:
-    cfg = VisionTableConfig(model=model, methods=tuple(available), macs_fractions=tuple(macs_fractions),
+    cfg = VisionTableConfig(model=model, methods=tuple(runnable(model_methods.get(model, methods))),
+                            macs_fractions=tuple(model_fractions.get(model, macs_fractions)),
                             steps=model_steps.get(model, steps),
-                            random_seeds=random_seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
-                            n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, seed=seed,
+                            seeds=seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
+                            n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, resamples=resamples,
+                            seed=seed,
                             data_root=data_root, spp_form=spp_form, **constants.get(model, {}))
     results[model] = run_vision_table(cfg)""", IGNORE),
-    code("""# Ours: one row per model x method x budget (mean over seeds; *_sd = spread over seeds, 0 for one seed)
+    code("""# Ours: one row per model x method x budget: mean over seeds, *_sd = sample sd over seeds (ddof = 1; empty for
+# one seed), and each read-out's paired comparison with spp at the same budget (delta, 95% paired bootstrap
+# interval over test images, McNemar p, verdict: better / worse / tie = within noise)
 for model, res in results.items():
-    print(res["info"]["label"])
-    s = summarize(res["table"])
+    print(res["info"]["label"], "|", res["info"]["test_images"], "test images")
+    s = res["summary"].copy()
     s["gmacs"] = (s["macs_fraction"] * res["info"]["dense_macs"] / 1e9).round(4)
     s["params_m"] = (s["params"] / 1e6).round(2)
-    cols = ["method", "form", "budget_macs_fraction", "gmacs", "params_m", "top1_no_retrain", "top1_head_refit",
-            "top1_finetuned", "top1_finetuned_sd", "seeds", "search_s"]
-    display(s[[c for c in cols if c in s]].round(3))""", IGNORE),
-    code("""# Per-row details: achieved MACs, read-out used, layer spread, peers' units
+    cols = ["method", "form", "budget_macs_fraction", "gmacs", "params_m", "seeds"]
+    for st in res["info"]["stages"]:
+        cols += [f"top1_{st}", f"top1_{st}_sd"]
+    display(s[[c for c in cols if c in s]].round(4))
+    cols = ["method", "budget_macs_fraction"]
+    for st in res["info"]["stages"]:
+        cols += [f"delta_{st}", f"delta_{st}_lo", f"delta_{st}_hi", f"mcnemar_p_{st}", f"verdict_{st}"]
+    display(s[s["method"] != "dense"][[c for c in cols if c in s]].round(4))""", IGNORE),
+    code("""# Per-row details: achieved MACs, read-out used, path health, layer spread, identical keep-sets, peers' units
 for model, res in results.items():
     t = res["table"]
     cols = [c for c in ["method", "seed", "budget_macs_fraction", "macs_fraction", "readout", "val_head_refit",
-                        "path_healthy", "path_by_order", "spread_attn_cv", "spread_mlp_cv", "empty_blocks",
-                        "lasso_tries", "units"] if c in t]
-    display(t[cols].round(3))""", IGNORE),
+                        "path_healthy", "path_by_order", "identical_to", "spread_attn_cv", "spread_mlp_cv",
+                        "empty_blocks", "lasso_tries", "lasso_overshoot", "units"] if c in t]
+    display(t[cols].round(3))
+    print("Lasso budgets refused (no try bracketed them):", res["info"]["refused"] or "none")""", IGNORE),
     code("""# Reported by others (the paper, timm, UPop) on ImageNet: NOT measured here, never mixed with ours
 display(reference.vision_rows())""", IGNORE),
     code("""for model, res in results.items():
-    s = summarize(res["table"])
+    s = res["summary"]
     dense = s[s["method"] == "dense"].iloc[0]
     fig = plots.methods_vs_macs(s, dense=dense, title=f"{res['info']['label']} | Fashion-MNIST test "
-                                f"({n_test} images) | search {res['config']['steps']} steps, fine-tune "
-                                f"{finetune_steps} steps")
+                                f"({res['info']['test_images']} images) | search {res['config']['steps']} steps")
     plt.show()""", IGNORE),
-    code("""# Which method won at each budget (mean top-1 after the fine-tune; ties within the seed spread are not wins)
+    code("""# Verdicts against spp (head re-fit): a difference counts only when its paired interval excludes zero
 for model, res in results.items():
-    s = summarize(res["table"])
-    s = s[s["method"] != "dense"]
-    for col in ("top1_head_refit", "top1_finetuned"):
-        best = s.loc[s.groupby("budget_macs_fraction")[col].idxmax(), ["budget_macs_fraction", "method", col]]
-        print(model, col)
-        print(best.to_string(index=False))
-    print("family cost (SPP's one search vs Lasso's per-budget searches, same steps):", res["info"]["family_cost"])
+    s = res["summary"]
+    for _, r in s[~s["method"].isin(["dense", "spp"])].iterrows():
+        if r.get("verdict_head_refit") is None:
+            continue
+        words = {"better": "better than spp", "worse": "worse than spp", "tie": "within noise of spp"}
+        print(f"{model} {r['method']} at {r['budget_macs_fraction']:g} MACs: {words[r['verdict_head_refit']]} "
+              f"({r['delta_head_refit']:+.4f} [{r['delta_head_refit_lo']:+.4f}, {r['delta_head_refit_hi']:+.4f}])")
+    print("sanity checks failed:", [c["message"] for c in res["sanity"]] or "none")
+    print("family cost (SPP's one search vs Lasso's tries, same steps):", res["info"]["family_cost"])
     print("skipped on this model:", res["info"]["skipped"] or "none")""",
          IGNORE),
     code("""# Deterministic checks (their output is compared by nbval)
@@ -132,9 +156,9 @@ ok_rows, ok_budget, ok_nested, ok_record, ok_methods = True, True, True, True, T
 for model, res in results.items():
     t = res["table"]
     pruned = t[t["method"] != "dense"]
-    ran = [m for m in available if m not in res["info"]["skipped"]]  # a peer may not support a family
-    expect = sum((random_seeds if m == "random" else 1) for m in ran) * len(macs_fractions)
-    ok_rows &= len(pruned) == expect
+    ran = [m for m in runnable(model_methods.get(model, methods)) if m not in res["info"]["skipped"]]
+    expect = sum((1 if m in M.DETERMINISTIC_METHODS else seeds) for m in ran) * len(model_fractions.get(model, macs_fractions))
+    ok_rows &= len(pruned) + len(res["info"]["refused"]) == expect
     ok_budget &= bool((pruned["macs"] <= pruned["target_macs"] * 1.0 + 1).all())
     ok_methods &= set(pruned["method"]) == set(ran)
     ok_record &= res["record"] is not None and (res["record"] / "metrics.json").is_file()
@@ -179,7 +203,8 @@ macs_fractions = [0.7, 0.5]  # budgets: fractions of the dense MACs
 budget_towers = "joint"  # joint, image, text or each
 steps = 12  # search steps (the same for every searching method), batch 32
 lasso_trials = 2  # Lasso searches per budget (lambda bisection)
-random_seeds = 1
+seeds = 1  # seeds of every method with randomness (reproduce: 3); magnitude runs once
+resamples = 300  # paired bootstrap resamples of the rsum comparisons (reproduce: 2000)
 readout = "val"  # val = choose global or per-layer per budget on the validation split
 n_val = 200  # validation images (training split)
 n_test = 300  # test images, 5 captions each
@@ -200,7 +225,7 @@ from sppbench.clip_table import ClipTableConfig, run_clip_table
 pd.set_option("display.width", 220)
 pd.set_option("display.max_columns", 40)
 cfg = ClipTableConfig(model=model, methods=tuple(methods), macs_fractions=tuple(macs_fractions),
-                      budget_towers=budget_towers, steps=steps, lasso_trials=lasso_trials, random_seeds=random_seeds,
+                      budget_towers=budget_towers, steps=steps, lasso_trials=lasso_trials, seeds=seeds, resamples=resamples,
                       readout=readout, n_val=n_val, n_test=n_test, refit_steps=refit_steps,
                       finetune_steps=finetune_steps, data_root=data_root, seed=seed, spp_form=spp_form,
                       **constants.get(model, {}))
@@ -239,14 +264,21 @@ axes[0].legend(fontsize=8)
 fig.suptitle(f"{res['info']['label']}; {n_test} test images; search {steps} steps", fontsize=8)
 plt.tight_layout()
 plt.show()""", IGNORE),
-    code("""# Which method won at each budget (rsum after the re-fit; one seed: differences of a few points are noise)
-s = table[table["method"] != "dense"]
-col = "finetuned_rsum" if "finetuned_rsum" in s else "refit_rsum"
-print(s.loc[s.groupby("budget_macs_fraction")[col].idxmax(), ["budget_macs_fraction", "method", col]].to_string(index=False))
-print("search seconds:", res["info"]["search_seconds"])""", IGNORE),
+    code("""# rsum per method and budget (mean and sd over seeds, ddof = 1) and its paired comparison with spp: delta, 95%
+# two-level bootstrap interval (seeds, then image and caption queries; per-query ranks in the record's ranks.npz),
+# verdict better / worse / tie (= within noise)
+s = res["summary"]
+cols = ["method", "budget_macs_fraction", "seeds"]
+for st in ("no_retrain", "refit", "finetuned"):
+    cols += [f"{st}_rsum", f"{st}_rsum_sd", f"delta_{st}_rsum", f"delta_{st}_rsum_lo", f"delta_{st}_rsum_hi",
+             f"verdict_{st}_rsum"]
+display(s[[c for c in cols if c in s]].round(2))
+print("queries:", res["info"]["queries"], "| search seconds:", res["info"]["search_seconds"])""", IGNORE),
     code("""# Deterministic checks (their output is compared by nbval)
 pruned = table[table["method"] != "dense"]
-expect = sum((random_seeds if m == "random" else 1) for m in methods) * len(macs_fractions)
+from sppbench import methods as M
+
+expect = sum((1 if m in M.DETERMINISTIC_METHODS else seeds) for m in methods) * len(macs_fractions)
 budget_ok = True
 for _, r in pruned.iterrows():
     b = json.loads(r["budget"])

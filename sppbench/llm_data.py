@@ -47,7 +47,7 @@ __all__ = [
     "SMOLLM2_LABEL", "SMOLLM2_FILE", "CALIB_ARTICLES", "TEST_ARTICLES", "WIKITEXT2_ENV", "C4_ENV",
     "ZERO_SHOT_TASKS", "TokenSet", "smollm2", "smollm2_gguf_path", "wiki_dump_path", "wiki_articles",
     "clean_wikitext", "wiki_split", "tokens_from_text", "random_windows", "consecutive_windows",
-    "calibration_tokens", "perplexity_tokens", "perplexity", "wikitext2_test_text", "c4_calibration_text",
+    "calibration_tokens", "perplexity_tokens", "perplexity", "window_nll", "perplexity_from_nll", "wikitext2_test_text", "c4_calibration_text",
     "zero_shot_tasks",
 ]
 
@@ -494,18 +494,43 @@ def calibration_tokens(tokenizer, n_samples: int = 32, seqlen: int = 256, seed: 
 
 
 def perplexity_tokens(tokenizer, seqlen: int = 256, max_windows: int | None = None,
-                      articles: Sequence[tuple[str, str]] | None = None, text: str | None = None) -> TokenSet:
+                      articles: Sequence[tuple[str, str]] | None = None, text: str | None = None,
+                      sampling: str = "spread") -> TokenSet:
     """Perplexity windows: the held-out text cut into consecutive non-overlapping windows of ``seqlen`` tokens.
 
     The text is the held-out articles (the last :data:`TEST_ARTICLES` wiki articles unless ``articles`` is
     given) joined with a blank line, or any ``text`` (e.g. :func:`wikitext2_test_text`). The remainder
-    shorter than ``seqlen`` is dropped; ``max_windows`` keeps only the first windows.
+    shorter than ``seqlen`` is dropped. ``max_windows`` keeps that many of the windows: with ``sampling=
+    "spread"`` (default) evenly strided over the whole text (window ``floor(i * n / max_windows)`` of the
+    ``n`` available), so every part of the held-out text (every article, when the windows outnumber them)
+    is scored; with ``"first"`` the first ``max_windows`` (the older protocol, mostly one or two articles).
+    ``info`` records the chosen window indices and, for articles, how many articles the windows touch.
     """
+    if sampling not in ("spread", "first"):
+        raise ValueError(f"sampling must be 'spread' or 'first', got {sampling!r}")
     body, info = _source(articles, text, 1)
     ids = tokens_from_text(tokenizer, body)
-    windows = consecutive_windows(ids, seqlen, max_windows)
-    info.update(kind="perplexity", sampling="consecutive windows", n_samples=len(windows), seqlen=int(seqlen),
-                seed=None, total_tokens=int(ids.numel()), max_windows=max_windows)
+    every = consecutive_windows(ids, seqlen)
+    n_all = int(every.shape[0])
+    k = n_all if max_windows is None else int(max_windows)
+    if k < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+    k = min(k, n_all)
+    index = list(range(k)) if sampling == "first" else [(i * n_all) // k for i in range(k)]
+    windows = every[index].clone()
+    info.update(kind="perplexity", sampling=f"consecutive windows ({sampling})", n_samples=len(windows),
+                seqlen=int(seqlen), seed=None, total_tokens=int(ids.numel()), max_windows=max_windows,
+                available_windows=n_all, window_index=index)
+    if text is None:
+        # article of each window (token counts per article, tokenized on its own: exact up to merges across
+        # the blank-line joins)
+        src = wiki_split()[1] if articles is None else list(articles)
+        ends, total = [], 0
+        for _, text_i in src:
+            total += int(tokens_from_text(tokenizer, text_i + "\n\n").numel()) if text_i else 0
+            ends.append(total)
+        which = [next((j for j, e in enumerate(ends) if i * seqlen < e), len(ends) - 1) for i in index]
+        info.update(window_article=which, articles_scored=len(set(which)), articles_total=len(src))
     return TokenSet(windows, info)
 
 
@@ -514,13 +539,14 @@ def perplexity_tokens(tokenizer, seqlen: int = 256, max_windows: int | None = No
 # --------------------------------------------------------------------------
 
 
-def perplexity(model: torch.nn.Module, ids: torch.Tensor | TokenSet, batch_size: int = 4) -> float:
-    """exp of the mean next-token negative log-likelihood over all windows of ``ids`` ((n, seqlen) LongTensor).
+def window_nll(model: torch.nn.Module, ids: torch.Tensor | TokenSet, batch_size: int = 4) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of each window of ``ids`` ((n, seqlen) LongTensor): a float64
+    tensor of n values, the per-window records behind a perplexity (``exp`` of their mean is :func:`perplexity`,
+    all windows having the same length) and behind its paired statistics between two pruned models.
 
     The standard Hugging Face causal-LM protocol: each window is scored on its own, the label of position
-    t is token t+1, so the mean runs over n * (seqlen - 1) predicted tokens. Runs under no_grad in eval
-    mode (the model's previous mode is restored) on the model's device. Returns ``inf`` when the NLL is
-    infinite (or its exp overflows) and ``nan`` when it is NaN; raises DataError for empty ``ids``.
+    t is token t+1 (seqlen - 1 predictions per window). Runs under no_grad in eval mode (the model's previous
+    mode is restored) on the model's device; raises DataError for empty ``ids``.
     """
     if isinstance(ids, TokenSet):
         ids = ids.ids
@@ -538,25 +564,39 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor | TokenSet, batch_size:
         device = torch.device("cpu")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    out = []
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[0], batch_size):
                 batch = ids[start:start + batch_size].to(device=device, dtype=torch.long)
                 logits = model(input_ids=batch).logits[:, :-1].float()
                 target = batch[:, 1:]
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                         reduction="sum").item()
-                count += target.numel()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+                out.append(nll.reshape(target.shape).double().mean(1).cpu())
     finally:
         model.train(was_training)
-    nll = total / count
-    if math.isnan(nll):
+    return torch.cat(out)
+
+
+def perplexity_from_nll(nll) -> float:
+    """``exp`` of the mean of per-window NLLs (``inf`` on overflow, ``nan`` when NaN)."""
+    v = float(torch.as_tensor(nll, dtype=torch.float64).mean())
+    if math.isnan(v):
         return float("nan")
     try:
-        return math.exp(nll)
+        return math.exp(v)
     except OverflowError:
         return float("inf")
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor | TokenSet, batch_size: int = 4) -> float:
+    """exp of the mean next-token negative log-likelihood over all windows of ``ids`` ((n, seqlen) LongTensor).
+
+    The standard Hugging Face causal-LM protocol (see :func:`window_nll`): the mean runs over n * (seqlen - 1)
+    predicted tokens. Returns ``inf`` when the NLL is infinite (or its exp overflows) and ``nan`` when it is
+    NaN; raises DataError for empty ``ids``.
+    """
+    return perplexity_from_nll(window_nll(model, ids, batch_size=batch_size))
 
 
 # --------------------------------------------------------------------------

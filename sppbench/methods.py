@@ -48,6 +48,9 @@ from .train import _Cycle, forward_loss, search, to_device
 RANKING_METHODS = ("spp", "spp-official", "lasso-rank", "dessilbi", "magnitude", "random")
 PER_BUDGET_METHODS = ("lasso",)
 PEER_METHODS = ("tp-magnitude", "tp-taylor")
+# The one knob each searching method is tuned by (sppbench.tuning): its step size. Every method gets the same
+# grid of factors around its default, scored by the same rule on the validation split.
+TUNING_KNOBS = {"spp": "lr", "spp-official": "alpha", "lasso": "lr", "lasso-rank": "lr", "dessilbi": "alpha"}
 METHODS = RANKING_METHODS + PER_BUDGET_METHODS + PEER_METHODS
 # methods whose result does not depend on a seed (no batches drawn, no random order): run once per table
 DETERMINISTIC_METHODS = ("magnitude", "tp-magnitude")

@@ -448,38 +448,100 @@ def _llm(recs):
             raise RecordError(f"llm rows lack the column {c!r}")
     from . import reference
 
-    tables = {"llm_table.csv": rows}
+    # records with calibration seeds carry their own summary (llm_table.summarize): one row per method x pattern
+    summary = _tag(pd.DataFrame(info["summary"]), rec) if info.get("summary") else None
+    tables = {"llm_table.csv": summary if summary is not None else rows}
+    if summary is not None:
+        tables["llm_table_runs.csv"] = rows
     structured = info.get("structured")
     if structured:
         tables["llm_structured.csv"] = _tag(pd.DataFrame(structured), rec)
     tables["paper_llm.csv"] = _paper(reference.llm_rows())
 
+    shown = summary if summary is not None else rows
     fig, axes = _fig(1, 1, size=(7.0, 4.6))
     ax = axes[0][0]
-    pruned = rows[rows["method"] != "dense"]
+    pruned = shown[shown["method"] != "dense"]
     patterns = list(dict.fromkeys(pruned["pattern"]))
     methods = list(dict.fromkeys(pruned["method"]))
     width = 0.8 / max(len(methods), 1)
     for j, method in enumerate(methods):
-        xs, ys = [], []
+        xs, ys, errs = [], [], []
         for i, pattern in enumerate(patterns):
-            v = pruned[(pruned["method"] == method) & (pruned["pattern"] == pattern)]["perplexity"]
+            part = pruned[(pruned["method"] == method) & (pruned["pattern"] == pattern)]
+            v = part["perplexity"]
             if len(v) and v.iloc[0] is not None and math.isfinite(float(v.iloc[0])):
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(float(v.iloc[0]))
-        ax.bar(xs, ys, width=width, label=method)
-    dense = rows[rows["method"] == "dense"]["perplexity"]
+                sd = part["perplexity_sd"].iloc[0] if "perplexity_sd" in part else None
+                errs.append(float(sd) if sd is not None and sd == sd else 0.0)
+        ax.bar(xs, ys, width=width, label=method, yerr=errs if any(errs) else None, capsize=2)
+    dense = shown[shown["method"] == "dense"]["perplexity"]
     if len(dense):
         ax.axhline(float(dense.iloc[0]), color="grey", lw=1, ls=":", label=f"dense ({float(dense.iloc[0]):.3g})")
     ax.set_yscale("log")
     ax.set_xticks(range(len(patterns)))
     ax.set_xticklabels([f"sparsity {p}" if str(p)[:1].isdigit() and ":" not in str(p) else str(p) for p in patterns])
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel("perplexity (log scale; mean over calibration seeds, bars: sd)")
     ax.set_title(_title(fig, _label(rec), rec["run_id"], "llm_table: perplexity per method and pattern"), fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return tables, {"llm_perplexity.png": fig}
+    return tables, {"llm_perplexity.png": fig}, _llm_text(rec, summary)
+
+
+def _llm_text(rec: dict, summary) -> list[str]:
+    """The LLM table inline: settings, perplexity per method and pattern, the paired ratios in words."""
+    info, params = rec["metrics"]["info"], rec.get("params") or {}
+    pdata = info.get("perplexity_data") or {}
+    lines = ["", "## LLM table", "", f"### llm_table (run `{rec['run_id']}`)", "",
+             f"{_label(rec)}: a stand-in for the paper's LLaMA-2 / OPT, never a reproduction of their rows "
+             "(`tables/paper_llm.csv`). Calibration: "
+             f"{params.get('n_samples')} windows of {params.get('seqlen')} tokens, seeds "
+             f"{params.get('seeds', [params.get('seed', 0)])}. Perplexity: {pdata.get('n_samples')} windows of "
+             f"{pdata.get('seqlen')} tokens, {pdata.get('sampling', 'consecutive')}"
+             + (f", {pdata['articles_scored']} of {pdata['articles_total']} held-out articles scored"
+                if pdata.get("articles_scored") else "")
+             + f". Hardware: {_hardware(rec)}. Run time {info.get('seconds', '?')} s."]
+    if summary is None:
+        lines.append("- This record predates calibration seeds and per-window records: it supports no comparison.")
+        return lines
+    t = summary.copy()
+    t["ppl_txt"] = [f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None and sd == sd else "")
+                    for m, sd in zip(t["perplexity"], t.get("perplexity_sd", [None] * len(t)))]
+    cols = [("method", "method"), ("pattern", "pattern"), ("seeds", "seeds"), ("ppl_txt", "perplexity (mean ± sd)")]
+    for ref in ("ria", "wanda"):
+        if f"ratio_vs_{ref}" in t:
+            t[f"{ref}_txt"] = [(f"{r[f'ratio_vs_{ref}']:.3f} [{r[f'ratio_vs_{ref}_lo']:.3f}, "
+                                f"{r[f'ratio_vs_{ref}_hi']:.3f}] {r[f'verdict_vs_{ref}']}")
+                               if isinstance(r.get(f"verdict_vs_{ref}"), str) else "" for _, r in t.iterrows()]
+            cols.append((f"{ref}_txt", f"ratio vs {ref} [95% CI] verdict"))
+    lines += ["", *_md_table(t, cols), "",
+              "In words (a ratio counts only when its paired 95% interval, over calibration seeds and windows, "
+              "excludes 1; lower perplexity is better):"]
+    for _, r in t[t["method"].isin(["spp-ria", "ria-perturbed", "magnitude"])].iterrows():
+        for ref in ("ria", "wanda"):
+            v = r.get(f"verdict_vs_{ref}")
+            if isinstance(v, str):
+                word = {"better": f"lower perplexity than {ref}", "worse": f"higher perplexity than {ref}",
+                        "tie": f"within noise of {ref}"}[v]
+                lines.append(f"- {r['method']} at {r['pattern']}: {word} (ratio {r[f'ratio_vs_{ref}']:.3f} "
+                             f"[{r[f'ratio_vs_{ref}_lo']:.3f}, {r[f'ratio_vs_{ref}_hi']:.3f}])")
+    for pat, c in ((info.get("ria_control") or {}).get("ratios") or {}).items():
+        if "spp_ria_over_ria_perturbed_ci" in c:
+            lo, hi = c["spp_ria_over_ria_perturbed_ci"]
+            lines.append(f"- control at {pat}: spp-ria / ria-perturbed {c['spp_ria_over_ria_perturbed']:.3f} "
+                         f"[{lo:.3f}, {hi:.3f}] ({c['verdict']})")
+    for pat, sh in (info.get("spp_ria_path_share") or {}).items():
+        lines.append(f"- spp-ria at {pat}: the path decided a median {100 * sh['pruned_by_path_median']:.1f}% of "
+                     f"each Linear's pruned weights (min {100 * sh['pruned_by_path_min']:.1f}%)"
+                     + ("; it reduces to RIA in at least one Linear" if sh["reduces_to_ria"] else ""))
+    sanity = info.get("sanity")
+    if sanity is not None:
+        lines.append("- Sanity (no pruned model below dense perplexity beyond its interval): "
+                     + ("passed." if not sanity else "FAILED: " + "; ".join(c["message"] for c in sanity)))
+    lines += ["", "![llm table: perplexity per method and pattern](figures/llm_perplexity.png)"]
+    return lines
 
 
 def _entry_matrix(part, max_step: int):

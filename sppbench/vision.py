@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -236,6 +236,9 @@ class VisionTableConfig:
                                      # stand-ins; methods.adam_constants) or "paper" (the constants above);
                                      # "" = adam for the embedded stand-ins, paper for the paper models
     data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
+    method_settings: dict = field(default_factory=dict)  # method -> its knob's value, e.g. {"lasso-rank": {"u": 4.0}}
+                                     # (chosen on validation by sppbench.tuning; methods.TUNING_KNOBS)
+    eval_split: str = "test"         # "val" only for tuning: every row is scored on the validation split
     study: str = "vision_table"
 
     def resolved(self) -> "VisionTableConfig":
@@ -251,6 +254,20 @@ class VisionTableConfig:
                              f">= 100, got {self.seeds}, {self.lasso_trials}, {self.resamples}")
         if self.finetune_steps < 0 or self.n_test < 1 or self.n_refit < 1 or self.n_val < 1:
             raise ValueError("finetune_steps must be >= 0 and n_test, n_refit, n_val >= 1")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val' (tuning), got {self.eval_split!r}")
+        if not isinstance(self.method_settings, dict):
+            raise TypeError(f"method_settings must be a dict method -> settings, got {self.method_settings!r}")
+        for meth, st in self.method_settings.items():
+            knob = methods.TUNING_KNOBS.get(meth)
+            if knob is None or not isinstance(st, dict) or set(st) - {knob}:
+                raise ValueError(f"method_settings[{meth!r}] = {st!r}: only the searching methods' knobs can be set: "
+                                 f"{methods.TUNING_KNOBS}")
+            v = st.get(knob)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < float("inf")):
+                raise ValueError(f"method_settings[{meth!r}][{knob!r}] must be a positive finite number, got {v!r}")
+        if "spp" in self.method_settings and self.spp_form == "paper":
+            raise ValueError("method_settings['spp'] sets the adam form's lr; the paper form has no such knob")
         if self.spp_form not in ("", *methods.SPP_FORMS):
             raise ValueError(f"spp_form must be one of {methods.SPP_FORMS} (or '' for the model's default), "
                              f"got {self.spp_form!r}")
@@ -331,7 +348,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     def score(model: nn.Module, fitted: dict, method: str, budget: float, seed: int) -> dict:
         """Every read-out on the test split from one pass; the per-image arrays go to ``correct``."""
         t0 = time.perf_counter()
-        res = stage_correct(model, task, "test", fitted, dense_fitted)
+        res = stage_correct(model, task, cfg.eval_split, fitted, dense_fitted)
         labels = res.pop("labels")
         if cfg.finetune_steps:
             t1 = time.perf_counter()
@@ -381,12 +398,15 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                 [cfg.seed + i for i in range(cfg.seeds)]
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
-                spp_m = spp_search if method == "spp" else spp  # baselines keep the paper-form step (Lasso's lr)
+                own = dict(cfg.method_settings.get(method, {}))  # the method's tuned knob (methods.TUNING_KNOBS)
+                spp_m = {**spp_search, **own} if method == "spp" else spp  # baselines keep the paper-form step
                 common = dict(batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp_m, seed=seed,
-                              settings={"trials": cfg.lasso_trials, "shared_tries": True}, example_inputs=x_macs)
+                              settings={"trials": cfg.lasso_trials, "shared_tries": True,
+                                        **(own if method != "spp" else {})}, example_inputs=x_macs)
                 t0 = time.perf_counter()
                 if method in methods.RANKING_METHODS:
-                    path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp_m)
+                    path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp_m,
+                                           settings=own if method != "spp" else None)
                     searches[(method, seed)] = path.config.get("seconds", time.perf_counter() - t0)
                     timing["search_s"] += time.perf_counter() - t0
                     configs[f"{method}@seed{seed}"] = path.config
@@ -477,7 +497,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     for c in sanity:
         log(f"SANITY: {c['message']}")
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
-            "test_images": test_images, "stages": list(stages),
+            "test_images": test_images, "stages": list(stages), "eval_split": cfg.eval_split,
+            "method_settings": {k: dict(v) for k, v in cfg.method_settings.items()},
             "spp_constants": spp, "spp_form": cfg.form, "spp_search_constants": spp_search,
             "spp_form_note": ("the 'spp' rows come from the adam form, a labelled research variant of the paper's "
                               "update (docs/path_health.md); the paper form's path is degenerate at these step "

@@ -93,9 +93,39 @@ def test_perplexity_windows_are_consecutive(word_tokenizer):
     ids = L.tokens_from_text(word_tokenizer, text)
     ts = L.perplexity_tokens(word_tokenizer, seqlen=64, text=text)
     assert ts.ids.shape == (1000 // 64, 64) and torch.equal(ts.ids.reshape(-1), ids[:len(ts) * 64])
-    assert L.perplexity_tokens(word_tokenizer, seqlen=64, max_windows=3, text=text).ids.shape == (3, 64)
+    spread = L.perplexity_tokens(word_tokenizer, seqlen=64, max_windows=3, text=text)
+    first = L.perplexity_tokens(word_tokenizer, seqlen=64, max_windows=3, text=text, sampling="first")
+    assert spread.ids.shape == first.ids.shape == (3, 64)
+    # 15 windows available: spread takes every fifth, so the end of the text is scored too
+    assert spread.info["window_index"] == [0, 5, 10] and first.info["window_index"] == [0, 1, 2]
+    assert torch.equal(spread.ids, ts.ids[[0, 5, 10]]) and torch.equal(first.ids, ts.ids[:3])
+    assert L.perplexity_tokens(word_tokenizer, seqlen=64, max_windows=99, text=text).ids.shape == ts.ids.shape
     with pytest.raises(DataError):
         L.perplexity_tokens(word_tokenizer, seqlen=2000, text=text)
+    with pytest.raises(ValueError, match="sampling"):
+        L.perplexity_tokens(word_tokenizer, seqlen=64, text=text, sampling="random")
+
+
+def test_spread_windows_cover_every_article(word_tokenizer):
+    arts = [(f"a{i}", _text(300, seed=10 + i)) for i in range(6)]
+    ts = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=12, articles=arts)
+    assert ts.info["articles_scored"] == 6 == ts.info["articles_total"]
+    assert ts.info["window_article"] == sorted(ts.info["window_article"])
+    first = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=6, articles=arts, sampling="first")
+    assert first.info["articles_scored"] < 6
+
+
+def test_window_nll_gives_the_perplexity(word_tokenizer):
+    ids = L.perplexity_tokens(word_tokenizer, seqlen=32, text=_text(400, seed=4)).ids
+    model = _tiny_llama(word_tokenizer.vocab_size + 1)
+    nll = L.window_nll(model, ids, batch_size=3)
+    assert nll.shape == (ids.shape[0],) and nll.dtype == torch.float64 and bool((nll > 0).all())
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1]).logits[0, :-1]
+    assert float(nll[0]) == pytest.approx(float(F.cross_entropy(logits, ids[0, 1:])), rel=1e-5)
+    assert L.perplexity(model, ids) == pytest.approx(math.exp(float(nll.mean())), rel=1e-9)
+    assert L.perplexity_from_nll(torch.tensor([float("nan")])) != L.perplexity_from_nll(torch.tensor([float("nan")]))
+    assert L.perplexity_from_nll(torch.tensor([1e6])) == float("inf")
 
 
 def test_perplexity_matches_direct_cross_entropy(word_tokenizer):

@@ -394,6 +394,29 @@ def test_report_shows_the_vision_table_inline_with_verdicts_and_hardware(tmp_pat
     assert {"delta_head_refit_lo", "verdict_restandardised", "top1_restandardised_sd"} <= set(t.columns)
 
 
+def test_report_shows_the_llm_table_inline_with_ratios(tmp_path, monkeypatch):
+    """An LLM record with calibration seeds and per-window NLLs is summarised per method and pattern, with the
+    paired ratios against RIA and Wanda in a markdown table and in words."""
+    from test_llm_table import tiny_table
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(root))
+    res = tiny_table()
+    rep = build_report(root=root, out=tmp_path, studies=["llm_table"])
+    assert rep["missing"] == {}
+    text = Path(rep["index"]).read_text()
+    assert "## LLM table" in text and f"run `{res['record'].name}`" in text and "seeds [0, 1, 2]" in text
+    assert "| method | pattern | seeds | perplexity (mean ± sd) | ratio vs ria [95% CI] verdict |" in text
+    r = res["summary"].set_index("method").loc["spp-ria"]
+    words = {"better": "lower perplexity than ria", "worse": "higher perplexity than ria", "tie": "within noise of ria"}
+    assert (f"- spp-ria at {r['pattern']}: {words[r['verdict_vs_ria']]} (ratio {r['ratio_vs_ria']:.3f} "
+            f"[{r['ratio_vs_ria_lo']:.3f}, {r['ratio_vs_ria_hi']:.3f}])") in text
+    assert "figures/llm_perplexity.png" in text and str(tmp_path) not in text
+    t = pd.read_csv(tmp_path / "tables" / "llm_table.csv")
+    assert len(t) == len(res["summary"]) and {"ratio_vs_wanda_lo", "perplexity_sd"} <= set(t.columns)
+    assert len(pd.read_csv(tmp_path / "tables" / "llm_table_runs.csv")) == len(res["table"])
+
+
 def test_committed_vision_records_recompute_from_their_per_image_results():
     """The newest committed vision record of each model that keeps correct.npz: every row's top-1 is the mean of its
     arrays, every delta and interval of the stored summary is recomputed from them, and its checks passed."""

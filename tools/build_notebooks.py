@@ -77,6 +77,8 @@ resamples = 300  # paired bootstrap resamples (reproduce: 2000)
 data_root = ""  # paper models (deit_*, swin_tiny_*): the ImageNet folder (else $SPPBENCH_IMAGENET)
 constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults
 spp_form = ""  # the spp rows' search: adam (labelled variant) or paper; "" = adam for embedded, paper for paper models
+model_settings = {}  # {model: {method: {knob: value}}}: each searching method's step size chosen on validation by
+# tools/tune_vision.py (the same grid and rule for every method); {} = every method at its default
 seed = 0""", ["parameters"]),
     code("""import matplotlib.pyplot as plt
 import pandas as pd
@@ -104,7 +106,9 @@ for model in models:
                             seeds=seeds, lasso_trials=lasso_trials, readout=readout, n_val=n_val,
                             n_test=n_test, n_refit=n_refit, finetune_steps=finetune_steps, resamples=resamples,
                             seed=seed,
-                            data_root=data_root, spp_form=spp_form, **constants.get(model, {}))
+                            data_root=data_root, spp_form=spp_form, **constants.get(model, {}),
+                            method_settings={k: v for k, v in model_settings.get(model, {}).items()
+                                             if k in model_methods.get(model, methods)})
     results[model] = run_vision_table(cfg)""", IGNORE),
     code("""# Ours: one row per model x method x budget: mean over seeds, *_sd = sample sd over seeds (ddof = 1; empty for
 # one seed), and each read-out's paired comparison with spp at the same budget (delta, 95% paired bootstrap
@@ -306,8 +310,12 @@ loss in Gram form (a step costs the same whatever the number of calibration toke
 step with ties by RIA. Every method prunes layer by layer on **the same calibration windows**; each
 layer's statistics come from the already-pruned layers before it.
 
-Rows: method x pattern (50% unstructured, 2:4) with the **measured** sparsity (overall, and the
-range over Linears) and perplexity; then the structured variant (SPP's pair-wise masks on q/k RoPE
+Rows: method x pattern x calibration seed (50% unstructured, 2:4) with the **measured** sparsity
+(overall, and the range over Linears) and perplexity; a summary per method and pattern with the
+perplexity's mean and sample sd over seeds and the **paired perplexity ratio** against RIA and against
+Wanda (95% interval from a two-level bootstrap over seeds and perplexity windows, and a verdict:
+*tie* = within noise). Perplexity windows are spread evenly over all held-out articles; every
+window's NLL is kept in the record (`nll.npz`, docs/records.md). Then the structured variant (SPP's pair-wise masks on q/k RoPE
 pairs, v/o and the MLP, searched with SLBI on the next-token loss and physically sliced) with params,
 MACs, CPU latency and perplexity.
 
@@ -322,13 +330,15 @@ patterns = ["0.5", "2:4"]  # sparsity (unstructured) or N:M
 n_samples = 8  # calibration windows (first 90 articles)
 seqlen = 128  # calibration window length (tokens)
 eval_seqlen = 128  # perplexity window length (last 16 articles)
-eval_windows = 8  # perplexity windows
+eval_windows = 8  # perplexity windows, evenly strided over the held-out articles
 spp_steps = 10  # SLBI steps per Linear for spp-ria
 structured_methods = ["spp", "magnitude"]
 structured_fractions = [0.8]  # structured budgets: fractions of the dense MACs per sequence
 structured_steps = 3  # SLBI steps of the structured search (next-token loss, batch 2)
 zero_shot = ""  # comma-separated lm-eval tasks; skipped with the reason when lm-eval or its data is missing
-seed = 0""", ["parameters"]),
+seeds = [0]  # calibration draws (reproduce: 3); magnitude reads no calibration and runs once
+ria_control = True  # with spp-ria: also RIA with the same share of its cut moved at random (the control)
+resamples = 500  # paired bootstrap resamples (reproduce: 2000)""", ["parameters"]),
     code("""import pandas as pd
 
 from sppbench import reference
@@ -338,14 +348,28 @@ pd.set_option("display.width", 200)
 cfg = LLMTableConfig(methods=tuple(methods), patterns=tuple(patterns), n_samples=n_samples, seqlen=seqlen,
                      eval_seqlen=eval_seqlen, eval_windows=eval_windows, spp_steps=spp_steps,
                      structured_methods=tuple(structured_methods), structured_fractions=tuple(structured_fractions),
-                     structured_steps=structured_steps, zero_shot=zero_shot, seed=seed)
+                     structured_steps=structured_steps, zero_shot=zero_shot, seeds=tuple(seeds),
+                     ria_control=ria_control, resamples=resamples)
 res = run_llm_table(cfg)
 print(res["info"]["label"])""", IGNORE),
-    code("""# Ours: method x pattern, measured sparsity and perplexity (dense first)
+    code("""# Ours: one row per method x pattern x calibration seed, measured sparsity and perplexity (dense first)
 display(res["table"].round(4))
-print("perplexity ratio spp-ria / ria:", res["info"]["ppl_ratio_spp_ria_over_ria"])
-print("calibration:", res["info"]["calibration"])
-print("perplexity data:", res["info"]["perplexity_data"])""", IGNORE),
+pd_ = res["info"]["perplexity_data"]
+print(f"perplexity: {pd_['n_samples']} windows of {pd_['seqlen']} tokens, {pd_.get('articles_scored')} of "
+      f"{pd_.get('articles_total')} held-out articles scored; calibration seeds {res['info']['calibration']['seeds']}")""", IGNORE),
+    code("""# Summary: perplexity mean / sd over seeds and the paired ratios against RIA and Wanda (lower is better)
+s = res["summary"]
+cols = [c for c in ["method", "pattern", "seeds", "perplexity", "perplexity_sd", "ratio_vs_ria", "ratio_vs_ria_lo",
+                    "ratio_vs_ria_hi", "verdict_vs_ria", "ratio_vs_wanda", "ratio_vs_wanda_lo", "ratio_vs_wanda_hi",
+                    "verdict_vs_wanda"] if c in s]
+display(s[cols].round(4))
+for _, r in s[s["method"].isin(["spp-ria"])].iterrows():
+    for ref in ("ria", "wanda"):
+        if isinstance(r.get(f"verdict_vs_{ref}"), str):
+            print(f"spp-ria vs {ref} at {r['pattern']}: ratio {r[f'ratio_vs_{ref}']:.3f} "
+                  f"[{r[f'ratio_vs_{ref}_lo']:.3f}, {r[f'ratio_vs_{ref}_hi']:.3f}] -> "
+                  f"{'within noise' if r[f'verdict_vs_{ref}'] == 'tie' else r[f'verdict_vs_{ref}']}")
+print("sanity checks failed:", res["info"]["sanity"] or "none")""", IGNORE),
     code("""# Measured sparsity per Linear (target vs measured), first layers
 display(res["layers"][["method", "pattern", "layer", "name", "shape", "target", "sparsity"]].head(14))""", IGNORE),
     code("""# Structured variant: physically smaller models
@@ -359,9 +383,17 @@ print(res["info"]["zero_shot"])
 # Reported by the paper (LLaMA-2-7B): NOT measured here, never mixed with ours
 display(reference.llm_rows())""", IGNORE),
     code("""# Deterministic checks (their output is compared by nbval)
+import math
+
 t = res["table"]
 pruned = t[t["method"] != "dense"]
-print("one row per method x pattern:", len(pruned) == len(methods) * len(patterns))
+n_runs = sum(1 if m == "magnitude" else len(seeds) for m in methods) + (
+    len(seeds) if ria_control and "spp-ria" in methods else 0)
+print("one row per method x pattern x seed (magnitude once, plus the ria-perturbed control):",
+      len(pruned) == n_runs * len(patterns))
+print("one NLL array per row, mean matching its perplexity:", len(res["nll"]) >= len(t) and all(
+    abs(math.exp(res["nll"][f"{r.model}|{r.method}|{r.pattern}|{r.seed}"].mean()) / r.perplexity - 1) < 1e-9
+    for r in t.itertuples()))
 print("measured sparsity equals the target in every Linear:",
       bool((res["layers"]["sparsity"] - res["layers"]["target"]).abs().max() < 0.01))
 print("every perplexity finite:", bool(t["perplexity"].apply(lambda v: v == v and v < float("inf")).all()))

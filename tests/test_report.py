@@ -321,8 +321,10 @@ def test_committed_records_produce_their_tables(tmp_path):
     rep = build_report(root=REAL_RUNS, out=tmp_path, studies=studies)
     assert rep["missing"] == {}
     names = {Path(t).name for t in rep["tables"]}
+    llm_summary = "summary" in json.loads((list_records("llm_table", REAL_RUNS)[-1] / "metrics.json").read_text())["info"]
     assert names == {"quickstart.csv", "vision_table.csv", "paper_vision.csv", "clip_table.csv", "paper_clip.csv",
-                     "llm_table.csv", "llm_structured.csv", "paper_llm.csv", "path_health.csv"}
+                     "llm_table.csv", "llm_structured.csv", "paper_llm.csv", "path_health.csv",
+                     *(["llm_table_runs.csv"] if llm_summary else [])}
     # the committed quickstart predates path diagnostics: the report recomputes its path's health from path.csv
     health = [(r["study"], r["search"], r["form"], r["healthy"]) for r in rep["health"]]
     assert [(h[0], h[3]) for h in health if h[0] == "quickstart"] == [("quickstart", False)]
@@ -348,6 +350,10 @@ def test_committed_records_produce_their_tables(tmp_path):
             assert len(table) == len(rows.groupby(["method", "budget_macs_fraction"]))
             assert table["refit_rsum"].sum() == pytest.approx(
                 rows.groupby(["method", "budget_macs_fraction"])["refit_rsum"].mean().sum())
+        elif study == "llm_table" and llm_summary:  # one row per method x pattern (mean over calibration seeds)
+            assert len(table) == len(rows.groupby(["method", "pattern"]))
+            assert table["perplexity"].sum() == pytest.approx(
+                rows.groupby(["method", "pattern"])["perplexity"].mean().sum())
         else:
             assert len(table) == len(rows)
     vision = pd.read_csv(tmp_path / "tables" / "vision_table.csv")
@@ -415,6 +421,32 @@ def test_report_shows_the_llm_table_inline_with_ratios(tmp_path, monkeypatch):
     t = pd.read_csv(tmp_path / "tables" / "llm_table.csv")
     assert len(t) == len(res["summary"]) and {"ratio_vs_wanda_lo", "perplexity_sd"} <= set(t.columns)
     assert len(pd.read_csv(tmp_path / "tables" / "llm_table_runs.csv")) == len(res["table"])
+
+
+@pytest.mark.skipif(not REAL_RUNS.is_dir(), reason="no committed records in this checkout")
+def test_committed_llm_record_recomputes_from_its_window_nlls():
+    """The newest committed LLM record with nll.npz: every row's perplexity is exp of its windows' mean NLL, and the
+    stored summary (per-seed mean and sd, ratios against RIA and Wanda, their intervals) is recomputed from them."""
+    import math
+
+    from sppbench.llm_table import summarize
+
+    folders = [f for f in list_records("llm_table", REAL_RUNS) if (f / "nll.npz").is_file()]
+    if not folders:
+        pytest.skip("no committed LLM record keeps per-window NLLs yet")
+    metrics = json.loads((folders[-1] / "metrics.json").read_text())
+    info, rows = metrics["info"], pd.DataFrame(metrics["rows"])
+    nll = dict(np.load(folders[-1] / "nll.npz"))
+    assert {len(v) for v in nll.values()} == {info["statistics"]["windows"]} and info["statistics"]["windows"] >= 128
+    for r in rows.itertuples():
+        assert math.exp(nll[f"{r.model}|{r.method}|{r.pattern}|{r.seed}"].mean()) == pytest.approx(r.perplexity, rel=1e-9)
+    got = summarize(rows, nll, model=rows["model"].iloc[0], resamples=info["statistics"]["resamples"])
+    stored = pd.DataFrame(info["summary"])
+    cols = [c for c in stored.columns if c.startswith("ratio_") or c in ("perplexity", "perplexity_sd")]
+    pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), stored[cols].reset_index(drop=True), rtol=1e-9)
+    assert (got.filter(like="verdict_").fillna("") == stored.filter(like="verdict_").fillna("")).all().all()
+    assert info["sanity"] == [] and info["calibration"]["seeds"] == [0, 1, 2]
+    assert info["perplexity_data"]["articles_scored"] >= 0.9 * info["perplexity_data"]["articles_total"]
 
 
 def test_committed_vision_records_recompute_from_their_per_image_results():

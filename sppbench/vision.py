@@ -236,7 +236,7 @@ class VisionTableConfig:
                                      # stand-ins; methods.adam_constants) or "paper" (the constants above);
                                      # "" = adam for the embedded stand-ins, paper for the paper models
     data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
-    method_settings: dict = field(default_factory=dict)  # method -> its knob's value, e.g. {"lasso-rank": {"u": 4.0}}
+    method_settings: dict = field(default_factory=dict)  # method -> its knob's value, e.g. {"lasso-rank": {"lr": 0.02}}
                                      # (chosen on validation by sppbench.tuning; methods.TUNING_KNOBS)
     eval_split: str = "test"         # "val" only for tuning: every row is scored on the validation split
     study: str = "vision_table"
@@ -266,7 +266,7 @@ class VisionTableConfig:
             v = st.get(knob)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < float("inf")):
                 raise ValueError(f"method_settings[{meth!r}][{knob!r}] must be a positive finite number, got {v!r}")
-        if "spp" in self.method_settings and self.spp_form == "paper":
+        if "spp" in self.method_settings and self.form != "adam":
             raise ValueError("method_settings['spp'] sets the adam form's lr; the paper form has no such knob")
         if self.spp_form not in ("", *methods.SPP_FORMS):
             raise ValueError(f"spp_form must be one of {methods.SPP_FORMS} (or '' for the model's default), "

@@ -1,0 +1,64 @@
+"""The reproduce session's settings keep issue 18's statistical floor (seeds, samples, resamples, no fine-tune
+column that lowers accuracy) and name only methods and knobs that exist."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+NOXFILE = Path(__file__).parent.parent / "noxfile.py"
+
+
+def _reproduce_params() -> dict:
+    """REPRODUCE_PARAMS, with the module-level literals it names (MODEL_SETTINGS) substituted."""
+    tree = ast.parse(NOXFILE.read_text())
+    assigns = {n.targets[0].id: n.value for n in tree.body
+               if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+
+    class Inline(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return assigns[node.id] if node.id in assigns else node
+
+    return ast.literal_eval(Inline().visit(assigns["REPRODUCE_PARAMS"]))
+
+
+def test_every_notebook_named_exists():
+    params = _reproduce_params()
+    books = {p.name for p in (NOXFILE.parent / "notebooks").glob("[0-9]*.ipynb")}
+    assert set(params) <= books
+
+
+def test_vision_table_keeps_the_statistical_floor():
+    from sppbench import methods
+
+    p = _reproduce_params()["10_vision_table.ipynb"]
+    assert p["seeds"] >= 3 and p["resamples"] >= 2000
+    assert p["n_test"] >= 5000            # the whole 10,000-image split, or at least 5,000 when time forces it
+    assert p["n_refit"] == 3000           # the dense head's own fit set (no fit-set advantage for pruned rows)
+    assert p["finetune_steps"] == 0       # no fine-tune column until one recovers accuracy
+    assert p["lasso_trials"] >= 5         # Lasso brackets each budget or refuses it
+    for model, ms in p.get("model_methods", {}).items():
+        for m in ms:
+            methods.check_method(m)
+    for model, by_method in p.get("model_settings", {}).items():
+        for m, knob in by_method.items():
+            assert set(knob) == {methods.TUNING_KNOBS[m]}, (model, m, knob)
+
+
+def test_clip_and_llm_tables_keep_the_statistical_floor():
+    p = _reproduce_params()
+    clip = p["20_clip_retrieval.ipynb"]
+    assert clip["seeds"] >= 3 and clip["resamples"] >= 2000 and clip["finetune_steps"] == 0
+    llm = p["30_llm_zero_shot.ipynb"]
+    assert len(llm["seeds"]) >= 3 and llm["resamples"] >= 2000 and llm["eval_windows"] >= 128
+
+
+@pytest.mark.parametrize("book", ["10_vision_table.ipynb", "20_clip_retrieval.ipynb", "30_llm_zero_shot.ipynb"])
+def test_reproduce_parameters_are_notebook_parameters(book):
+    import json
+
+    nb = json.loads((NOXFILE.parent / "notebooks" / book).read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    names = {t.targets[0].id for t in ast.parse("".join(cell["source"])).body if isinstance(t, ast.Assign)}
+    assert set(_reproduce_params()[book]) <= names

@@ -292,8 +292,11 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
         m.detach_masks()
     table = pd.DataFrame(rows)
     summary = summarize_clip(table, ranks, resamples=cfg.resamples)
+    sanity = sanity_checks_clip(table, ranks, resamples=cfg.resamples)
+    for c in sanity:
+        log(f"SANITY: {c['message']}")
     info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp, "spp_form": cfg.form,
-            "summary": summary.to_dict(orient="records"),
+            "summary": summary.to_dict(orient="records"), "sanity": sanity,
             "queries": {d: int(len(next(v for k, v in ranks.items() if k.endswith(f"|{d}")))) for d in ("i2t", "t2i")},
             "statistics": {"reference": "spp at the same model and budget", "resamples": cfg.resamples,
                            "statistic": "rsum = mean over image queries + mean over caption queries of 100 x the "
@@ -325,7 +328,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                           arrays={"ranks.npz": ranks}) if record else None
     if folder:
         log(f"record written: {folder}")
-    return {"table": table, "summary": summary, "ranks": ranks, "record": folder, "info": info,
+    return {"table": table, "summary": summary, "sanity": sanity, "ranks": ranks, "record": folder, "info": info,
             "config": dataclasses.asdict(cfg), "paths": paths, "path_health": health}
 
 
@@ -341,7 +344,6 @@ def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamp
     ``delta_S_rsum_lo`` / ``_hi`` (95% two-level bootstrap: seeds, then image and caption queries) and
     ``verdict_S_rsum`` (better / worse / tie; 'reference' on the reference's rows)."""
     from . import stats
-    from .clip import rsum_per_query
 
     by = ["model", "method", "budget_macs_fraction"]
     cols = [c for c in table.columns if c.endswith("_rsum") or c in ("macs_fraction", "search_s")]
@@ -357,9 +359,7 @@ def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamp
         return out
 
     def per_seed(model, method, budget, stage):
-        prefix = f"{model}|{method}|{float(budget)!r}|"
-        seeds = sorted({int(k.split("|")[3]) for k in ranks if k.startswith(prefix) and f"|{stage}|" in k})
-        return [rsum_per_query({d: ranks[f"{prefix}{s}|{stage}|{d}"] for d in ("i2t", "t2i")}) for s in seeds]
+        return _per_seed_rsum(ranks, model, method, budget, stage)
 
     stages = [c[:-len("_rsum")] for c in cols if c.endswith("_rsum")]
     extra: dict = {}
@@ -380,3 +380,57 @@ def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamp
     for n, v in extra.items():
         out[n] = v
     return out
+
+
+def _per_seed_rsum(ranks: dict, model: str, method: str, budget: float, stage: str) -> list[dict]:
+    from .clip import rsum_per_query
+
+    prefix = f"{model}|{method}|{float(budget)!r}|"
+    seeds = sorted({int(k.split("|")[3]) for k in ranks if k.startswith(prefix) and f"|{stage}|" in k})
+    return [rsum_per_query({d: ranks[f"{prefix}{s}|{stage}|{d}"] for d in ("i2t", "t2i")}) for s in seeds]
+
+
+def sanity_checks_clip(table, ranks: dict, *, resamples: int = 2000) -> list[dict]:
+    """The CLIP protocol's own checks on rsum, each a paired interval (seeds, then image and caption queries):
+    a pruned row must not beat the dense model beyond its interval, and a method's rsum must not rise beyond noise
+    as its budget shrinks. Returns the failures (an empty list = every check passed)."""
+    from . import stats
+
+    def compare(a, b):
+        return stats.paired_bootstrap_parts([([x[d] for x in a], [y[d] for y in b]) for d in ("i2t", "t2i")],
+                                            resamples=resamples, resample_seeds=True)
+
+    fails = []
+    if not ranks:
+        return fails
+    for model, part in table.groupby("model", sort=False):
+        if not (part["method"] == "dense").any():
+            continue
+        stages = [c[:-len("_rsum")] for c in part.columns if c.endswith("_rsum") and part[c].notna().any()]
+        for method, rows in part[part["method"] != "dense"].groupby("method", sort=False):
+            budgets = sorted(set(rows["budget_macs_fraction"]), reverse=True)
+            for st in stages:
+                d = _per_seed_rsum(ranks, model, "dense", 1.0, st)
+                if not d:
+                    continue
+                prev = None
+                for b in budgets:
+                    a = _per_seed_rsum(ranks, model, method, b, st)
+                    if not a:
+                        continue
+                    c = compare(a, d)
+                    if c["lo"] > 0:
+                        fails.append({"check": "pruned beats dense", "model": model, "method": method, "budget": b,
+                                      "stage": st, **{k: c[k] for k in ("delta", "lo", "hi")},
+                                      "message": f"{model} {method} at {b:g} MACs beats the dense model on {st} rsum "
+                                                 f"by {c['delta']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"})
+                    if prev is not None:
+                        c = compare(a, prev[1])
+                        if c["lo"] > 0:
+                            fails.append({"check": "rsum rises as the budget shrinks", "model": model,
+                                          "method": method, "budget": b, "stage": st,
+                                          **{k: c[k] for k in ("delta", "lo", "hi")},
+                                          "message": f"{model} {method} {st} rsum: {b:g} MACs beats {prev[0]:g} MACs "
+                                                     f"by {c['delta']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]"})
+                    prev = (b, a)
+    return fails

@@ -44,7 +44,7 @@ NOTEBOOKS = {
     "cost_latency": "70",
 }
 STUDIES = tuple(NOTEBOOKS)
-PER_MODEL = ("vision_table", "solution_path")  # newest record per params["model"], concatenated
+PER_MODEL = ("vision_table", "solution_path", "vision_tuning")  # newest record per params["model"], concatenated
 
 # models whose records are stand-ins even when their label does not say so
 _STAND_IN_MODELS = ("smollm2",)
@@ -410,6 +410,38 @@ def _vision(recs):
     return tables, figures, text
 
 
+def _tuning_text(recs: list[dict]) -> list[str]:
+    """The validation tuning behind the vision tables' step sizes (sppbench.tuning): per model, each setting's
+    validation score, the chosen one and its path's health."""
+    if not recs:
+        return ["", "### Tuning", "", "No tuning record (results/runs/vision_tuning): every method ran at its default "
+                "step size (docs/tuning.md)."]
+    lines = ["", "### Tuning (validation split; docs/tuning.md)", ""]
+    for rec in recs:
+        info = rec["metrics"].get("info") or {}
+        lines.append(f"- {_model_of(rec)} (run `{rec['run_id']}`, {info.get('validation_images')} validation images, "
+                     f"first seed, factors {info.get('factors')} of each default): chosen "
+                     f"`{json.dumps(info.get('chosen'))}`.")
+        by_method: dict = {}
+        for r in rec["metrics"].get("rows") or []:
+            by_method.setdefault(r["method"], []).append(r)
+        for method, rows in by_method.items():
+            parts = []
+            for r in rows:
+                h = r.get("path_healthy")
+                parts.append(f"x{r['factor']:g} ({r['knob']} {r['value']:.3g}): {r['val_head_refit_mean']:.4f}"
+                             + (" refused a budget" if r.get("budgets_refused") else "")
+                             + ("" if h is None else " healthy path" if h else " degenerate path")
+                             + (" **chosen**" if r.get("chosen") else ""))
+            same = len({round(r["val_head_refit_mean"], 4) for r in rows}) == 1
+            lines.append(f"  - {method}: " + "; ".join(parts)
+                         + (" (every setting scored the same: the knob does not move this method's rows)" if same
+                            else ""))
+    lines.append("- Differences between settings are one seed on the validation images, often within noise; the "
+                 "rule is fixed in advance and the same for every method (docs/tuning.md).")
+    return lines
+
+
 def _clip(recs):
     import pandas as pd
 
@@ -418,8 +450,14 @@ def _clip(recs):
     for c in ("method", "budget_macs_fraction", "macs_fraction", "refit_rsum"):
         if c not in rows:
             raise RecordError(f"clip rows lack the column {c!r}")
-    keys = ["model", "method", "budget_towers", "budget_macs_fraction"]
-    s = _mean_over_seeds(rows, keys, ["no_retrain_rsum", "refit_rsum", "finetuned_rsum"])
+    info = rec["metrics"].get("info") or {}
+    if info.get("summary"):  # records with per-query ranks carry their own summary (clip_table.summarize_clip)
+        s = _tag(pd.DataFrame(info["summary"]), rec)
+        if "budget_towers" not in s and "budget_towers" in rows:
+            s.insert(1, "budget_towers", rows["budget_towers"].iloc[0])
+    else:
+        keys = ["model", "method", "budget_towers", "budget_macs_fraction"]
+        s = _mean_over_seeds(rows, keys, ["no_retrain_rsum", "refit_rsum", "finetuned_rsum"])
     from . import reference
 
     tables = {"clip_table.csv": s, "paper_clip.csv": _paper(reference.clip_rows())}
@@ -434,7 +472,70 @@ def _clip(recs):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return tables, {"clip_rsum_vs_macs.png": fig}
+    return tables, {"clip_rsum_vs_macs.png": fig}, _clip_text(rec, s)
+
+
+def _clip_text(rec: dict, s) -> list[str]:
+    """The CLIP table inline: settings, rsum per method and budget, the paired comparison with spp in words."""
+    info, params = rec["metrics"].get("info") or {}, rec.get("params") or {}
+    q = info.get("queries") or {}
+    lines = ["", "## CLIP table", "", f"### clip_table (run `{rec['run_id']}`)", "",
+             f"{_label(rec)}. Test: {params.get('n_test')} images"
+             + (f" ({q.get('i2t')} image queries, {q.get('t2i')} caption queries)" if q else "")
+             + f"; seeds: {params.get('seeds', 1)} per method with randomness; search {params.get('steps')} steps of "
+             f"batch {params.get('batch_size')}; read-out chosen on {params.get('n_val')} validation images; "
+             f"projection re-fit {params.get('refit_steps')} steps"
+             + (f"; fine-tune {params['finetune_steps']} steps" if params.get("finetune_steps") else "; no fine-tune")
+             + (f"; {info['statistics']['resamples']} bootstrap resamples" if info.get("statistics") else "")
+             + f". Hardware: {_hardware(rec)}. Run time {info.get('seconds', '?')} s."]
+    if "verdict_refit_rsum" not in s:
+        lines.append("- This record predates per-query ranks: it supports no comparison.")
+        return lines
+    t = s.copy()
+    stages = [st for st in ("no_retrain", "refit", "finetuned") if f"{st}_rsum" in t and t[f"{st}_rsum"].notna().any()]
+    cols = [("method", "method"), ("budget_macs_fraction", "MACs budget"), ("seeds", "seeds")]
+    for st in stages:
+        sd = t.get(f"{st}_rsum_sd", [float("nan")] * len(t))
+        t[f"{st}_txt"] = [f"{m:.1f}" + (f" ± {d:.1f}" if d == d and d is not None else "")
+                          for m, d in zip(t[f"{st}_rsum"], sd)]
+        t[f"{st}_vs"] = ["reference" if r.get(f"verdict_{st}_rsum") == "reference" else
+                         (f"{r[f'delta_{st}_rsum']:+.1f} [{r[f'delta_{st}_rsum_lo']:+.1f}, "
+                          f"{r[f'delta_{st}_rsum_hi']:+.1f}] {r[f'verdict_{st}_rsum']}"
+                          if isinstance(r.get(f"verdict_{st}_rsum"), str) else "") for _, r in t.iterrows()]
+        cols += [(f"{st}_txt", f"rsum {st} (mean ± sd)"), (f"{st}_vs", f"{st}: vs spp, delta [95% CI] verdict")]
+    lines += ["", *_md_table(t, cols), "",
+              "In words (rsum after the projection re-fit; a difference counts only when its paired 95% interval, "
+              "over search seeds and image / caption queries, excludes zero):"]
+    for _, r in t[~t["method"].isin(["dense", "spp"])].iterrows():
+        v = r.get("verdict_refit_rsum")
+        if isinstance(v, str):
+            lines.append(f"- {r['method']} at {r['budget_macs_fraction']:g} MACs: {VERDICT_WORDS.get(v, v)} "
+                         f"({r['delta_refit_rsum']:+.1f} [{r['delta_refit_rsum_lo']:+.1f}, "
+                         f"{r['delta_refit_rsum_hi']:+.1f}] rsum points)")
+    half = [(r["delta_refit_rsum_hi"] - r["delta_refit_rsum_lo"]) / 2 for _, r in t.iterrows()
+            if r["method"] not in ("dense", "spp") and r["budget_macs_fraction"] == 0.5
+            and isinstance(r.get("verdict_refit_rsum"), str)]
+    if half:
+        lines.append(f"- Power: at 50% MACs the 95% interval half-widths against spp are {min(half):.1f} to "
+                     f"{max(half):.1f} rsum points (rsum spans 0 to 600).")
+    sanity = info.get("sanity")
+    lines.append("- Sanity checks (no pruned row beats dense beyond its interval; rsum does not rise beyond noise as the "
+                 "budget shrinks): " + ("not computed in this record (tools/resummarize.py adds them)."
+                                         if sanity is None else "all passed." if not sanity else
+                                         "FAILED: " + "; ".join(c["message"] for c in sanity)))
+    health = rec["metrics"].get("path_health") or {}
+    counts: dict = {}
+    for k, h in health.items():
+        if isinstance(h, dict) and h.get("healthy") is not None:
+            c = counts.setdefault(k.split("@")[0], [0, 0])
+            c[0] += h["healthy"] is False
+            c[1] += 1
+    bad = [f"{m} ({c[0]} of {c[1]} seeds)" for m, c in counts.items() if c[0]]
+    if bad:
+        lines.append("- Degenerate solution paths (rows read off them measure tie-breaks, not an order; "
+                     f"docs/path_health.md): {', '.join(bad)}.")
+    lines += ["", "![clip table: rsum after re-fit vs MACs](figures/clip_rsum_vs_macs.png)"]
+    return lines
 
 
 def _llm(recs):
@@ -947,6 +1048,9 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
             reason = f"record {runs} is malformed for this study ({type(e).__name__}: {e})"
             result["missing"][study] = "; ".join([*problems, reason])
             continue
+        if study == "vision_table":  # the tuning behind its step sizes, right after it
+            tuned, _ = select_records("vision_tuning", root)
+            sections += _tuning_text(tuned)
         if problems:
             result["missing"][study] = "; ".join(problems)
         result["sources"][study] = runs

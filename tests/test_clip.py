@@ -446,3 +446,26 @@ def test_per_query_ranks_give_the_same_recall_and_rsum():
             assert 100 * np.mean(ranks[d] <= k) == pytest.approx(r[f"{d}_r{k}"])
     per = rsum_per_query(ranks)
     assert per["i2t"].mean() + per["t2i"].mean() == pytest.approx(r["rsum"])
+
+
+def test_resummarize_recomputes_a_clip_record_from_its_ranks(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    table, ranks = _ranks_table({("dense", 1.0): 0.5, ("spp", 0.7): 0.6, ("magnitude", 0.7): 0.3})
+    np.savez(tmp_path / "ranks.npz", **ranks)
+    (tmp_path / "metrics.json").write_text(json.dumps({"rows": table.to_dict(orient="records"),
+                                                       "info": {"statistics": {"resamples": 300}}}))
+    spec = importlib.util.spec_from_file_location(
+        "resummarize", Path(__file__).parent.parent / "tools" / "resummarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    info = mod.resummarize(tmp_path)
+    assert [c["check"] for c in info["sanity"]] == ["pruned beats dense"]  # spp at 0.7 above dense
+    mag = next(r for r in info["summary"] if r["method"] == "magnitude")
+    assert mag["verdict_refit_rsum"] == "worse" and mag["delta_refit_rsum_hi"] < 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())["info"]
+    assert saved["sanity"] == info["sanity"] and "recomputed" in saved["statistics"]

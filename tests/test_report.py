@@ -395,9 +395,39 @@ def test_report_shows_the_vision_table_inline_with_verdicts_and_hardware(tmp_pat
     assert (f"- random at 0.5 MACs: {words[r['verdict_head_refit']]} ({r['delta_head_refit']:+.3f} "
             f"[{r['delta_head_refit_lo']:+.3f}, {r['delta_head_refit_hi']:+.3f}]") in text
     assert "Sanity checks" in text and "![vision table: top-1 vs MACs](figures/vision_top1_vs_macs.png)" in text
+    assert "No tuning record" in text  # no vision_tuning record under this root: said, not hidden
     assert str(tmp_path) not in text  # no machine-specific path
     t = pd.read_csv(tmp_path / "tables" / "vision_table.csv")
     assert {"delta_head_refit_lo", "verdict_restandardised", "top1_restandardised_sd"} <= set(t.columns)
+
+
+def test_report_shows_the_clip_table_inline_with_verdicts(tmp_path, monkeypatch):
+    """A CLIP record with per-query ranks is shown in report.md with rsum per method and budget, the paired
+    comparison with spp (table and words), the sanity checks and the hardware."""
+    from test_clip import tiny_task
+
+    from sppbench.clip_table import ClipTableConfig, run_clip_table
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(root))
+    cfg = ClipTableConfig(methods=("spp", "magnitude", "random"), macs_fractions=(0.8, 0.5), steps=3, batch_size=8,
+                          refit_steps=3, finetune_steps=0, kappa=5.0, alpha=0.5, nu=50.0, lam=0.05, seeds=2,
+                          resamples=200)
+    res = run_clip_table(cfg, task=tiny_task(), progress=False)
+    rep = build_report(root=root, out=tmp_path, studies=["clip_table"])
+    assert rep["missing"] == {}
+    text = Path(rep["index"]).read_text()
+    assert "## CLIP table" in text and f"run `{res['record'].name}`" in text and "Hardware: " in text
+    assert "| method | MACs budget | seeds | rsum no_retrain (mean ± sd) |" in text
+    assert "refit: vs spp, delta [95% CI] verdict" in text and "no fine-tune" in text
+    s = res["summary"]
+    r = s[(s["method"] == "random") & (s["budget_macs_fraction"] == 0.5)].iloc[0]
+    words = {"better": "better than spp", "worse": "worse than spp", "tie": "within noise of spp"}
+    assert (f"- random at 0.5 MACs: {words[r['verdict_refit_rsum']]} ({r['delta_refit_rsum']:+.1f} "
+            f"[{r['delta_refit_rsum_lo']:+.1f}, {r['delta_refit_rsum_hi']:+.1f}] rsum points)") in text
+    assert "Sanity checks" in text and "not computed" not in text and str(tmp_path) not in text
+    t = pd.read_csv(tmp_path / "tables" / "clip_table.csv")
+    assert len(t) == len(s) and {"delta_refit_rsum_lo", "refit_rsum_sd"} <= set(t.columns)
 
 
 def test_report_shows_the_llm_table_inline_with_ratios(tmp_path, monkeypatch):
@@ -482,3 +512,19 @@ def test_committed_vision_records_recompute_from_their_per_image_results():
         assert info["sanity"] == []  # no pruned row above dense, no accuracy rising as the budget shrinks
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.skipif(not (REAL_RUNS / "vision_tuning").is_dir(), reason="no committed tuning records in this checkout")
+def test_report_shows_the_committed_tuning_behind_the_vision_tables(tmp_path):
+    """The step sizes the vision tables ran with come from the newest tuning record per model, shown inline."""
+    rep = build_report(root=REAL_RUNS, out=tmp_path, studies=["vision_table"])
+    text = Path(rep["index"]).read_text()
+    assert "### Tuning (validation split; docs/tuning.md)" in text
+    for folder in list_records("vision_tuning", REAL_RUNS):
+        info = json.loads((folder / "metrics.json").read_text())["info"]
+        model = json.loads((folder / "params.json").read_text())["model"]
+        newest = [f for f in list_records("vision_tuning", REAL_RUNS)
+                  if json.loads((f / "params.json").read_text())["model"] == model][-1]
+        if folder == newest:
+            assert f"run `{folder.name}`" in text and f"chosen `{json.dumps(info['chosen'])}`" in text
+    assert text.count("**chosen**") >= 2

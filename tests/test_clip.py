@@ -368,6 +368,35 @@ def test_clip_table_runs_every_method_within_budget(towers):
             assert 0.0 <= r[f"{stage}_i2t_r1"] <= r[f"{stage}_i2t_r5"] <= r[f"{stage}_i2t_r10"] <= 100.0
         assert r["params_image"] + r["params_text"] + 1 == r["params"]
     assert res["info"]["budget_rule"]
+    assert isinstance(res["sanity"], list) and res["info"]["sanity"] == res["sanity"]
+
+
+def _ranks_table(rank_of: dict, n: int = 400, seeds=(0, 1, 2)):
+    """A CLIP table and its ranks.npz content from {(method, budget): share of queries hit at rank 1}."""
+    import numpy as np
+    import pandas as pd
+
+    from sppbench.clip_table import ranks_key
+
+    rng = np.random.default_rng(0)
+    rows, ranks = [], {}
+    for (method, budget), share in rank_of.items():
+        for seed in ((0,) if method == "dense" else seeds):
+            for d in ("i2t", "t2i"):
+                ranks[ranks_key("m", method, budget, seed, "refit", d)] = np.where(rng.random(n) < share, 1, 100)
+            rows.append({"model": "m", "method": method, "budget_macs_fraction": budget, "seed": seed,
+                         "refit_rsum": 0.0})
+    return pd.DataFrame(rows), ranks
+
+
+def test_clip_sanity_checks_flag_a_pruned_row_above_dense_and_rsum_rising_as_the_budget_shrinks():
+    from sppbench.clip_table import sanity_checks_clip
+
+    healthy, ranks = _ranks_table({("dense", 1.0): 0.8, ("spp", 0.7): 0.78, ("spp", 0.5): 0.6})
+    assert sanity_checks_clip(healthy, ranks, resamples=300) == []
+    bad, ranks = _ranks_table({("dense", 1.0): 0.5, ("spp", 0.7): 0.6, ("spp", 0.5): 0.9})
+    checks = {c["check"] for c in sanity_checks_clip(bad, ranks, resamples=300)}
+    assert checks == {"pruned beats dense", "rsum rises as the budget shrinks"}
 
 
 def test_clip_table_config_errors():

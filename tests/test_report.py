@@ -331,12 +331,15 @@ def test_committed_records_produce_their_tables(tmp_path):
     spp = [r for r in rep["health"] if r["study"] in ("vision_table", "clip_table") and r["search"].startswith("spp@")]
     assert spp  # the tables' SPP rows are read off paths whose health the records carry, all in the adam form ...
     assert all(r["form"] == "adam" for r in spp), spp
-    # ... most of them healthy; an unhealthy one (the ViT's seed 1: 5.03% of its entries at one step) only just
-    # misses the one-step limit, with the entry and loss limits met: near the edge, not collapsed
-    assert sum(r["healthy"] is True for r in spp) >= 0.75 * len(spp)
+    # ... every one with a definite verdict, each degenerate one named in the report. The CLIP searches (the
+    # stand-in's default step) are healthy; the vision tables' SPP searches run at the step sizes the validation
+    # tuning chose (docs/tuning.md), which gave degenerate paths on both stand-ins: flagged, not hidden
+    assert all(isinstance(r["healthy"], bool) for r in spp), spp
+    assert all(r["healthy"] for r in spp if r["study"] == "clip_table")
+    text = Path(rep["index"]).read_text()
     for r in spp:
-        if r["healthy"] is not True:
-            assert r["max_step_share"] < 0.06 and r["entered"] >= 0.9 and r["loss_ratio_half"] <= 3, r
+        if not r["healthy"]:
+            assert f"`{r['run_id']}` {r['search']} (adam form, a labelled variant): degenerate" in text, r
     assert all(form is None for s, name, form, _ in health if name.startswith("dessilbi"))
     assert {Path(f).name for f in rep["figures"]} == {"vision_top1_vs_macs.png", "clip_rsum_vs_macs.png",
                                                       "llm_perplexity.png"}

@@ -281,6 +281,19 @@ def _interval(r, st: str) -> str:
     return f"{r[f'delta_{st}']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _degenerate_paths(rec: dict) -> list[str]:
+    """One line naming each path method with degenerate searches in a table record (none: no line)."""
+    counts: dict = {}
+    for k, h in (rec["metrics"].get("path_health") or {}).items():
+        if isinstance(h, dict) and h.get("healthy") is not None:
+            c = counts.setdefault(k.split("@")[0], [0, 0])
+            c[0] += h["healthy"] is False
+            c[1] += 1
+    bad = [f"{m} ({c[0]} of {c[1]} seeds)" for m, c in counts.items() if c[0]]
+    return ["- Degenerate solution paths (rows read off them measure tie-breaks, not an order; "
+            f"docs/path_health.md): {', '.join(bad)}."] if bad else []
+
+
 def _vision_text(rec: dict, s, figure: str) -> list[str]:
     """The vision table of one record, inline: settings, the paired comparison with spp, verdicts, checks."""
     info, params = rec["metrics"]["info"], rec.get("params") or {}
@@ -337,17 +350,7 @@ def _vision_text(rec: dict, s, figure: str) -> list[str]:
                       ("identical_keep_sets", "identical keep-sets (a baseline equal to another)")):
         if info.get(key):
             lines.append(f"- {what}: " + "; ".join(f"{k}: {v}" for k, v in info[key].items()))
-    health = rec["metrics"].get("path_health") or {}
-    counts: dict = {}
-    for k, h in health.items():
-        if isinstance(h, dict) and h.get("healthy") is not None:
-            c = counts.setdefault(k.split("@")[0], [0, 0])
-            c[0] += h["healthy"] is False
-            c[1] += 1
-    bad = [f"{m} ({c[0]} of {c[1]} seeds)" for m, c in counts.items() if c[0]]
-    if bad:
-        lines.append("- Degenerate solution paths (rows read off them measure tie-breaks, not an order; "
-                     f"docs/path_health.md): {', '.join(bad)}.")
+    lines += _degenerate_paths(rec)
     if figure:
         lines += ["", f"![vision table: top-1 vs MACs]({figure})"]
     return lines
@@ -523,17 +526,7 @@ def _clip_text(rec: dict, s) -> list[str]:
                  "budget shrinks): " + ("not computed in this record (tools/resummarize.py adds them)."
                                          if sanity is None else "all passed." if not sanity else
                                          "FAILED: " + "; ".join(c["message"] for c in sanity)))
-    health = rec["metrics"].get("path_health") or {}
-    counts: dict = {}
-    for k, h in health.items():
-        if isinstance(h, dict) and h.get("healthy") is not None:
-            c = counts.setdefault(k.split("@")[0], [0, 0])
-            c[0] += h["healthy"] is False
-            c[1] += 1
-    bad = [f"{m} ({c[0]} of {c[1]} seeds)" for m, c in counts.items() if c[0]]
-    if bad:
-        lines.append("- Degenerate solution paths (rows read off them measure tie-breaks, not an order; "
-                     f"docs/path_health.md): {', '.join(bad)}.")
+    lines += _degenerate_paths(rec)
     lines += ["", "![clip table: rsum after re-fit vs MACs](figures/clip_rsum_vs_macs.png)"]
     return lines
 

@@ -41,7 +41,7 @@ class LLMTableConfig:
     seqlen: int = 256
     eval_seqlen: int = 256           # perplexity windows (last 16 articles), spread over all of them
     eval_windows: int = 128
-    eval_sampling: str = "spread"    # "spread": evenly strided over the held-out text; "first": the first windows
+    eval_sampling: str = "stratified"  # every held-out article first, the rest by length; "spread": even stride; "first"
     batch_size: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)  # calibration draws (and the control's random moves); magnitude runs once
     resamples: int = 2000            # paired bootstrap resamples (over windows and seeds)
@@ -83,8 +83,8 @@ class LLMTableConfig:
         if self.eval_windows < 1 or self.n_samples < 1 or self.resamples < 1:
             raise ValueError(f"eval_windows, n_samples and resamples must be >= 1, got {self.eval_windows}, "
                              f"{self.n_samples}, {self.resamples}")
-        if self.eval_sampling not in ("spread", "first"):
-            raise ValueError(f"eval_sampling must be 'spread' or 'first', got {self.eval_sampling!r}")
+        if self.eval_sampling not in ("stratified", "spread", "first"):
+            raise ValueError(f"eval_sampling must be 'stratified', 'spread' or 'first', got {self.eval_sampling!r}")
         if self.model != "smollm2":
             raise SppBenchError(f"unknown LLM {self.model!r}: the embedded profile is 'smollm2'; LLaMA-2 / OPT run "
                                 "from Python with sppbench.llm.prune_llm on a model you load")

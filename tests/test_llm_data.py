@@ -108,7 +108,7 @@ def test_perplexity_windows_are_consecutive(word_tokenizer):
 
 def test_spread_windows_cover_every_article(word_tokenizer):
     arts = [(f"a{i}", _text(300, seed=10 + i)) for i in range(6)]
-    ts = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=12, articles=arts)
+    ts = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=12, articles=arts, sampling="spread")
     assert ts.info["articles_scored"] == 6 == ts.info["articles_total"]
     assert ts.info["window_article"] == sorted(ts.info["window_article"])
     first = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=6, articles=arts, sampling="first")
@@ -249,3 +249,38 @@ def test_smollm2_perplexity_on_heldout_articles(smollm2, articles):
     assert 5 < ppl < 100, ppl  # 19.3 measured (assets.md: 23.11 on its own 8 x 512 selection)
     cal = L.calibration_tokens(tokenizer, n_samples=4, seqlen=128, seed=0)
     assert cal.ids.shape == (4, 128) and cal.info["articles"] == [t for t, _ in articles[:90]]
+
+
+def test_stratified_windows_reach_a_short_article_the_even_stride_skips(word_tokenizer):
+    # one long article, a short one (two windows), then long ones: 8 windows strided over ~43 skip the short one
+    arts = [("long0", _text(1200, seed=20)), ("short", _text(110, seed=21)), ("long1", _text(500, seed=22)),
+            ("long2", _text(400, seed=23))]
+    spread = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=4, articles=arts, sampling="spread")
+    strat = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=4, articles=arts)
+    assert strat.info["sampling"] == "consecutive windows (stratified)"
+    assert spread.info["articles_scored"] < 4
+    assert strat.info["articles_scored"] == 4 == strat.info["articles_with_windows"]
+    idx = strat.info["window_index"]
+    assert idx == sorted(set(idx)) and len(idx) == 4
+    every = L.perplexity_tokens(word_tokenizer, seqlen=50, articles=arts)
+    assert torch.equal(strat.ids, every.ids[idx])
+    # more windows: shared in proportion to length, every article still in, no window twice
+    more = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=20, articles=arts)
+    counts = [more.info["window_article"].count(a) for a in range(4)]
+    assert sum(counts) == 20 and min(counts) >= 1 and counts[0] == max(counts) and len(set(more.info["window_index"])) == 20
+    # fewer windows than articles: the even stride, said so by the coverage
+    few = L.perplexity_tokens(word_tokenizer, seqlen=50, max_windows=2, articles=arts)
+    n = few.info["available_windows"]
+    assert few.info["window_index"] == [0, n // 2] and few.info["articles_scored"] < 4
+    # a text has no articles: stratified is the even stride
+    text = _text(1000, seed=3)
+    assert L.perplexity_tokens(word_tokenizer, seqlen=64, max_windows=3, text=text).info["window_index"] == [0, 5, 10]
+
+
+def test_stratified_index_allocation():
+    article_of = [0] * 30 + [1] * 2 + [2] * 10
+    idx = L._stratified_index(article_of, 8)
+    got = [article_of[i] for i in idx]
+    assert len(idx) == 8 and set(got) == {0, 1, 2} and got.count(0) > got.count(2) >= got.count(1)
+    assert L._stratified_index(article_of, 42) == list(range(42))
+    assert L._stratified_index(article_of, 2) == [0, 21]

@@ -63,7 +63,7 @@ REPRODUCE_PARAMS = {
     "20_clip_retrieval.ipynb": {"methods": ["spp", "magnitude", "random"],
                                 "macs_fractions": [0.7, 0.5, 0.35], "steps": 160, "spp_form": "adam",
                                 "lasso_trials": 5, "n_val": 500, "seeds": 3, "resamples": 2000,
-                                "n_test": 1000, "refit_steps": 300, "finetune_steps": 0},
+                                "n_test": 1000, "refit_steps": 0, "finetune_steps": 0},
     # LLM: 3 calibration seeds x 128 windows of 128 tokens spread over every held-out article. One perplexity pass
     # costs ~70 s per 128 x 256 tokens on 2 cores, and 11 of them (dense, magnitude, 3 seeds x wanda / ria / spp-ria)
     # made this notebook 31 min; 128-token windows halve that (samples kept: 128 windows over all 16 articles). The 50%

@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
     t.add_argument("--n-val", type=int, default=500)
     t.add_argument("--n-test", type=int, default=1000)
-    t.add_argument("--refit-steps", type=int, default=300)
+    t.add_argument("--refit-steps", type=_positive(int, zero=True), default=0,
+                   help="projection re-fit steps; 0 = the task's recipe (the stand-in: its dense projections' own)")
     t.add_argument("--finetune-steps", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     for k in ("kappa", "alpha", "nu", "lam"):

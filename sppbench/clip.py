@@ -376,18 +376,27 @@ def set_projections(model: nn.Module, fit: dict) -> None:
 
 
 def refit_projections(model: nn.Module, images: Iterable[torch.Tensor], texts: Sequence[str], keys: torch.Tensor,
-                      tokenizer: Callable, *, text_image: torch.Tensor | None = None, **kw) -> dict:
-    """Re-fit a (pruned) model's two projections on its own pooled features, starting from its current ones,
-    in place; the towers are untouched. Pair j = (image ``text_image[j]``, ``texts[j]``) with key ``keys[j]``
-    (default: text j goes with image j). Returns the fit's settings and losses."""
+                      tokenizer: Callable, *, text_image: torch.Tensor | None = None, init: str = "current",
+                      **kw) -> dict:
+    """Re-fit a (pruned) model's two projections (and logit scale) on its own pooled features, in place; the
+    towers are untouched. Pair j = (image ``text_image[j]``, ``texts[j]``) with key ``keys[j]`` (default: text j
+    goes with image j). ``init="current"`` starts from the model's projections and logit scale; ``"scratch"``
+    from random ones (``embed_dim`` and, optionally, ``logit_scale`` in ``kw``), which with the dense
+    projections' own recipe and fit set re-makes them exactly on the dense model. ``kw`` goes to
+    :func:`fit_projections`. Returns the fit's settings and losses."""
+    if init not in ("current", "scratch"):
+        raise ValueError(f"init must be 'current' or 'scratch', got {init!r}")
     img, txt = pooled_features(model, images, texts, tokenizer)
     if text_image is not None:
         img = img[torch.as_tensor(text_image)]
-    slots = _projection_slots(model)
-    init = {t: _as_matrix(getattr(o, a)).float().cpu() for t, (o, a) in slots.items()}
-    fit = fit_projections(img, txt, keys, init=init, logit_scale=model.logit_scale.item(), **kw)
+    if init == "current":
+        slots = _projection_slots(model)
+        start = {t: _as_matrix(getattr(o, a)).float().cpu() for t, (o, a) in slots.items()}
+        fit = fit_projections(img, txt, keys, init=start, logit_scale=model.logit_scale.item(), **kw)
+    else:
+        fit = fit_projections(img, txt, keys, **kw)
     set_projections(model, fit)
-    return {"steps": len(fit["losses"]), "loss_first": fit["losses"][0], "loss_last": fit["losses"][-1],
+    return {"init": init, "steps": len(fit["losses"]), "loss_first": fit["losses"][0], "loss_last": fit["losses"][-1],
             "pairs": len(keys), **{k: v for k, v in kw.items()}}
 
 
@@ -411,6 +420,9 @@ class ClipTask:
     templates: Sequence[str] | None = None
     input_size: dict = field(default_factory=dict)  # {"image": px, "text": tokens per caption}
     info: dict = field(default_factory=dict)
+    # how the projections are re-fit (refit_projections' init and fit_projections' settings); None: from the
+    # model's current projections, Adam lr 1e-3 (a pretrained CLIP has no recipe of its own projections to re-run)
+    refit_recipe: dict | None = None
 
     def evaluate(self, model: nn.Module, split: str = "test", ranks: bool = False) -> dict:
         if split not in self.sets:

@@ -4,7 +4,9 @@ recall@1/5/10 both ways, before and after retraining.
 Three numbers per model, as for the vision table:
 - ``no_retrain``: the pruned towers with the dense model's projections;
 - ``refit``: the two projections (and the logit scale) re-fit on the pruned towers' pooled features
-  (towers untouched) -- the counterpart of a classifier's head re-fit;
+  (towers untouched) -- the counterpart of a classifier's head re-fit -- by the task's recipe on the dense
+  projections' fit set, the same for every row (the stand-in: its dense projections' own recipe from scratch,
+  which on the dense model re-makes them, see :func:`refit_recipe`);
 - ``finetuned``: from the re-fit, the shared AdamW fine-tune of every weight with the contrastive loss.
 """
 from __future__ import annotations
@@ -54,7 +56,8 @@ class ClipTableConfig:
     n_val: int = 500
     n_test: int = 1000
     split_seed: int = 0
-    refit_steps: int = 300
+    refit_steps: int = 0             # projection re-fit steps; 0 = the task's recipe (the stand-in: its dense
+                                     # projections' own 600 steps), else that many (and Adam lr 1e-3 by default)
     finetune_steps: int = 40
     finetune_batch: int = 32
     finetune_lr: float = 1e-5
@@ -86,6 +89,8 @@ class ClipTableConfig:
                                 "budget_towers='joint', 'image' or 'text', or drop lasso")
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
             raise ValueError(f"macs_fractions must be fractions in (0, 1], got {self.macs_fractions!r}")
+        if self.refit_steps < 0:
+            raise ValueError(f"refit_steps must be >= 0 (0 = the task's re-fit recipe), got {self.refit_steps}")
         if self.seeds < 1 or self.resamples < 100:
             raise ValueError(f"seeds must be >= 1 and resamples >= 100, got {self.seeds}, {self.resamples}")
         return self
@@ -94,6 +99,16 @@ class ClipTableConfig:
     def form(self) -> str:
         """The 'spp' search's form: spp_form, or its default (adam for the embedded stand-in)."""
         return self.spp_form or ("adam" if self.model == "embedded-clip" else "paper")
+
+
+def refit_recipe(task: ClipTask, cfg: ClipTableConfig) -> dict:
+    """The projection re-fit's settings: the task's recipe (``ClipTask.refit_recipe``; the stand-in's is its dense
+    projections' own), else from the current projections with Adam lr 1e-3 and 300 steps; ``cfg.refit_steps`` > 0
+    overrides the steps."""
+    recipe = dict(task.refit_recipe or {"init": "current", "lr": 1e-3, "steps": 300, "seed": cfg.seed})
+    if cfg.refit_steps:
+        recipe["steps"] = int(cfg.refit_steps)
+    return recipe
 
 
 def clip_constants(cfg: ClipTableConfig) -> dict:
@@ -178,9 +193,13 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     dense_cost = tower_costs(dense, images, tokens)
     refit_images, refit_texts, refit_keys, refit_text_image = (tuple(task.refit_pairs) + (None,))[:4]
 
+    recipe = refit_recipe(task, cfg)
+
     def refit_in_place(model: nn.Module, seed: int) -> dict:
+        """The projection re-fit: the task's recipe (same fit set, settings and seed for every row: on the
+        stand-in it re-makes the dense projections on the dense model); ``seed`` is the row's, unused."""
         return refit_projections(model, refit_images, refit_texts, refit_keys, task.tokenizer,
-                                 text_image=refit_text_image, steps=cfg.refit_steps, seed=seed)
+                                 text_image=refit_text_image, **recipe)
 
     rows = []
     ranks: dict = {}  # per-query ranks of every row and stage (ranks_key), saved as ranks.npz
@@ -193,10 +212,15 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             ranks[ranks_key(task.name, *key, prefix, d)] = arr
         return {f"{prefix}_{k}": v for k, v in res.items()}
 
-    def retrained(model: nn.Module, seed: int, key: tuple) -> tuple[nn.Module, dict, dict]:
-        """(re-fit copy, its test scores, fine-tuned test scores + records)."""
-        refit = copy.deepcopy(model)
-        rinfo = refit_in_place(refit, seed)
+    def retrained(model: nn.Module, seed: int, key: tuple, refit: nn.Module | None = None
+                  ) -> tuple[nn.Module, dict, dict]:
+        """(re-fit copy, its test scores, fine-tuned test scores + records). ``refit``: the re-fit copy already made
+        when the read-out was chosen (the recipe is deterministic, so it is the same model)."""
+        if refit is None:
+            refit = copy.deepcopy(model)
+            rinfo = refit_in_place(refit, seed)
+        else:
+            rinfo = {"reused": "the re-fit made when the read-out was chosen on the validation split"}
         out = scores(refit, "test", "refit", key)
         tuned = copy.deepcopy(refit)
         rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
@@ -246,31 +270,33 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                     configs[f"{method}@seed{seed}"] = path.config
                     candidates = ["per-layer"] if method == "random" else (
                         list(READOUTS) if cfg.readout == "val" else [cfg.readout])
-                    chosen = []
+                    chosen, refits = [], {}  # refits: budget index -> the chosen read-out's re-fit copy
                     for b in budgets:
                         best = None
                         for ro in candidates:
                             p = methods.prune(method, m, [b], readout=ro, path=path, **common)[0]
-                            val = None
+                            val, r = None, None
                             if len(candidates) > 1:
                                 r = copy.deepcopy(p.model)
                                 refit_in_place(r, seed)
                                 val = task.evaluate(r, "val")["rsum"]
                             if best is None or (val is not None and val > best[0]):
                                 best = (val, p)
+                                refits[len(chosen)] = r
                         chosen.append(best)
                     if path.rank_by != "score":
                         paths[f"{method}@seed{seed}"] = path
                         health[f"{method}@seed{seed}"] = path_health(
                             path, [p.keep for _, p in chosen if p.keep is not None], f"{task.label} {method}")
                 else:
+                    refits = {}
                     chosen = [(None, p) for p in methods.prune(method, m, budgets, **common)]
                     searches[f"{method}@seed{seed}"] = sum(p.search_seconds for _, p in chosen)
                     configs[f"{method}@seed{seed}"] = [p.info for _, p in chosen]
                 h = health.get(f"{method}@seed{seed}") if method in methods.RANKING_METHODS else None
                 for bi, ((val, p), frac) in enumerate(zip(chosen, cfg.macs_fractions)):
                     ev = scores(p.model, "test", "no_retrain", (method, frac, seed))
-                    _, rt, rinfo = retrained(p.model, seed, (method, frac, seed))
+                    _, rt, rinfo = retrained(p.model, seed, (method, frac, seed), refits.get(bi))
                     row = row_of(p.model, method, seed, frac, p.keep, m.groups,
                                  {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
                                   "search_s": round(p.search_seconds, 2),
@@ -311,11 +337,12 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             "budget_rule": {"joint": "MACs of one image plus one caption", "image": "image tower MACs; text dense",
                             "text": "text tower MACs; image dense",
                             "each": "each tower to the fraction of its own MACs"}[cfg.budget_towers],
-            "refit": {"what": "both projections and the logit scale, towers frozen, contrastive loss, Adam lr 1e-3",
-                      "steps": cfg.refit_steps, "pairs": len(refit_keys),
-                      "lr_choice": "1e-3 chosen on the stand-in's val split for pruned models (magnitude at 50% / 35% "
-                                   "joint MACs, 300 steps: rsum 387 / 359 vs 371 / 357 at 3e-4 and 324 / 322 at "
-                                   "1e-4); on the dense model 1e-4 would score higher (427 vs 415)"},
+            "refit": {"what": "both projections and the logit scale, towers frozen, contrastive loss (Adam)",
+                      **recipe, "pairs": len(refit_keys),
+                      "rule": "the same recipe, fit set and seed for every row, the dense one included"
+                              + ("; from scratch: the dense projections' own recipe, which re-makes them on the "
+                                 "dense model" if recipe.get("init") == "scratch" else
+                                 "; from each model's current projections")},
             "finetune": {**FINETUNE_DEFAULTS, "lr": cfg.finetune_lr, "steps": cfg.finetune_steps,
                          "label_smoothing": None, "loss": "symmetric InfoNCE (contrastive_loss)",
                          "start": "from the projection re-fit", "batch_size": cfg.finetune_batch},

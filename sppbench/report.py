@@ -272,6 +272,7 @@ def _md_table(df, cols: list[tuple[str, str]]) -> list[str]:
 
 
 VERDICT_WORDS = {"better": "better than spp", "worse": "worse than spp", "tie": "within noise of spp"}
+_VERDICT_WORDS = {"better": "better", "worse": "worse", "tie": "within noise"}  # a tuning setting against its default
 
 
 def _interval(r, st: str) -> str:
@@ -432,7 +433,10 @@ def _tuning_text(recs: list[dict]) -> list[str]:
             parts = []
             for r in rows:
                 h = r.get("path_healthy")
-                parts.append(f"x{r['factor']:g} ({r['knob']} {r['value']:.3g}): {r['val_head_refit_mean']:.4f}"
+                vs = (f" [{r['vs_default_delta']:+.4f} vs default, {r['vs_default_lo']:+.4f} to {r['vs_default_hi']:+.4f}: "
+                      f"{_VERDICT_WORDS.get(r.get('vs_default_verdict'), r.get('vs_default_verdict'))}]"
+                      if r.get("vs_default_delta") is not None else "")
+                parts.append(f"x{r['factor']:g} ({r['knob']} {r['value']:.3g}): {r['val_head_refit_mean']:.4f}" + vs
                              + (" refused a budget" if r.get("budgets_refused") else "")
                              + ("" if h is None else " healthy path" if h else " degenerate path")
                              + (" **chosen**" if r.get("chosen") else ""))
@@ -440,8 +444,12 @@ def _tuning_text(recs: list[dict]) -> list[str]:
             lines.append(f"  - {method}: " + "; ".join(parts)
                          + (" (every setting scored the same: the knob does not move this method's rows)" if same
                             else ""))
-    lines.append("- Differences between settings are one seed on the validation images, often within noise; the "
-                 "rule is fixed in advance and the same for every method (docs/tuning.md).")
+    noise_aware = any(r.get("vs_default_delta") is not None for rec in recs for r in rec["metrics"].get("rows") or [])
+    lines.append("- Rule: the default stays unless a setting is better beyond its paired validation interval "
+                 "(docs/tuning.md)." if noise_aware else
+                 "- Rule of these records: the highest validation score won (ties within 0.001 to the default); "
+                 "differences between settings are one seed on the validation images, often within noise "
+                 "(docs/tuning.md; the current rule keeps the default unless a setting is better beyond noise).")
     return lines
 
 

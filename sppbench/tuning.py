@@ -4,9 +4,11 @@ Rule (recorded in every tuning record): each searching method (``methods.TUNING_
 lasso, lasso-rank, dessilbi) is tuned by ONE knob, its step size, over the same grid of factors around its
 default (``FACTORS``: x1/4, x1, x4). Each setting runs the method as the table runs it (its steps, batch,
 budgets, read-out rule, Lasso's shared tries) with the first seed, and is scored by the head-refit top-1 on the
-VALIDATION split averaged over the table's budgets (the test split is never read). The setting with the highest
-score is chosen; a tie (within 0.001) goes to the default. The table then runs with the chosen settings
-(``VisionTableConfig.method_settings``) on the test split with all its seeds.
+VALIDATION split averaged over the table's budgets (the test split is never read). The default is kept unless
+a setting beats it beyond noise: each image's head-refit correctness averaged over the budgets, paired with the
+default's on the same image, gives a 95% paired bootstrap interval of the score difference; only settings whose
+interval lies above zero can win, and of those the highest score does. The table then runs with the chosen
+settings (``VisionTableConfig.method_settings``) on the test split with all its seeds.
 
 Methods with no knob searched here (magnitude, random, the Torch-Pruning peers) take no tuning budget; SPP's
 adam-form setting itself (travel, held_entry, nu, lam) was chosen by the path-health limits on training batches
@@ -17,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from . import methods
+import numpy as np
+
+from . import methods, stats
 from .experiments import write_record
 from .vision import VisionTableConfig, get_task, run_vision_table, spp_constants
 
 FACTORS = (0.25, 1.0, 4.0)
+RULE_RESAMPLES = 2000  # paired bootstrap resamples behind each setting's interval against its default
 
 
 def default_knobs(cfg: VisionTableConfig) -> dict:
@@ -55,6 +60,8 @@ def tune_vision(cfg: VisionTableConfig | None = None, *, factors=FACTORS, record
                                                       "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
                                                      if cfg.model.startswith("embedded") else {}))
     rows, health, n_val = [], {}, None
+    per_image: dict = {}  # (method, factor) -> each validation image's head-refit correctness, mean over budgets
+    arrays: dict = {}     # the per-image 0/1 arrays behind every score, kept in the record (val_correct.npz)
     for method in tuned:
         (knob, default), = defaults[method].items()
         for f in factors:
@@ -65,6 +72,10 @@ def tune_vision(cfg: VisionTableConfig | None = None, *, factors=FACTORS, record
             n_val = res["info"]["test_images"]  # the images the rows were scored on: the validation split here
             part = res["table"][res["table"]["method"] == method]
             per_budget = {float(b): float(v) for b, v in zip(part["budget_macs_fraction"], part["top1_head_refit"])}
+            mine = {k: v for k, v in res["correct"].items() if k.split("|")[1] == method and k.endswith("|head_refit")}
+            arrays.update({f"x{f:g}|{k}": v for k, v in mine.items()})
+            if len(mine) == len(cfg.macs_fractions):
+                per_image[(method, f)] = np.mean([v.astype(np.float64) for v in mine.values()], axis=0)
             row = {"model": task.name, "method": method, "knob": knob, "factor": f, "value": value,
                    "default": f == 1.0, "val_head_refit_mean": (sum(per_budget.values()) / len(per_budget)
                                                                 if per_budget else float("nan")),
@@ -81,20 +92,37 @@ def tune_vision(cfg: VisionTableConfig | None = None, *, factors=FACTORS, record
             if progress:
                 print(f"[tune {time.perf_counter() - t_start:7.1f}s] {method} {knob}={value:.4g} (x{f:g}): val top-1 "
                       f"{row['val_head_refit_mean']:.4f} over {len(per_budget)} budgets", flush=True)
+    for r in rows:  # each setting against its method's default, paired over validation images
+        a, b = per_image.get((r["method"], r["factor"])), per_image.get((r["method"], 1.0))
+        if a is not None and b is not None and r["factor"] != 1.0:
+            c = stats.paired_bootstrap(a, b, resamples=RULE_RESAMPLES)
+            r.update(vs_default_delta=c["delta"], vs_default_lo=c["lo"], vs_default_hi=c["hi"],
+                     vs_default_verdict=stats.verdict(c["lo"], c["hi"]))
     table = pd.DataFrame(rows)
-    chosen = {}
-    for method, part in table.groupby("method", sort=False):
-        scored = part[part["budgets_scored"] == len(cfg.macs_fractions)]  # a setting that refuses a budget loses
-        if not len(scored):
-            continue
-        best = scored.loc[scored["val_head_refit_mean"].idxmax()]
-        base = scored[scored["default"]]
-        if len(base) and best["val_head_refit_mean"] - base["val_head_refit_mean"].iloc[0] <= 1e-3:
-            best = base.iloc[0]
-        chosen[method] = {best["knob"]: float(best["value"])}
+    chosen = choose(table, len(cfg.macs_fractions))
     table["chosen"] = [chosen.get(r["method"], {}).get(r["knob"]) == r["value"] for _, r in table.iterrows()]
     info = {"label": task.label, "rule": __doc__.split("\n\n")[1].replace("\n", " "), "factors": list(factors),
-            "defaults": defaults, "chosen": chosen, "validation_images": n_val,
+            "defaults": defaults, "chosen": chosen, "validation_images": n_val, "rule_resamples": RULE_RESAMPLES,
             "path_health": health, "seconds": round(time.perf_counter() - t_start, 1)}
-    folder = write_record("vision_tuning", cfg, None, table, info) if record else None
+    folder = write_record("vision_tuning", cfg, None, table, info, arrays={"val_correct.npz": arrays}) if record else None
     return {"table": table, "chosen": chosen, "record": folder, "info": info}
+
+
+def choose(table, n_budgets: int) -> dict:
+    """The rule's choice per method from a tuning table: the default unless a setting that scored every budget
+    beats it beyond noise (``vs_default_verdict == "better"``); of several such, the highest score. A method whose
+    default left a budget unscored takes the best setting that scored them all (there is nothing to keep)."""
+    chosen = {}
+    for method, part in table.groupby("method", sort=False):
+        scored = part[part["budgets_scored"] == n_budgets]  # a setting that refuses a budget cannot win
+        if not len(scored):
+            continue
+        base = scored[scored["default"]]
+        if not len(base):
+            best = scored.loc[scored["val_head_refit_mean"].idxmax()]
+        else:
+            verdicts = scored["vs_default_verdict"] if "vs_default_verdict" in scored else None
+            better = scored[verdicts == "better"] if verdicts is not None else scored.iloc[:0]
+            best = better.loc[better["val_head_refit_mean"].idxmax()] if len(better) else base.iloc[0]
+        chosen[method] = {best["knob"]: float(best["value"])}
+    return chosen

@@ -498,3 +498,42 @@ def test_resummarize_recomputes_a_clip_record_from_its_ranks(tmp_path):
     assert mag["verdict_refit_rsum"] == "worse" and mag["delta_refit_rsum_hi"] < 0
     saved = json.loads((tmp_path / "metrics.json").read_text())["info"]
     assert saved["sanity"] == info["sanity"] and "recomputed" in saved["statistics"]
+
+
+def test_the_scratch_refit_remakes_the_dense_projections():
+    """The stand-in's re-fit re-runs its dense projections' recipe on the same fit set: on the dense model it gives
+    the dense projections back, so the re-fit stage cannot favour pruned rows over the dense one."""
+    import copy
+
+    from sppbench.clip import _as_matrix, _projection_slots, fit_projections, pooled_features, refit_projections, \
+        set_projections
+    from sppbench.clip_table import ClipTableConfig, refit_recipe
+
+    task = tiny_task()
+    images, texts, keys = task.refit_pairs
+    recipe = {"init": "scratch", "embed_dim": 16, "steps": 12, "batch_size": 8, "lr": 2e-3, "seed": 0}
+    img, txt = pooled_features(task.model, images, texts, tokenizer)
+    dense = copy.deepcopy(task.model)
+    set_projections(dense, fit_projections(img, txt, keys, **{k: v for k, v in recipe.items() if k != "init"}))
+    again = copy.deepcopy(dense)
+    info = refit_projections(again, images, texts, keys, tokenizer, **recipe)
+    assert info["init"] == "scratch" and info["steps"] == 12
+    for t, (o, a) in _projection_slots(dense).items():
+        o2, a2 = _projection_slots(again)[t]
+        assert torch.equal(_as_matrix(getattr(o, a)), _as_matrix(getattr(o2, a2)))
+    assert float(dense.logit_scale) == float(again.logit_scale)
+    # from the current projections the same steps move them (why the old re-fit lowered the dense rsum)
+    moved = copy.deepcopy(dense)
+    refit_projections(moved, images, texts, keys, tokenizer, init="current", steps=12, lr=2e-3)
+    (o, a), (o2, a2) = _projection_slots(dense)["image"], _projection_slots(moved)["image"]
+    assert not torch.equal(_as_matrix(getattr(o, a)), _as_matrix(getattr(o2, a2)))
+    with pytest.raises(ValueError, match="init"):
+        refit_projections(moved, images, texts, keys, tokenizer, init="zero")
+    # the table takes the task's recipe; refit_steps > 0 overrides its steps; no recipe: from the current ones
+    task.refit_recipe = recipe
+    assert refit_recipe(task, ClipTableConfig()) == recipe
+    assert refit_recipe(task, ClipTableConfig(refit_steps=3))["steps"] == 3
+    task.refit_recipe = None
+    assert refit_recipe(task, ClipTableConfig())["init"] == "current"
+    with pytest.raises(ValueError, match="refit_steps"):
+        ClipTableConfig(refit_steps=-1).resolved()

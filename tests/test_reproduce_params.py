@@ -50,6 +50,7 @@ def test_clip_and_llm_tables_keep_the_statistical_floor():
     p = _reproduce_params()
     clip = p["20_clip_retrieval.ipynb"]
     assert clip["seeds"] >= 3 and clip["resamples"] >= 2000 and clip["finetune_steps"] == 0
+    assert clip["refit_steps"] == 0  # the re-fit is the dense projections' own recipe (no advantage for pruned rows)
     llm = p["30_llm_zero_shot.ipynb"]
     assert len(llm["seeds"]) >= 3 and llm["resamples"] >= 2000 and llm["eval_windows"] >= 128
 

@@ -212,7 +212,7 @@ resamples = 300  # paired bootstrap resamples of the rsum comparisons (reproduce
 readout = "val"  # val = choose global or per-layer per budget on the validation split
 n_val = 200  # validation images (training split)
 n_test = 300  # test images, 5 captions each
-refit_steps = 200  # projection re-fit steps
+refit_steps = 0  # projection re-fit steps (0 = the stand-in's recipe: its dense projections' own)
 finetune_steps = 0  # shared contrastive fine-tune steps (0 = skip)
 data_root = ""  # paper models: the COCO or Flickr30K folder
 constants = {}  # paper models: {model: {"kappa": .., "alpha": .., "nu": .., "lam": ..}}; {} = embedded defaults

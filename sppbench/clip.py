@@ -396,8 +396,9 @@ def refit_projections(model: nn.Module, images: Iterable[torch.Tensor], texts: S
     else:
         fit = fit_projections(img, txt, keys, **kw)
     set_projections(model, fit)
+    tail = fit["losses"][-max(1, len(fit["losses"]) // 10):]
     return {"init": init, "steps": len(fit["losses"]), "loss_first": fit["losses"][0], "loss_last": fit["losses"][-1],
-            "pairs": len(keys), **{k: v for k, v in kw.items()}}
+            "loss_tail": sum(tail) / len(tail), "pairs": len(keys), **{k: v for k, v in kw.items()}}
 
 
 # ---------------------------------------------------------------------------------------------

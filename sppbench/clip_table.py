@@ -220,14 +220,15 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             refit = copy.deepcopy(model)
             rinfo = refit_in_place(refit, seed)
         else:
-            rinfo = {"reused": "the re-fit made when the read-out was chosen on the validation split"}
+            refit, rinfo = refit
         out = scores(refit, "test", "refit", key)
         tuned = copy.deepcopy(refit)
         rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
                        steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed, loss_fn=contrastive_loss)
         if cfg.finetune_steps:
             out.update(scores(tuned, "test", "finetuned", key))
-        return refit, out, {"refit": rinfo, "finetune_s": rec["seconds"]}
+        return refit, out, {"refit": rinfo, "finetune_s": rec["seconds"],
+                            "refit_fit_loss": rinfo.get("loss_tail")}
 
     def row_of(model: nn.Module, method: str, seed: int, frac: float, keep, groups, extra: dict) -> dict:
         cost = tower_costs(model, images, tokens)
@@ -245,7 +246,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     ev = scores(dense, "test", "no_retrain", ("dense", 1.0, cfg.seed))
     _, rt, rinfo = retrained(dense, cfg.seed, ("dense", 1.0, cfg.seed))
     rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, None, {**ev, **rt, "readout": None, "search_s": 0.0,
-                                                              "finetune_s": rinfo["finetune_s"]}))
+                                                              "finetune_s": rinfo["finetune_s"],
+                                                              "refit_fit_loss": rinfo["refit_fit_loss"]}))
     log(f"dense: image {dense_cost['macs_image'] / 1e6:.1f} + text {dense_cost['macs_text'] / 1e6:.1f} MMACs, "
         f"i2t R@1 {ev['no_retrain_i2t_r1']:.1f} / t2i R@1 {ev['no_retrain_t2i_r1']:.1f}")
     from . import attach_masks
@@ -278,8 +280,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                             val, r = None, None
                             if len(candidates) > 1:
                                 r = copy.deepcopy(p.model)
-                                refit_in_place(r, seed)
-                                val = task.evaluate(r, "val")["rsum"]
+                                r = (r, refit_in_place(r, seed))
+                                val = task.evaluate(r[0], "val")["rsum"]
                             if best is None or (val is not None and val > best[0]):
                                 best = (val, p)
                                 refits[len(chosen)] = r
@@ -301,7 +303,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                                  {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
                                   "search_s": round(p.search_seconds, 2),
                                   "shared_search": method in methods.RANKING_METHODS,
-                                  "finetune_s": rinfo["finetune_s"]})
+                                  "finetune_s": rinfo["finetune_s"], "refit_fit_loss": rinfo["refit_fit_loss"]})
                     if method == "spp":
                         row["form"] = cfg.form  # "adam": the labelled variant, not the paper's update
                     if h is not None:  # is the order behind this row real? (docs/path_health.md)

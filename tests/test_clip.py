@@ -335,6 +335,9 @@ def test_clip_table_runs_every_method_within_budget(towers):
     n_seeds = cfg.seeds
     assert len(pruned) == (n_seeds * (len(methods) - 1) + 1) * 2 and set(pruned["method"]) == set(methods)
     assert set(pruned.loc[pruned["method"] == "magnitude", "seed"]) == {0}  # deterministic: one run
+    # every row (a reused read-out re-fit too) carries its re-fit's loss on the fit pairs: the diagnostic that tells
+    # "better features for this task" from chance when a pruned row beats dense
+    assert t["refit_fit_loss"].notna().all() and (t["refit_fit_loss"] > 0).all()
     # per-query ranks of every row and stage; the table's recall is recomputed from them
     ranks = res["ranks"]
     assert len(ranks) == len(t) * 3 * 2

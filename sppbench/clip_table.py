@@ -195,9 +195,9 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
 
     recipe = refit_recipe(task, cfg)
 
-    def refit_in_place(model: nn.Module, seed: int) -> dict:
+    def refit_in_place(model: nn.Module) -> dict:
         """The projection re-fit: the task's recipe (same fit set, settings and seed for every row: on the
-        stand-in it re-makes the dense projections on the dense model); ``seed`` is the row's, unused."""
+        stand-in it re-makes the dense projections on the dense model)."""
         return refit_projections(model, refit_images, refit_texts, refit_keys, task.tokenizer,
                                  text_image=refit_text_image, **recipe)
 
@@ -218,7 +218,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
         when the read-out was chosen (the recipe is deterministic, so it is the same model)."""
         if refit is None:
             refit = copy.deepcopy(model)
-            rinfo = refit_in_place(refit, seed)
+            rinfo = refit_in_place(refit)
         else:
             refit, rinfo = refit
         out = scores(refit, "test", "refit", key)
@@ -280,7 +280,7 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                             val, r = None, None
                             if len(candidates) > 1:
                                 r = copy.deepcopy(p.model)
-                                r = (r, refit_in_place(r, seed))
+                                r = (r, refit_in_place(r))
                                 val = task.evaluate(r[0], "val")["rsum"]
                             if best is None or (val is not None and val > best[0]):
                                 best = (val, p)

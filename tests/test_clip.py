@@ -540,3 +540,28 @@ def test_the_scratch_refit_remakes_the_dense_projections():
     assert refit_recipe(task, ClipTableConfig())["init"] == "current"
     with pytest.raises(ValueError, match="refit_steps"):
         ClipTableConfig(refit_steps=-1).resolved()
+
+
+def test_the_clip_tables_dense_row_is_unchanged_by_its_refit():
+    """In the table itself: when the task's recipe is the one that made the dense projections, the dense row's re-fit
+    scores exactly its no-retrain scores (no re-fit advantage either way), and every pruned row goes through the same
+    recipe."""
+    import copy
+
+    from sppbench.clip import fit_projections, pooled_features, set_projections
+    from sppbench.clip_table import ClipTableConfig, run_clip_table
+
+    task = tiny_task()
+    images, texts, keys = task.refit_pairs
+    recipe = {"init": "scratch", "embed_dim": 16, "steps": 12, "batch_size": 8, "lr": 2e-3, "seed": 0}
+    img, txt = pooled_features(task.model, images, texts, tokenizer)
+    set_projections(task.model, fit_projections(img, txt, keys, **{k: v for k, v in recipe.items() if k != "init"}))
+    task.refit_recipe = copy.deepcopy(recipe)
+    cfg = ClipTableConfig(model="embedded-clip", methods=("spp", "magnitude"), macs_fractions=(0.6,), steps=3,
+                          batch_size=8, finetune_steps=0, seeds=1, resamples=100)
+    res = run_clip_table(cfg, task=task, record=False, progress=False)
+    t = res["table"]
+    dense = t[t["method"] == "dense"].iloc[0]
+    assert dense["refit_rsum"] == dense["no_retrain_rsum"]
+    assert res["info"]["refit"]["init"] == "scratch" and res["info"]["refit"]["steps"] == 12
+    assert t["refit_fit_loss"].notna().all()

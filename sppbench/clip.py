@@ -232,12 +232,61 @@ class RetrievalSet:
     info: dict = field(default_factory=dict)
 
 
+@dataclass
+class PooledSet:
+    """A retrieval set's features before the projections, computed once for models that share their towers and
+    differ only in their projections (a pruned model and its projection re-fit): the image batches as the set
+    gives them, the distinct captions in chunks of 256, as :func:`encode_images` / :func:`encode_texts` run them."""
+
+    images: list[torch.Tensor]
+    texts: list[torch.Tensor]
+    unique: list[str]
+
+
+@torch.no_grad()
+def pool_set(model: nn.Module, data: RetrievalSet, tokenizer: Callable, batch_size: int = 256) -> PooledSet:
+    """``data``'s pooled features under ``model``'s towers (see :class:`PooledSet`)."""
+    slots = _projection_slots(model)
+    unique = list(dict.fromkeys(data.captions))
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with _without_projections(model, slots):
+            img = [model.encode_image(x.to(device)) for x in data.images]
+            txt = [model.encode_text(tokenizer(unique[i:i + batch_size]).to(device))
+                   for i in range(0, len(unique), batch_size)]
+    finally:
+        model.train(was)
+    return PooledSet(img, txt, unique)
+
+
+@torch.no_grad()
+def _project(model: nn.Module, pooled: PooledSet, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised embeddings ``encode_images`` / ``encode_texts`` give, from pooled features: each chunk goes
+    through the model's own projection module (or parameter), as inside its forward."""
+    slots = _projection_slots(model)
+
+    def proj(t: str, x: torch.Tensor) -> torch.Tensor:
+        obj = getattr(*slots[t])
+        return obj(x) if isinstance(obj, nn.Module) else x @ obj
+
+    img = torch.cat([F.normalize(proj("image", x).float(), dim=-1).cpu() for x in pooled.images])
+    txt = torch.cat([F.normalize(proj("text", x).float(), dim=-1).cpu() for x in pooled.texts])
+    where = {t: i for i, t in enumerate(pooled.unique)}
+    return img, txt[torch.as_tensor([where[t] for t in captions])]
+
+
 def evaluate(model: nn.Module, data: RetrievalSet, tokenizer: Callable, *, classnames: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None, ranks: bool = False) -> dict:
+             templates: Sequence[str] | None = None, ranks: bool = False, pooled: PooledSet | None = None) -> dict:
     """Recall@1/5/10 both ways (and zero-shot top-1 where class names and labels exist), in %; with ``ranks``
-    also "ranks": every query's rank of its first relevant result (``query_ranks``)."""
-    img = encode_images(model, data.images)
-    txt = encode_texts(model, data.captions, tokenizer)
+    also "ranks": every query's rank of its first relevant result (``query_ranks``). ``pooled``: the set's pooled
+    features from :func:`pool_set` under this model's towers (then only the projections run here)."""
+    if pooled is None:
+        img = encode_images(model, data.images)
+        txt = encode_texts(model, data.captions, tokenizer)
+    else:
+        img, txt = _project(model, pooled, data.captions)
     out = recall_at_k(img, txt, data.image_keys, data.caption_keys)
     if ranks:
         out["ranks"] = query_ranks(img, txt, data.image_keys, data.caption_keys)
@@ -425,11 +474,21 @@ class ClipTask:
     # model's current projections, Adam lr 1e-3 (a pretrained CLIP has no recipe of its own projections to re-run)
     refit_recipe: dict | None = None
 
-    def evaluate(self, model: nn.Module, split: str = "test", ranks: bool = False) -> dict:
+    def evaluate(self, model: nn.Module, split: str = "test", ranks: bool = False,
+                 pooled: PooledSet | None = None) -> dict:
+        """:func:`evaluate` on ``split``; ``pooled``: that split's :meth:`pool` under the same towers."""
+        return evaluate(model, self._set(split), self.tokenizer, classnames=self.classnames, templates=self.templates,
+                        ranks=ranks, pooled=pooled)
+
+    def pool(self, model: nn.Module, split: str = "test") -> PooledSet:
+        """``split``'s pooled features under ``model``'s towers, for several :meth:`evaluate` calls of models that
+        differ only in their projections."""
+        return pool_set(model, self._set(split), self.tokenizer)
+
+    def _set(self, split: str) -> RetrievalSet:
         if split not in self.sets:
             raise ValueError(f"unknown split {split!r}; this task has {sorted(self.sets)}")
-        return evaluate(model, self.sets[split], self.tokenizer, classnames=self.classnames, templates=self.templates,
-                        ranks=ranks)
+        return self.sets[split]
 
 
 def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None, *, image_size: int | None = None,

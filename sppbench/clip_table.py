@@ -204,24 +204,26 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     rows = []
     ranks: dict = {}  # per-query ranks of every row and stage (ranks_key), saved as ranks.npz
 
-    def scores(model: nn.Module, split: str, prefix: str, key: tuple | None = None) -> dict:
+    def scores(model: nn.Module, split: str, prefix: str, key: tuple | None = None, pooled=None) -> dict:
         """Recall / rsum on ``split``; on the test split (``key`` = (method, budget, seed)) the per-query ranks are
-        kept under that row and stage."""
-        res = task.evaluate(model, split, ranks=key is not None)
+        kept under that row and stage. ``pooled``: the split's pooled features under the same towers (the no-retrain
+        and re-fit read-outs of one model share one pass over the test set)."""
+        res = task.evaluate(model, split, ranks=key is not None, pooled=pooled)
         for d, arr in res.pop("ranks", {}).items():
             ranks[ranks_key(task.name, *key, prefix, d)] = arr
         return {f"{prefix}_{k}": v for k, v in res.items()}
 
-    def retrained(model: nn.Module, seed: int, key: tuple, refit: nn.Module | None = None
+    def retrained(model: nn.Module, seed: int, key: tuple, refit: nn.Module | None = None, pooled=None
                   ) -> tuple[nn.Module, dict, dict]:
         """(re-fit copy, its test scores, fine-tuned test scores + records). ``refit``: the re-fit copy already made
-        when the read-out was chosen (the recipe is deterministic, so it is the same model)."""
+        when the read-out was chosen (the recipe is deterministic, so it is the same model); ``pooled``: the test
+        split's pooled features under ``model``'s towers (the re-fit changes only the projections)."""
         if refit is None:
             refit = copy.deepcopy(model)
             rinfo = refit_in_place(refit)
         else:
             refit, rinfo = refit
-        out = scores(refit, "test", "refit", key)
+        out = scores(refit, "test", "refit", key, pooled)
         tuned = copy.deepcopy(refit)
         rec = finetune(tuned, task.train_batches(cfg.finetune_batch, cfg.finetune_steps, seed + 1000),
                        steps=cfg.finetune_steps, lr=cfg.finetune_lr, seed=seed, loss_fn=contrastive_loss)
@@ -243,8 +245,9 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
             row.update(empty_blocks=s["attn"]["empty_blocks"] + s["mlp"]["empty_blocks"])
         return row
 
-    ev = scores(dense, "test", "no_retrain", ("dense", 1.0, cfg.seed))
-    _, rt, rinfo = retrained(dense, cfg.seed, ("dense", 1.0, cfg.seed))
+    pooled = task.pool(dense, "test")
+    ev = scores(dense, "test", "no_retrain", ("dense", 1.0, cfg.seed), pooled)
+    _, rt, rinfo = retrained(dense, cfg.seed, ("dense", 1.0, cfg.seed), pooled=pooled)
     rows.append(row_of(dense, "dense", cfg.seed, 1.0, None, None, {**ev, **rt, "readout": None, "search_s": 0.0,
                                                               "finetune_s": rinfo["finetune_s"],
                                                               "refit_fit_loss": rinfo["refit_fit_loss"]}))
@@ -297,8 +300,9 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                     configs[f"{method}@seed{seed}"] = [p.info for _, p in chosen]
                 h = health.get(f"{method}@seed{seed}") if method in methods.RANKING_METHODS else None
                 for bi, ((val, p), frac) in enumerate(zip(chosen, cfg.macs_fractions)):
-                    ev = scores(p.model, "test", "no_retrain", (method, frac, seed))
-                    _, rt, rinfo = retrained(p.model, seed, (method, frac, seed), refits.get(bi))
+                    pooled = task.pool(p.model, "test")
+                    ev = scores(p.model, "test", "no_retrain", (method, frac, seed), pooled)
+                    _, rt, rinfo = retrained(p.model, seed, (method, frac, seed), refits.get(bi), pooled)
                     row = row_of(p.model, method, seed, frac, p.keep, m.groups,
                                  {"budget": json.dumps(p.budget), "readout": p.readout, "val_refit_rsum": val, **ev, **rt,
                                   "search_s": round(p.search_seconds, 2),

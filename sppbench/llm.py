@@ -144,6 +144,36 @@ def keep_mask(rank: torch.Tensor, pattern: Pattern, compare: str = "layer") -> t
     return rank.reshape(-1).lt(k).view(out_f, in_f)
 
 
+def keep_by_order(primary: torch.Tensor, secondary: torch.Tensor | None, pattern: Pattern,
+                  compare: str = "layer") -> torch.Tensor:
+    """``keep_mask(order_rank(primary, secondary), pattern, compare)``, computed without the full sort where the
+    pattern only compares inside groups: for N:M each entry's place in its group of M is the number of group members
+    that precede it in ``order_rank``'s total order (primary descending, then secondary descending, then index),
+    M x M element-wise comparisons instead of sorting the whole matrix (the same keep-set, bit for bit)."""
+    if pattern.kind != "nm":
+        return keep_mask(order_rank(primary, secondary), pattern, compare)
+    out_f, in_f = primary.shape
+    m = pattern.m
+    if in_f % m:
+        raise BudgetError(f"{pattern.name}: the input width {in_f} is not a multiple of {m}")
+    p = primary.double().reshape(out_f, in_f // m, m)
+    s = None if secondary is None else secondary.double().reshape(out_f, in_f // m, m)
+    ahead = torch.zeros(p.shape, dtype=torch.long)
+    for j in range(m):
+        for k in range(m):
+            if k == j:
+                continue
+            tie = p[..., k] == p[..., j]
+            before = p[..., k] > p[..., j]
+            if s is not None:
+                before |= tie & (s[..., k] > s[..., j])
+                tie = tie & (s[..., k] == s[..., j])
+            if k < j:  # the remaining ties go by index
+                before |= tie
+            ahead[..., j] += before
+    return (ahead < pattern.n).view(out_f, in_f)
+
+
 def pruned_by_path(entry_step: torch.Tensor, keep: torch.Tensor, pattern: Pattern, compare: str = "layer") -> float:
     """Share of the pruned entries that SPP-RIA's path decided: pruned entries whose entry step is strictly
     later than every kept entry's in the same comparison group (layer, row or N:M group; never entered =
@@ -439,39 +469,38 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                 W = lin.weight.data
                 s = stats[name]
                 extra = {}
+                compare = COMPARE[method] if pat.kind == "unstructured" else "layer"
                 if method == "magnitude":
-                    rank = order_rank(W.abs())
+                    keep = keep_by_order(W.abs(), None, pat, compare)
                 else:
                     sq = torch.diagonal(s["G"]) if method == "spp-ria" else s["sq"]
                     norm = sq.clamp_min(0).sqrt()
                     if method == "wanda":
-                        rank = order_rank(wanda_score(W.float(), norm))
+                        keep = keep_by_order(wanda_score(W.float(), norm), None, pat, compare)
                     else:
                         ria = ria_score(W.float(), norm)
                         if method in ("ria", "ria-perturbed"):
-                            rank = order_rank(ria)
+                            keep = keep_by_order(ria, None, pat, compare)
                         else:
                             p = spp_path(W, s["G"], **{k: cfg[k] for k in SPP_RIA_DEFAULTS})
                             e = p["entry_step"].double()
                             primary = -torch.where(e < 0, torch.full_like(e, math.inf), e)  # earlier entry first
-                            rank = order_rank(primary, ria)
+                            keep = keep_by_order(primary, ria, pat, compare)
                             extra = {"entered": float((p["entry_step"] >= 0).float().mean()),
                                      "loss_last": p["losses"][-1] if p["losses"] else 0.0}
-                keep = keep_mask(rank, pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
                 if method == "ria-perturbed":
                     sh = perturb["shares"]
                     share = float(sh.get(f"{li}.{name}", 0.0) if isinstance(sh, dict) else sh)
                     keep = perturb_keep(keep, share, pat, COMPARE[method], generator=gen)
                     extra = {"perturbed_share": share}
                 if method == "spp-ria":  # how much of this layer's pruning did the path decide (vs the RIA tie-break)?
-                    ria_keep = keep_mask(order_rank(ria), pat, COMPARE[method] if pat.kind == "unstructured" else "layer")
+                    ria_keep = keep_by_order(ria, None, pat, compare)
                     n_pruned = int((~keep).sum())
                     # share of SPP-RIA's pruned weights that RIA would have kept: how far the path moved RIA's cut
                     extra["differs_from_ria"] = float((ria_keep & ~keep).sum()) / n_pruned if n_pruned else 0.0
                     es = p["entry_step"]
                     _, counts = torch.unique(es[es >= 0], return_counts=True)
-                    extra["pruned_by_path"] = pruned_by_path(es, keep, pat, COMPARE[method] if pat.kind == "unstructured"
-                                                             else "layer")
+                    extra["pruned_by_path"] = pruned_by_path(es, keep, pat, compare)
                     extra["max_step_share"] = float(counts.max()) / int((es >= 0).sum()) if counts.numel() else None
                 W.mul_(keep.to(W.dtype))
                 zeros = int((W == 0).sum())

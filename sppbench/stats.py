@@ -11,6 +11,7 @@ array or a list of arrays (one per seed), all over the same examples in the same
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -31,13 +32,50 @@ def _as_matrix(x) -> np.ndarray:
     return arr
 
 
+@functools.lru_cache(maxsize=6)
+def _draws(seed: int, resamples: int, sa: int, sb: int, sizes: tuple, two_level: bool, chunk: int = 0) -> tuple:
+    """The bootstrap's random draws, in the order one generator seeded ``seed`` makes them: per resample, each
+    side's seeds (two-level only), then one index draw per example set; with ``chunk`` (one set, one level) the
+    index draws of ``chunk`` resamples at a time. Every comparison with the same seed, shapes and resamples uses the
+    same draws (common random numbers), so they are made once and cached. Returns (seed counts of side a, of side
+    b, per set the (resamples x n) count of each example in each resample)."""
+    rng = np.random.default_rng(seed)
+    ca, cb = np.ones((resamples, sa)), np.ones((resamples, sb))
+    counts = [np.zeros((resamples, n)) for n in sizes]
+    if chunk:
+        if two_level or len(sizes) != 1:
+            raise ValueError("chunked draws are for one example set without seed draws")
+        n = sizes[0]
+        for start in range(0, resamples, chunk):
+            idx = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+            for i, row in enumerate(idx):
+                counts[0][start + i] = np.bincount(row, minlength=n)
+        return ca, cb, counts
+    for r in range(resamples):
+        ia = rng.integers(0, sa, sa) if two_level else np.arange(sa)
+        ib = rng.integers(0, sb, sb) if two_level else np.arange(sb)
+        ca[r], cb[r] = np.bincount(ia, minlength=sa), np.bincount(ib, minlength=sb)
+        for c, n in zip(counts, sizes):
+            c[r] = np.bincount(rng.integers(0, n, n), minlength=n)
+    return ca, cb, counts
+
+
+def _resampled_means(A: np.ndarray, B: np.ndarray, ca: np.ndarray, cb: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per resample, the mean over the drawn examples of (a's drawn seeds averaged) - (b's drawn seeds averaged):
+    linear in the draws, so one product with the count matrices gives every resample at once."""
+    n = A.shape[1]
+    pa, pb = counts @ A.T / n, counts @ B.T / n  # (resamples, seeds): each seed's mean over the drawn examples
+    return (ca * pa).sum(1) / A.shape[0] - (cb * pb).sum(1) / B.shape[0]
+
+
 def paired_bootstrap(a, b, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0,
                      chunk: int = 250, resample_seeds: bool = False) -> dict:
     """Mean of ``a - b`` (per-example, seed-averaged) and its percentile bootstrap interval over examples.
 
     ``resample_seeds``: a two-level (hierarchical) bootstrap: each resample also draws each side's seeds with
     replacement before averaging them per example, so the interval covers the variation between searches as
-    well as which examples were drawn (a side with one seed contributes no seed variation)."""
+    well as which examples were drawn (a side with one seed contributes no seed variation). ``chunk``: resamples
+    per index draw (one level only). The draws are cached and shared by comparisons of the same shape (``_draws``)."""
     if resamples < 1 or not (0 < level < 1):
         raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples!r}, {level!r}")
     A, B = _as_matrix(a), _as_matrix(b)
@@ -46,17 +84,9 @@ def paired_bootstrap(a, b, *, resamples: int = RESAMPLES, level: float = LEVEL, 
                          "paired statistics need the same examples in the same order")
     d = A.mean(0) - B.mean(0)
     n = d.size
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    if resample_seeds and (A.shape[0] > 1 or B.shape[0] > 1):
-        for r in range(resamples):
-            da = A[rng.integers(0, A.shape[0], A.shape[0])].mean(0) - B[rng.integers(0, B.shape[0], B.shape[0])].mean(0)
-            means[r] = da[rng.integers(0, n, n)].mean()
-    else:
-        for start in range(0, resamples, chunk):
-            k = min(chunk, resamples - start)
-            idx = rng.integers(0, n, size=(k, n))
-            means[start:start + k] = d[idx].mean(1)
+    two_level = bool(resample_seeds and (A.shape[0] > 1 or B.shape[0] > 1))
+    ca, cb, (counts,) = _draws(seed, resamples, A.shape[0], B.shape[0], (n,), two_level, 0 if two_level else chunk)
+    means = _resampled_means(A, B, ca, cb, counts)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"delta": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(n), "resamples": int(resamples),
             "level": level, "resample_seeds": bool(resample_seeds)}
@@ -81,16 +111,8 @@ def paired_bootstrap_parts(parts: Sequence[tuple], *, resamples: int = RESAMPLES
     if len(sa) != 1 or len(sb) != 1:
         raise ValueError("every part of one side needs the same seeds")
     sa, sb = sa.pop(), sb.pop()
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for r in range(resamples):
-        ia = rng.integers(0, sa, sa) if resample_seeds else np.arange(sa)
-        ib = rng.integers(0, sb, sb) if resample_seeds else np.arange(sb)
-        total = 0.0
-        for A, B in mats:
-            d = A[ia].mean(0) - B[ib].mean(0)
-            total += d[rng.integers(0, d.size, d.size)].mean()
-        means[r] = total
+    ca, cb, counts = _draws(seed, resamples, sa, sb, tuple(int(A.shape[1]) for A, _ in mats), bool(resample_seeds))
+    means = sum(_resampled_means(A, B, ca, cb, c) for (A, B), c in zip(mats, counts))
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     delta = float(sum((A.mean(0) - B.mean(0)).mean() for A, B in mats))
     return {"delta": delta, "lo": float(lo), "hi": float(hi), "n": [int(A.shape[1]) for A, _ in mats],

@@ -565,3 +565,32 @@ def test_the_clip_tables_dense_row_is_unchanged_by_its_refit():
     assert dense["refit_rsum"] == dense["no_retrain_rsum"]
     assert res["info"]["refit"]["init"] == "scratch" and res["info"]["refit"]["steps"] == 12
     assert t["refit_fit_loss"].notna().all()
+
+
+def test_pooled_evaluation_equals_the_full_one_for_a_model_and_its_refit(clip_model):
+    """One pass over a set serves every read-out of models that share their towers: the no-retrain scores and the
+    re-fit copy's scores from pool_set are bit for bit those of running each model over the set."""
+    import copy
+
+    from sppbench.clip import RetrievalSet, _as_matrix, _projection_slots, evaluate, pool_set, set_projections
+
+    g = torch.Generator().manual_seed(0)
+    size = clip_model.sppbench_model_cfg["vision_cfg"]["image_size"]
+    keys = torch.arange(10) % 3
+    words = ["red square", "blue circle", "green line"]
+    data = RetrievalSet([torch.randn(6, 3, size, size, generator=g), torch.randn(4, 3, size, size, generator=g)],
+                        [f"a {words[k]} photo" for k in keys.tolist()], keys, keys, keys)
+    refit = copy.deepcopy(clip_model)
+    set_projections(refit, {t: torch.randn(_as_matrix(getattr(*s)).shape, generator=g)
+                            for t, s in _projection_slots(refit).items()})
+    pooled = pool_set(clip_model, data, tokenizer)
+    for model in (clip_model, refit):
+        full = evaluate(model, data, tokenizer, classnames=words, templates=("a {name} photo",), ranks=True)
+        fast = evaluate(model, data, tokenizer, classnames=words, templates=("a {name} photo",), ranks=True,
+                        pooled=pooled)
+        rf, rq = full.pop("ranks"), fast.pop("ranks")
+        for d in ("i2t", "t2i"):
+            assert (rf[d] == rq[d]).all()
+        assert full == fast
+    # the re-fit's projections do change the scores (the shared pass is not hiding the projections)
+    assert evaluate(refit, data, tokenizer, pooled=pooled) != evaluate(clip_model, data, tokenizer, pooled=pooled)

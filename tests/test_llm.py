@@ -288,3 +288,24 @@ def test_spp_ria_records_how_far_it_moved_rias_cut():
         got = next(r["differs_from_ria"] for r in res.layers if r["layer"] == 0 and r["name"] == name)
         assert got == pytest.approx(expect), name
     assert any(r["differs_from_ria"] > 0 for r in res.layers)  # with these steps the path does move RIA's cut
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "0.5"])
+def test_keep_by_order_equals_the_full_sort_with_ties(pattern):
+    """The grouped read-out (no full sort) keeps exactly what order_rank + keep_mask keep, ties included: SPP-RIA's
+    primary key is an entry step with many ties and -inf for never-entered entries, its secondary RIA score ties too."""
+    from sppbench.llm import keep_by_order
+
+    pat = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        e = torch.randint(-1, 4, (24, 32), generator=g).double()
+        primary = -torch.where(e < 0, torch.full_like(e, float("inf")), e)
+        secondary = torch.randint(0, 3, (24, 32), generator=g).float()  # coarse: many secondary ties too
+        if trial == 3:
+            primary = torch.zeros(24, 32)  # everything ties on the primary key
+        for sec in (secondary, None):
+            expect = keep_mask(order_rank(primary, sec), pat, "layer")
+            assert torch.equal(keep_by_order(primary, sec, pat), expect)
+    with pytest.raises(Exception, match="multiple"):
+        keep_by_order(torch.zeros(2, 6), None, parse_pattern("2:4"))

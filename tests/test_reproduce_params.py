@@ -35,6 +35,7 @@ def test_vision_table_keeps_the_statistical_floor():
     p = _reproduce_params()["10_vision_table.ipynb"]
     assert p["seeds"] >= 3 and p["resamples"] >= 2000
     assert p["n_test"] >= 5000            # the whole 10,000-image split, or at least 5,000 when time forces it
+    assert all(n >= 5000 for n in p.get("model_n_test", {}).values())
     assert p["n_refit"] == 3000           # the dense head's own fit set (no fit-set advantage for pruned rows)
     assert p["finetune_steps"] == 0       # no fine-tune column until one recovers accuracy
     assert p["lasso_trials"] >= 5         # Lasso brackets each budget or refuses it

@@ -94,3 +94,25 @@ def test_a_sum_over_independent_query_sets_is_bootstrapped_part_by_part():
     assert one["verdict"] == "better"
     with pytest.raises(ValueError, match="same seeds"):
         stats.paired_bootstrap_parts([([a1, a1], b1), (a2, b2)])
+
+
+@pytest.mark.parametrize("two_level", [False, True])
+def test_bootstrap_from_cached_draws_equals_the_resample_loop(two_level):
+    """The vectorised bootstrap (cached draws, one product per comparison) gives the interval of the plain loop that
+    draws each resample's seeds and examples from the same generator and averages the drawn differences."""
+    g = np.random.default_rng(5)
+    A, B = (g.random((3, 300)) < 0.7).astype(float), (g.random((2, 300)) < 0.6).astype(float)
+    rng = np.random.default_rng(0)
+    means = []
+    for start in range(0, 400, 250):  # the one-level loop draws its example indices 250 resamples at a time
+        if two_level:
+            for _ in range(min(250, 400 - start)):
+                d = A[rng.integers(0, 3, 3)].mean(0) - B[rng.integers(0, 2, 2)].mean(0)
+                means.append(d[rng.integers(0, 300, 300)].mean())
+        else:
+            d = A.mean(0) - B.mean(0)
+            means.extend(d[rng.integers(0, 300, size=(min(250, 400 - start), 300))].mean(1))
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    out = stats.paired_bootstrap(A, B, resamples=400, resample_seeds=two_level)
+    assert out["lo"] == pytest.approx(lo, abs=1e-12) and out["hi"] == pytest.approx(hi, abs=1e-12)
+    assert stats.paired_bootstrap(A, B, resamples=400, resample_seeds=two_level) == out  # the cache changes nothing

@@ -308,7 +308,7 @@ def _vision_text(rec: dict, s, figure: str) -> list[str]:
              f"one per method ({params.get('random_seeds', 1)} for random); this record predates per-image records, "
              "so it has no paired statistics and supports no comparison")
     lines = ["", f"### vision_table: {model} (run `{rec['run_id']}`)", "",
-             f"{_label(rec)}. Test images: {info.get('test_images', params.get('n_test'))}; seeds: {seeds}; "
+             f"{_label(rec)}. Test images: {_test_images(info, params)}; seeds: {seeds}; "
              f"search {params.get('steps')} steps of batch {params.get('batch_size')}; read-out chosen on "
              f"{params.get('n_val')} validation images; head re-fit on {params.get('n_refit')} training images; "
              + (f"{info['statistics']['resamples']} bootstrap resamples. " if info.get("statistics") else "")
@@ -486,6 +486,24 @@ def _clip(recs):
     return tables, {"clip_rsum_vs_macs.png": fig}, _clip_text(rec, s)
 
 
+def _test_images(info: dict, params: dict) -> str:
+    """How many test images, saying when they are a subset of the embedded Fashion-MNIST test split."""
+    n = info.get("test_images", params.get("n_test"))
+    if (info.get("task") or {}).get("data") == "Fashion-MNIST" and isinstance(n, int) and n < 10000:
+        return f"{n} of Fashion-MNIST's 10,000 (a seeded random subset, cut for time)"
+    return str(n)
+
+
+def _refit_words(info: dict, params: dict) -> str:
+    """The CLIP projection re-fit as the record states it (older records: only the step count)."""
+    r = info.get("refit") or {}
+    if not r.get("steps"):
+        return f"{params.get('refit_steps')} steps"
+    start = ("from scratch (the dense projections' own recipe)" if r.get("init") == "scratch"
+             else "from each model's current projections")
+    return f"{start}, {r['steps']} Adam steps at lr {r.get('lr')} on {r.get('pairs')} fit pairs, the same for every row"
+
+
 def _clip_text(rec: dict, s) -> list[str]:
     """The CLIP table inline: settings, rsum per method and budget, the paired comparison with spp in words."""
     info, params = rec["metrics"].get("info") or {}, rec.get("params") or {}
@@ -495,7 +513,7 @@ def _clip_text(rec: dict, s) -> list[str]:
              + (f" ({q.get('i2t')} image queries, {q.get('t2i')} caption queries)" if q else "")
              + f"; seeds: {params.get('seeds', 1)} per method with randomness; search {params.get('steps')} steps of "
              f"batch {params.get('batch_size')}; read-out chosen on {params.get('n_val')} validation images; "
-             f"projection re-fit {params.get('refit_steps')} steps"
+             f"projection re-fit: {_refit_words(info, params)}"
              + (f"; fine-tune {params['finetune_steps']} steps" if params.get("finetune_steps") else "; no fine-tune")
              + (f"; {info['statistics']['resamples']} bootstrap resamples" if info.get("statistics") else "")
              + f". Hardware: {_hardware(rec)}. Run time {info.get('seconds', '?')} s."]

@@ -400,6 +400,12 @@ def test_clip_sanity_checks_flag_a_pruned_row_above_dense_and_rsum_rising_as_the
     bad, ranks = _ranks_table({("dense", 1.0): 0.5, ("spp", 0.7): 0.6, ("spp", 0.5): 0.9})
     checks = {c["check"] for c in sanity_checks_clip(bad, ranks, resamples=300)}
     assert checks == {"pruned beats dense", "rsum rises as the budget shrinks"}
+    # a row above dense carries the re-fit losses on the fit pairs, the diagnostic that tells a better fit from a
+    # held-out gain
+    bad["refit_fit_loss"] = [2.8 if m == "dense" else 2.9 for m in bad["method"]]
+    above = [c for c in sanity_checks_clip(bad, ranks, resamples=300) if c["check"] == "pruned beats dense"]
+    assert above and all(c["fit_loss"] == pytest.approx(2.9) and c["fit_loss_dense"] == 2.8 for c in above)
+    assert all("dense model fits the fit set better" in c["message"] for c in above)
 
 
 def test_clip_table_config_errors():

@@ -158,7 +158,7 @@ def keep_by_order(primary: torch.Tensor, secondary: torch.Tensor | None, pattern
         raise BudgetError(f"{pattern.name}: the input width {in_f} is not a multiple of {m}")
     p = primary.double().reshape(out_f, in_f // m, m)
     s = None if secondary is None else secondary.double().reshape(out_f, in_f // m, m)
-    ahead = torch.zeros(p.shape, dtype=torch.long)
+    ahead = torch.zeros(p.shape, dtype=torch.long, device=p.device)
     for j in range(m):
         for k in range(m):
             if k == j:

@@ -823,7 +823,10 @@ def _kappa_lambda(recs):
             bad = np.zeros(vals.shape, dtype=bool)
             if "path_healthy" in part:  # a degenerate path's cell is not a result of the order: marked, not plotted
                 ok = part["path_healthy"].astype(bool).groupby([part["kappa"], part["lam"]]).all().unstack("lam")
-                bad = ~ok.reindex(index=piv.index, columns=piv.columns).fillna(False).to_numpy(dtype=bool)
+                present = part.groupby([part["kappa"], part["lam"]]).size().unstack("lam")
+                present = present.reindex(index=piv.index, columns=piv.columns).notna().to_numpy(dtype=bool)
+                # a cell not in the design (design "cross") is blank, not degenerate
+                bad = ~ok.reindex(index=piv.index, columns=piv.columns).fillna(True).to_numpy(dtype=bool) & present
                 vals = np.where(bad, np.nan, vals)
             im = ax.imshow(vals, aspect="auto", interpolation="nearest", cmap="viridis")
             ax.set_xticks(range(len(piv.columns)))

@@ -20,28 +20,17 @@ from . import measure, methods
 from .compress import compress
 from .experiments import check_types, path_health, write_record
 from .path import READOUTS, KeepSet, SolutionPath
-from .vision import _attach, evaluate, get_task, spp_constants, VisionTableConfig
+from .vision import _attach, evaluate, flat_keep, flat_ranking, get_task, spp_constants, VisionTableConfig
 
 
 # ---------------------------------------------------------------------------------------------
 # Agreement measures
 # ---------------------------------------------------------------------------------------------
-def flat_keep(keep: KeepSet) -> torch.Tensor:
-    """All groups' keep masks as one bool vector (groups in name order)."""
-    return torch.cat([keep.masks[n].flatten() for n in sorted(keep.masks)])
-
-
 def jaccard(a: KeepSet, b: KeepSet) -> float:
     """|A & B| / |A | B| over every (group, entry) pair; 1.0 for two empty sets."""
     x, y = flat_keep(a), flat_keep(b)
     union = int((x | y).sum())
     return 1.0 if union == 0 else int((x & y).sum()) / union
-
-
-def flat_ranking(path: SolutionPath, readout: str = "global") -> torch.Tensor:
-    """The path's rank of every entry (0 = kept first), groups in name order."""
-    r = path.ranking(readout)
-    return torch.cat([r[n].flatten() for n in sorted(r)]).long()
 
 
 def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -328,6 +317,95 @@ def run_seed_study(cfg: SeedStudyConfig | None = None, *, record: bool = True, p
             "info": info}
 
 
+def seed_study_from_table(model: str = "embedded-swin", methods_: tuple[str, ...] = ("spp", "lasso"),
+                          record_dir=None, *, record: bool = True, study: str = "seed_stability") -> dict:
+    """Seed stability read from a vision-table record instead of searching again: the table's own searches
+    (its settings, steps, tuned step sizes and read-out choice) at every seed and budget.
+
+    ``record_dir``: a ``vision_table`` record folder (default: the newest one holding ``model`` and a
+    ``keepsets.npz``). Per method and budget: the Jaccard of the keep-sets over seed pairs (``keepsets.npz``),
+    top-1 per seed (the table's rows); per method the Kendall tau of the global orders over seed pairs
+    (``rankings.npz``: SPP's path order; Lasso, which has no order of its own, is represented by lasso-rank
+    when the table ran it). Returns what :func:`run_seed_study` returns."""
+    import numpy as np
+    import pandas as pd
+
+    from .errors import DataError
+    from .results import list_records, load_record
+    from .vision import keep_key, rank_key
+
+    t0 = time.perf_counter()
+    if record_dir is None:
+        cands = [f for f in reversed(list_records("vision_table")) if (f / "keepsets.npz").is_file()
+                 and any(r.get("model") == model for r in (load_record(f)["metrics"] or {}).get("rows", []))]
+        if not cands:
+            raise DataError(f"no vision_table record with {model!r} rows and keepsets.npz under the results folder; "
+                            "run notebook 10 (or `nox -s reproduce`) first, or set source='search'")
+        record_dir = cands[0]
+    from pathlib import Path
+
+    folder = Path(record_dir)
+    for f in ("metrics.json", "keepsets.npz", "rankings.npz"):
+        if not (folder / f).is_file():
+            raise DataError(f"{folder} holds no {f}: not a vision_table record written with keep-sets; run notebook "
+                            "10 again or set source='search'")
+    rec = load_record(folder)
+    rows_all = [r for r in rec["metrics"]["rows"] if r.get("model") == model]
+    with np.load(folder / "keepsets.npz") as z:
+        keepsets = {k: z[k].astype(bool) for k in z.files}
+    with np.load(folder / "rankings.npz") as z:
+        rankings = {k: z[k] for k in z.files}
+    rows, jac, ken = [], [], []
+    for method in methods_:
+        mine = [r for r in rows_all if r["method"] == method]
+        if not mine:
+            raise DataError(f"the record {folder.name} has no {method!r} rows for {model!r}; its methods: "
+                            f"{sorted({r['method'] for r in rows_all})}")
+        seeds = sorted({int(r["seed"]) for r in mine})
+        fractions = sorted({float(r["budget_macs_fraction"]) for r in mine}, reverse=True)
+        if len(seeds) < 2:
+            raise DataError(f"{method!r} ran one seed in {folder.name}: seed stability needs at least 2")
+        for r in mine:
+            rows.append({"model": model, "method": method, "seed": int(r["seed"]),
+                         "budget_macs_fraction": float(r["budget_macs_fraction"]),
+                         "macs_fraction": r["macs_fraction"], "top1_no_retrain": r["top1_no_retrain"],
+                         "top1_head_refit": r["top1_head_refit"], "readout": r.get("readout")})
+        for f in fractions:
+            ks = {s: keepsets.get(keep_key(model, method, f, s)) for s in seeds}
+            ks = {s: k for s, k in ks.items() if k is not None}
+            if len(ks) < 2:
+                continue
+            vals = [(int((ks[a] & ks[b]).sum()) / max(1, int((ks[a] | ks[b]).sum())))
+                    for a, b in itertools.combinations(sorted(ks), 2)]
+            jac.append({"method": method, "budget_macs_fraction": f, "mean": statistics.fmean(vals),
+                        "min": min(vals), "pairs": len(vals)})
+        ranker = method if method != "lasso" else "lasso-rank"
+        rs = {s: rankings.get(rank_key(model, ranker, s)) for s in seeds}
+        rs = {s: torch.as_tensor(r) for s, r in rs.items() if r is not None}
+        if len(rs) >= 2:
+            vals = _pairs(rs, kendall_tau)
+            ken.append({"method": method, "ranking": "path order" if method != "lasso" else
+                        "lasso-rank (|M| of one run)", "mean": statistics.fmean(vals), "min": min(vals),
+                        "pairs": len(vals)})
+    table = pd.DataFrame(rows)
+    info = {"label": rec["metrics"]["info"].get("label"), "task": rec["metrics"]["info"].get("task"),
+            "source": "vision_table", "source_run": folder.name,
+            "source_note": "the vision table's own searches and read-outs (its steps, tuned step sizes, seeds and "
+                           "budgets); nothing searched again here",
+            "dense_macs": rec["metrics"]["info"].get("dense_macs"), "jaccard": jac, "kendall": ken,
+            "search_seconds": {k: v for k, v in (rec["metrics"]["info"].get("search_seconds") or {}).items()
+                               if k.split("@")[0] in methods_},
+            "seed_controls": "order of the training batches and the search's torch seed",
+            "top1": "test split (the vision table's); head re-fit on the pruned features (L-BFGS) and the dense head "
+                    "(no retraining)",
+            "seconds": round(time.perf_counter() - t0, 1)}
+    cfg = {"model": model, "methods": list(methods_), "source": "vision_table", "source_run": folder.name,
+           "study": study}
+    folder_out = write_record(study, cfg, None, table, info) if record else None
+    return {"table": table, "jaccard": pd.DataFrame(jac), "kendall": pd.DataFrame(ken), "record": folder_out,
+            "info": info}
+
+
 # ---------------------------------------------------------------------------------------------
 # 60: kappa x lambda (x nu)
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +433,17 @@ class KappaLambdaConfig:
     n_val: int = 500
     n_test: int = 200
     n_refit: int = 1000
+    # "grid": every kappa x lam; "cross": each kappa at the middle lam and each lam at the middle kappa (one
+    # axis at a time through the centre: len(kappas) + len(lams) - 1 cells instead of their product)
+    design: str = "grid"
     study: str = "kappa_lambda"
+
+    def cells(self) -> list[tuple[float, float]]:
+        """The (kappa, lam) cells searched, in order."""
+        if self.design == "grid":
+            return list(itertools.product(self.kappas, self.lams))
+        kc, lc = self.kappas[len(self.kappas) // 2], self.lams[len(self.lams) // 2]
+        return [(k, lc) for k in self.kappas] + [(kc, lam) for lam in self.lams if lam != lc]
 
     def resolved(self) -> "KappaLambdaConfig":
         check_types(self)
@@ -368,6 +456,9 @@ class KappaLambdaConfig:
             raise ValueError("seeds must hold at least one seed")
         if self.span not in ("auto", "profile"):
             raise ValueError(f"span must be 'auto' or 'profile', got {self.span!r}")
+        if self.design not in ("grid", "cross"):
+            raise ValueError(f"design must be 'grid' (every kappa x lam) or 'cross' (one axis at a time through the "
+                             f"middle values), got {self.design!r}")
         if self.span == "auto" and (tuple(self.nus) != (0.0,) or self.alpha):
             raise ValueError("span='auto' derives alpha and nu per cell from the model; drop nus= / alpha= or "
                              "pass span='profile' to hold them fixed")
@@ -376,7 +467,7 @@ class KappaLambdaConfig:
 
 def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = True, progress: bool = True,
                      task=None) -> dict:
-    """Returns {"table": one row per kappa x lam x nu, "record", "info"}. Top-1 is measured on the VALIDATION split
+    """Returns {"table": one row per (kappa, lam) cell (``cfg.cells()``) x nu, "record", "info"}. Top-1 is measured on the VALIDATION split
     (this grid chooses constants; the test split is not used), with the first seed's search."""
     import pandas as pd
 
@@ -400,7 +491,7 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
         meas = measure_dense(m, [to_device(next(it), dev) for _ in range(A.MEASURE_BATCHES)], F.cross_entropy,
                              seed=cfg.seeds[0])
     try:
-        for nu, kappa, lam in itertools.product(cfg.nus, cfg.kappas, cfg.lams):
+        for nu, (kappa, lam) in itertools.product(cfg.nus, cfg.cells()):
             implied = None
             if meas is not None:
                 if kappa * lam >= 1:
@@ -447,7 +538,8 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
         m.detach_masks()
     table = pd.DataFrame(rows)
     info = {"label": task.label, "task": task.info, "budget_macs_fraction": cfg.budget_macs_fraction,
-            "dense_macs": dense, "profile_constants": base, "span": cfg.span,
+            "dense_macs": dense, "profile_constants": base, "span": cfg.span, "design": cfg.design,
+            "cells": [list(c) for c in cfg.cells()],
             **({"auto": {"measured": meas, "rule": A.RULE + " (kappa and theta = kappa*lam from each cell)"}}
                if meas is not None else {}),
             "tie_share": "share of the budget's keep-set decided by the |V| / |M| tie-break, not by entry order",

@@ -196,6 +196,27 @@ def correct_key(model: str, method: str, budget: float, seed: int, stage: str) -
     return f"{model}|{method}|{float(budget)!r}|{int(seed)}|{stage}"
 
 
+def keep_key(model: str, method: str, budget: float, seed: int) -> str:
+    """The key of one keep-set in a table's ``keepsets.npz``: "model|method|budget|seed" (docs/records.md)."""
+    return f"{model}|{method}|{float(budget)!r}|{int(seed)}"
+
+
+def rank_key(model: str, method: str, seed: int) -> str:
+    """The key of one ranking method's order in a table's ``rankings.npz``: "model|method|seed"."""
+    return f"{model}|{method}|{int(seed)}"
+
+
+def flat_keep(keep) -> torch.Tensor:
+    """All groups' keep masks of a ``KeepSet`` as one bool vector (groups in name order)."""
+    return torch.cat([keep.masks[n].flatten() for n in sorted(keep.masks)])
+
+
+def flat_ranking(path, readout: str = "global") -> torch.Tensor:
+    """A solution path's rank of every entry (0 = kept first), groups in name order (as ``flat_keep``)."""
+    r = path.ranking(readout)
+    return torch.cat([r[n].flatten() for n in sorted(r)]).long()
+
+
 def parse_key(key: str) -> dict:
     model, method, budget, seed, stage = key.split("|")
     return {"model": model, "method": method, "budget": float(budget), "seed": int(seed), "stage": stage}
@@ -389,6 +410,8 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     paths: dict[str, object] = {}     # the solution paths of the path methods, saved with their health
     health: dict[str, dict] = {}
     keep_digest: dict[tuple, str] = {}  # (method, seed, budget) -> digest of the keep-set: identical rows are flagged
+    keepsets: dict[str, np.ndarray] = {}  # keep_key -> every kept entry as one bool vector (keepsets.npz)
+    rankings: dict[str, np.ndarray] = {}  # rank_key -> a ranking method's global order of every entry (rankings.npz)
     try:
         for method in cfg.methods:
             if method in methods.PEER_METHODS and methods.peer_reason(method):
@@ -428,6 +451,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                                 best = (val, p, fitted)
                         chosen.append(best)
                     timing["readout_choice_s"] += time.perf_counter() - t1
+                    rankings[rank_key(task.name, method, seed)] = flat_ranking(path).numpy().astype(np.int32)
                     if path.rank_by != "score":
                         paths[f"{method}@seed{seed}"] = path
                         health[f"{method}@seed{seed}"] = path_health(
@@ -468,6 +492,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                            **_spread_cols(p.keep, m.groups)}
                     if p.keep is not None:
                         keep_digest[(method, seed, frac)] = _digest(p.keep)
+                        keepsets[keep_key(task.name, method, frac, seed)] = flat_keep(p.keep).numpy()
                     if method == "spp":
                         row["form"] = cfg.form  # "adam": the labelled variant, not the paper's update
                     if h is not None:  # a path method: is the order behind this row real? (docs/path_health.md)
@@ -540,7 +565,7 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     folder = None
     if record:
         folder = write_record(cfg.study, cfg, None, table, info, paths=paths, health=health,
-                              arrays={"correct.npz": correct})
+                              arrays={"correct.npz": correct, "keepsets.npz": keepsets, "rankings.npz": rankings})
         log(f"record written: {folder}")
     return {"table": table, "summary": summary, "correct": correct, "sanity": sanity, "record": folder, "info": info,
             "config": dataclasses.asdict(cfg), "paths": paths, "path_health": health}

@@ -56,7 +56,20 @@ def test_clip_and_llm_tables_keep_the_statistical_floor():
     assert len(llm["seeds"]) >= 3 and llm["resamples"] >= 2000 and llm["eval_windows"] >= 128
 
 
-@pytest.mark.parametrize("book", ["10_vision_table.ipynb", "20_clip_retrieval.ipynb", "30_llm_zero_shot.ipynb"])
+def test_the_seed_study_reads_a_vision_table_that_runs_before_it_with_its_methods_and_seeds():
+    p = _reproduce_params()
+    seed = p["50_seed_stability.ipynb"]
+    if seed.get("source") != "vision_table":
+        return
+    vt = p["10_vision_table.ipynb"]
+    assert "10_vision_table.ipynb" < "50_seed_stability.ipynb"  # notebooks run in name order
+    assert seed["model"] in vt["models"] and vt["seeds"] >= 3
+    ran = vt.get("model_methods", {}).get(seed["model"])
+    assert ran is None or set(seed["methods"]) <= set(ran)
+    assert "lasso" not in seed["methods"] or ran is None or "lasso-rank" in ran  # Lasso's order: lasso-rank
+
+
+@pytest.mark.parametrize("book", sorted(_reproduce_params()))
 def test_reproduce_parameters_are_notebook_parameters(book):
     import json
 

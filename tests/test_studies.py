@@ -86,6 +86,53 @@ def test_seed_study_rows_overlaps_and_rankings(tmp_path, monkeypatch):
     assert k.loc["lasso", "ranking"].startswith("lasso-rank") and k["mean"].abs().le(1).all()
 
 
+def test_seed_study_from_the_vision_table_reads_its_keep_sets_and_orders(tmp_path, monkeypatch):
+    from sppbench.vision import VisionTableConfig, run_vision_table
+
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="run notebook 10"):
+        studies.seed_study_from_table("tiny-vit", ("spp", "lasso"))
+    cfg = VisionTableConfig(model="embedded-vit", methods=("spp", "lasso", "lasso-rank", "magnitude"),
+                            macs_fractions=(0.8, 0.5), steps=3, batch_size=8, seeds=2, lasso_trials=3,
+                            finetune_steps=0, resamples=100)
+    vt = run_vision_table(cfg, task=tiny_task(), progress=False)
+    with np.load(vt["record"] / "keepsets.npz") as z:
+        keeps = {k: z[k] for k in z.files}
+    with np.load(vt["record"] / "rankings.npz") as z:
+        ranks = {k: z[k] for k in z.files}
+    t = vt["table"]
+    assert len(keeps) == int((t["method"] != "dense").sum())  # one keep-set per pruned row
+    assert {k.rsplit("|", 1)[0] for k in ranks} == {"tiny-vit|spp", "tiny-vit|lasso-rank", "tiny-vit|magnitude"}
+    res = studies.seed_study_from_table("tiny-vit", ("spp", "lasso"))
+    assert res["info"]["source_run"] == vt["record"].name and res["record"] is not None
+    rows = res["table"]
+    assert len(rows) == int(t["method"].isin(["spp", "lasso"]).sum())
+    # the Jaccard equals the one computed from the keep-sets; the Kendall tau the one from the orders
+    for _, j in res["jaccard"].iterrows():
+        a, b = (keeps[f"tiny-vit|{j['method']}|{j['budget_macs_fraction']!r}|{s}"].astype(bool) for s in (0, 1))
+        assert j["mean"] == pytest.approx((a & b).sum() / (a | b).sum()) and j["pairs"] == 1
+    k = res["kendall"].set_index("method")
+    assert k.loc["spp", "mean"] == pytest.approx(studies.kendall_tau(torch.as_tensor(ranks["tiny-vit|spp|0"]),
+                                                                     torch.as_tensor(ranks["tiny-vit|spp|1"])))
+    assert k.loc["lasso", "ranking"].startswith("lasso-rank")
+    with pytest.raises(FileNotFoundError, match="no 'random' rows"):
+        studies.seed_study_from_table("tiny-vit", ("random",), vt["record"])
+
+
+def test_kappa_lambda_cross_design_runs_one_axis_at_a_time(tmp_path, monkeypatch):
+    cfg = studies.KappaLambdaConfig(kappas=(5.0, 10.0, 20.0), lams=(0.01, 0.03, 0.045), design="cross")
+    assert cfg.cells() == [(5.0, 0.03), (10.0, 0.03), (20.0, 0.03), (10.0, 0.01), (10.0, 0.045)]
+    assert len(studies.KappaLambdaConfig(kappas=(5.0, 10.0), lams=(0.01, 0.03)).cells()) == 4  # grid: the product
+    with pytest.raises(ValueError, match="design"):
+        studies.KappaLambdaConfig(design="diagonal").resolved()
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = studies.KappaLambdaConfig(kappas=(5.0, 10.0), lams=(0.02, 0.05), steps=3, batch_size=8, seeds=(0,),
+                                    design="cross")
+    res = studies.run_kappa_lambda(cfg, task=tiny_task(), progress=False)
+    assert list(zip(res["table"]["kappa"], res["table"]["lam"])) == [(5.0, 0.05), (10.0, 0.05), (10.0, 0.02)]
+    assert res["info"]["design"] == "cross" and len(res["info"]["cells"]) == 3
+
+
 def test_path_study_runs_the_adam_form_and_records_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     cfg = studies.PathStudyConfig(models=("embedded-vit",), steps=4, batch_size=8, macs_fractions=(0.5,), form="adam")

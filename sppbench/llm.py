@@ -43,12 +43,16 @@ from torch import nn
 from .dynamics import SLBI
 from .errors import BudgetError, UnsupportedModelError
 
-LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria")
+LLM_METHODS = ("magnitude", "wanda", "ria", "spp-ria", "sparsegpt")
 # controls: not methods of their own; ria-perturbed = RIA's keep-set with a given share of its pruned weights per
 # Linear swapped at random for kept ones (what a change of SPP-RIA's size, without the path, does)
 CONTROL_METHODS = ("ria-perturbed",)
 # comparison group of each method's unstructured read-out
-COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer", "ria-perturbed": "layer"}
+COMPARE = {"magnitude": "layer", "wanda": "row", "ria": "layer", "spp-ria": "layer", "ria-perturbed": "layer",
+           "sparsegpt": "block"}  # sparsegpt: the lowest OBS scores of each block of SPARSEGPT_DEFAULTS["blocksize"] inputs
+# SparseGPT (sppbench.sparsegpt): the paper's lazy-batch / mask-selection block and Hessian damping (1% of the mean diagonal)
+SPARSEGPT_DEFAULTS = {"blocksize": 128, "damp": 0.01}
+GRAM_METHODS = ("spp-ria", "sparsegpt")  # methods that need each Linear's input Gram X^T X, not only its diagonal
 # lam and precondition chosen on validation windows (tools/tune_llm.py, results/runs/tune_llm_embedded/)
 SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 2.5, "clip": 1.0,
                     "precondition": True}
@@ -424,6 +428,8 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
         "calibration": None if calib_ids is None else {"n_samples": int(calib_ids.shape[0]),
                                                        "seqlen": int(calib_ids.shape[1])},
         **({"spp": {k: cfg[k] for k in SPP_RIA_DEFAULTS}, "note": RECONSTRUCTION} if method == "spp-ria" else {}),
+        **({"sparsegpt": dict(SPARSEGPT_DEFAULTS), "note": "SparseGPT (Frantar and Alistarh 2023), written here from "
+            "its Algorithm 1 (sppbench.sparsegpt): the kept weights are updated"} if method == "sparsegpt" else {}),
         **({"perturb": {"seed": int(perturb.get("seed", 0)),
                         "shares": "per Linear" if isinstance(perturb["shares"], dict) else float(perturb["shares"])}}
            if perturb is not None else {})})
@@ -450,11 +456,11 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                         key = (x.data_ptr(), tuple(x.shape))
                         if key not in memo:  # the entry holds x, so its memory cannot be reused within the batch
                             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                            memo[key] = (x, x2.shape[0], x2.T @ x2 if method == "spp-ria" else x2.pow(2).sum(0))
+                            memo[key] = (x, x2.shape[0], x2.T @ x2 if method in GRAM_METHODS else x2.pow(2).sum(0))
                         _, n, stat = memo[key]
                         s = stats[name]
                         s["tokens"] += n
-                        s["G" if method == "spp-ria" else "sq"] = s.get("G" if method == "spp-ria" else "sq", 0) + stat
+                        s["G" if method in GRAM_METHODS else "sq"] = s.get("G" if method in GRAM_METHODS else "sq", 0) + stat
                     return hook
 
                 hooks = [m.register_forward_hook(make_hook(n)) for n, m in lins.items()]
@@ -472,6 +478,13 @@ def prune_llm(model: nn.Module, method: str, pattern: str | float, calib_ids: to
                 compare = COMPARE[method] if pat.kind == "unstructured" else "layer"
                 if method == "magnitude":
                     keep = keep_by_order(W.abs(), None, pat, compare)
+                elif method == "sparsegpt":  # OBS updates of the kept weights (they change, not only the mask)
+                    from .sparsegpt import sparsegpt
+
+                    new, keep = sparsegpt(W, s["G"], sparsity=pat.sparsity, n=pat.n if pat.kind == "nm" else None,
+                                          m=pat.m if pat.kind == "nm" else None, **SPARSEGPT_DEFAULTS)
+                    W.copy_(new)
+                    extra = {"weights_updated": True}
                 else:
                     sq = torch.diagonal(s["G"]) if method == "spp-ria" else s["sq"]
                     norm = sq.clamp_min(0).sqrt()

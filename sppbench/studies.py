@@ -375,10 +375,18 @@ def seed_study_from_table(model: str = "embedded-swin", methods_: tuple[str, ...
             ks = {s: k for s, k in ks.items() if k is not None}
             if len(ks) < 2:
                 continue
-            vals = [(int((ks[a] & ks[b]).sum()) / max(1, int((ks[a] | ks[b]).sum())))
-                    for a, b in itertools.combinations(sorted(ks), 2)]
+            # the read-out each seed's row used (chosen per budget on validation): two seeds that chose different
+            # read-outs differ by the read-out as well as by the search, so the pairs of the same read-out are
+            # reported apart
+            ro = {int(r["seed"]): r.get("readout") for r in mine if float(r["budget_macs_fraction"]) == f}
+            pairs = list(itertools.combinations(sorted(ks), 2))
+            vals = [(int((ks[a] & ks[b]).sum()) / max(1, int((ks[a] | ks[b]).sum()))) for a, b in pairs]
+            same = [v for (a, b), v in zip(pairs, vals) if ro.get(a) == ro.get(b)]
             jac.append({"method": method, "budget_macs_fraction": f, "mean": statistics.fmean(vals),
-                        "min": min(vals), "pairs": len(vals)})
+                        "min": min(vals), "pairs": len(vals),
+                        "readouts": ", ".join(f"seed {k}: {ro.get(k)}" for k in sorted(ks)),
+                        "same_readout_pairs": len(same),
+                        "mean_same_readout": statistics.fmean(same) if same else None})
         ranker = method if method != "lasso" else "lasso-rank"
         rs = {s: rankings.get(rank_key(model, ranker, s)) for s in seeds}
         rs = {s: torch.as_tensor(r) for s, r in rs.items() if r is not None}
@@ -396,6 +404,8 @@ def seed_study_from_table(model: str = "embedded-swin", methods_: tuple[str, ...
             "search_seconds": {k: v for k, v in (rec["metrics"]["info"].get("search_seconds") or {}).items()
                                if k.split("@")[0] in methods_},
             "seed_controls": "order of the training batches and the search's torch seed",
+            "readouts": "each row keeps the read-out the table chose for it on validation (per seed and budget); "
+                        "jaccard.mean_same_readout averages only the seed pairs that chose the same read-out",
             "top1": "test split (the vision table's); head re-fit on the pruned features (L-BFGS) and the dense head "
                     "(no retraining)",
             "seconds": round(time.perf_counter() - t0, 1)}

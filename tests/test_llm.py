@@ -144,7 +144,7 @@ def test_bad_patterns_and_models():
     with pytest.raises(UnsupportedModelError):
         prune_llm(torch.nn.Linear(2, 2), "wanda", 0.5, ids())
     with pytest.raises(UnsupportedModelError, match="unknown"):
-        prune_llm(tiny_llama(), "sparsegpt", 0.5, ids())
+        prune_llm(tiny_llama(), "obc", 0.5, ids())
     with pytest.raises(ValueError, match="calibration"):
         prune_llm(tiny_llama(), "wanda", 0.5, None)
     with pytest.raises(ValueError, match="lambda"):
@@ -309,3 +309,31 @@ def test_keep_by_order_equals_the_full_sort_with_ties(pattern):
             assert torch.equal(keep_by_order(primary, sec, pat), expect)
     with pytest.raises(Exception, match="multiple"):
         keep_by_order(torch.zeros(2, 6), None, parse_pattern("2:4"))
+
+
+@pytest.mark.parametrize("pattern", [0.5, "2:4"])
+def test_sparsegpt_in_the_layer_loop_equals_a_direct_call_and_updates_the_kept_weights(pattern):
+    from sppbench.llm import SPARSEGPT_DEFAULTS
+    from sppbench.sparsegpt import sparsegpt
+
+    dense = tiny_llama()
+    layer0, _ = decoder_layers(dense)
+    q = layer_linears(layer0[0])["self_attn.q_proj"]
+    seen = []
+    hook = q.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(0, 6, 4):  # the same batches prune_llm feeds the first layer (batch_size=4)
+            dense(ids()[i:i + 4])
+    hook.remove()
+    H = 0
+    for x in seen:  # per batch, summed in order, as prune_llm accumulates it
+        H = H + x.float().T @ x.float()
+    p = parse_pattern(pattern)
+    want, keep = sparsegpt(q.weight.data, H, sparsity=p.sparsity, n=p.n or None, m=p.m or None,
+                           **SPARSEGPT_DEFAULTS)
+    model = tiny_llama()
+    res = prune_llm(model, "sparsegpt", pattern, ids(), batch_size=4)
+    got = layer_linears(decoder_layers(model)[0][0])["self_attn.q_proj"].weight.data
+    assert torch.allclose(got, want, atol=1e-5)
+    assert bool((got[keep] != q.weight.data[keep]).any())  # the kept weights moved (OBS updates), not only a mask
+    assert res.settings["sparsegpt"] == SPARSEGPT_DEFAULTS and all(r["weights_updated"] for r in res.layers)

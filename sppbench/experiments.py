@@ -191,7 +191,8 @@ def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict
 
 def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
                  paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None,
-                 files: "dict[str, Any] | None" = None, arrays: "dict[str, dict] | None" = None) -> "Any":
+                 files: "dict[str, Any] | None" = None, arrays: "dict[str, dict] | None" = None,
+                 blobs: "dict[str, bytes] | None" = None) -> "Any":
     """One run record: params.json, metrics.json (rows, info, the search config and the path health of
     every solution path), and per path its entries (``path.csv`` / ``paths/<name>.csv``) and per-step
     history with the loss (``history.json`` / ``paths/<name>.history.json``).
@@ -199,7 +200,7 @@ def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
     ``health``: diagnostics already computed (e.g. with the budgets' own keep-sets); the rest are computed
     here with the default budgets. ``files``: further JSON files of the record (name -> object), e.g.
     per-example results; ``arrays``: compressed numpy files (name.npz -> {key: array}), e.g. per-image
-    correctness (docs/records.md)."""
+    correctness (docs/records.md); ``blobs``: files written as given bytes (e.g. a gzip-compressed log)."""
     rec = RunRecord(study)
     try:
         health = dict(health or {})
@@ -222,6 +223,9 @@ def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
 
             with open(rec.file(name), "wb") as fh:
                 np.savez_compressed(fh, **arrs)
+        for name, data in (blobs or {}).items():
+            with open(rec.file(name), "wb") as fh:
+                fh.write(data)
         for n, p in (paths or {}).items():
             safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in n)
             p.write_csv(rec.file(f"paths/{safe}.csv"))

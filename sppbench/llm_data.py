@@ -14,7 +14,7 @@ Token windows (:class:`TokenSet`): :func:`calibration_tokens` draws random windo
 and :func:`perplexity_tokens` cuts consecutive windows; both work on any text through
 :func:`tokens_from_text`, so the paper profile reuses them on WikiText-2 (:func:`wikitext2_test_text`) and C4
 (:func:`c4_calibration_text`), read from user paths on users' machines. :func:`perplexity` is the standard
-Hugging Face causal-LM perplexity; :func:`zero_shot_tasks` runs lm-eval when it and its data are available.
+Hugging Face causal-LM perplexity (zero-shot tasks: :mod:`sppbench.zeroshot`).
 """
 from __future__ import annotations
 
@@ -45,10 +45,9 @@ from .errors import DataError
 
 __all__ = [
     "SMOLLM2_LABEL", "SMOLLM2_FILE", "CALIB_ARTICLES", "TEST_ARTICLES", "WIKITEXT2_ENV", "C4_ENV",
-    "ZERO_SHOT_TASKS", "TokenSet", "smollm2", "smollm2_gguf_path", "wiki_dump_path", "wiki_articles",
+    "TokenSet", "smollm2", "smollm2_gguf_path", "wiki_dump_path", "wiki_articles",
     "clean_wikitext", "wiki_split", "tokens_from_text", "random_windows", "consecutive_windows",
     "calibration_tokens", "perplexity_tokens", "perplexity", "window_nll", "perplexity_from_nll", "wikitext2_test_text", "c4_calibration_text",
-    "zero_shot_tasks",
 ]
 
 # --------------------------------------------------------------------------
@@ -755,45 +754,3 @@ def c4_calibration_text(path: str | os.PathLike | None = None, max_documents: in
         raise DataError(f"{file} holds no documents with text; fetch {C4_FILE} again")
     return "\n\n".join(docs)
 
-
-# --------------------------------------------------------------------------
-# Zero-shot tasks (lm-eval), when available
-# --------------------------------------------------------------------------
-
-ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-
-
-def zero_shot_tasks(model, tokenizer, tasks: Sequence[str] = ZERO_SHOT_TASKS, limit: int | None = None,
-                    batch_size: int = 8) -> dict[str, Any]:
-    """Zero-shot accuracies with EleutherAI's lm-eval harness, when it and its task data are available.
-
-    Returns ``{task: {"acc": float, "acc_norm": float (when lm-eval reports it)}}``; or, when lm-eval is not
-    installed or its task data cannot be loaded (e.g. offline), ``{"skipped": "<why>"}`` -- never raises
-    for those. ``limit`` caps the examples per task (for smoke runs; not comparable to papers).
-    """
-    if importlib.util.find_spec("lm_eval") is None:
-        return {"skipped": "lm-eval not installed (pip install lm-eval)"}
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager, get_task_dict
-
-        manager = TaskManager()
-        get_task_dict(list(tasks), manager)  # loads the task data: fails here when it cannot be fetched
-    except Exception as exc:  # ImportError of an optional dependency, ConnectionError, DatasetNotFoundError, ...
-        return {"skipped": f"lm-eval's task data could not be loaded offline ({type(exc).__name__}: {str(exc)[:300]})"}
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          log_samples=False)
-    finally:
-        model.train(was_training)
-    results = {}
-    for task in tasks:
-        metrics = (out or {}).get("results", {}).get(task, {})
-        results[task] = {name: float(metrics[f"{name},none"]) for name in ("acc", "acc_norm")
-                         if f"{name},none" in metrics}
-    return results

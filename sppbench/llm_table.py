@@ -62,7 +62,12 @@ class LLMTableConfig:
     nu: float = 10.0
     lam: float = 0.05
     latency_batch: int = 1
-    zero_shot: str = ""              # comma-separated lm-eval tasks ('' = none); skipped with a reason offline
+    # zero-shot tasks through lm-eval on the local data (sppbench.zeroshot, docs/zero_shot.md); () = none
+    zero_shot_tasks: tuple[str, ...] = ()
+    zero_shot_docs: int = 50         # documents per task: a seeded random subset, the same for every model (0 = all)
+    zero_shot_seed: int = 0          # the subset draw
+    zero_shot_batch: int = 16
+    zero_shot_all_seeds: bool = False  # False: the dense model and the first calibration seed's models only
     ria_control: bool = True         # with spp-ria: also RIA with the same share of its cut moved at random
     study: str = "llm_table"
 
@@ -85,6 +90,14 @@ class LLMTableConfig:
                              f"{self.n_samples}, {self.resamples}")
         if self.eval_sampling not in ("stratified", "spread", "first"):
             raise ValueError(f"eval_sampling must be 'stratified', 'spread' or 'first', got {self.eval_sampling!r}")
+        from .zeroshot import TASKS as ZS_TASKS
+
+        bad = [t for t in self.zero_shot_tasks if t not in ZS_TASKS]
+        if bad:
+            raise SppBenchError(f"unknown zero-shot task(s) {bad}; the local tasks are {list(ZS_TASKS)}")
+        if self.zero_shot_docs < 0 or self.zero_shot_batch < 1:
+            raise ValueError(f"zero_shot_docs must be >= 0 (0 = the whole splits) and zero_shot_batch >= 1, got "
+                             f"{self.zero_shot_docs}, {self.zero_shot_batch}")
         if self.model != "smollm2":
             raise SppBenchError(f"unknown LLM {self.model!r}: the embedded profile is 'smollm2'; LLaMA-2 / OPT run "
                                 "from Python with sppbench.llm.prune_llm on a model you load")
@@ -144,7 +157,9 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
             nll[key] = v.numpy()
         return llm_data.perplexity_from_nll(v)
 
+    zs = _ZeroShot(cfg, tokenizer, log)
     dense_ppl = ppl(model, nll_key(cfg.model, "dense", "dense", cfg.seeds[0]))
+    zs.run(model, "dense", "dense", cfg.seeds[0])
     n_linear = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n)
     rows = [{"model": cfg.model, "method": "dense", "pattern": "dense", "seed": cfg.seeds[0], "target_sparsity": 0.0,
              "sparsity": 0.0, "perplexity": dense_ppl, "seconds": 0.0}]
@@ -175,6 +190,8 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
                 layers += [{"method": method, "pattern": res.pattern, "seed": seed, **r} for r in res.layers]
                 log(f"{method} {res.pattern} seed {seed}: sparsity {res.sparsity():.4f}, perplexity {p:.2f}, "
                     f"{res.seconds:.1f}s")
+                if cfg.zero_shot_all_seeds or seed == cfg.seeds[0]:
+                    zs.run(pruned, method, res.pattern, seed)
                 del pruned
     structured = run_structured(model, tokenizer, cfg, calib, ppl, log, dense_ppl=dense_ppl) \
         if cfg.structured_methods else []
@@ -193,7 +210,7 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
                            "resamples": cfg.resamples, "references": list(REFERENCES),
                            "windows": int(test.ids.shape[0]), "level": 0.95},
             "sanity": sanity_checks(summary),
-            "zero_shot": zero_shot(model, tokenizer, cfg),
+            "zero_shot": zs.info(resamples=cfg.resamples),
             "seconds": round(time.perf_counter() - t_start, 1)}
     ratio = {}
     for pat in summary["pattern"].unique():
@@ -233,10 +250,12 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
     folder = None
     if record:
         folder = write_record(cfg.study, cfg, None, table, {**info, "structured": structured, "layers": layers},
-                              arrays={"nll.npz": nll})
+                              arrays={"nll.npz": nll, **({"zero_shot.npz": zs.correct} if zs.correct else {})},
+                              blobs={"zero_shot_samples.jsonl.gz": zs.samples_log()} if zs.logs else None)
         log(f"record written: {folder}")
     return {"table": table, "summary": summary, "structured": stab, "layers": pd.DataFrame(layers), "record": folder,
-            "info": info, "nll": nll, "config": dataclasses.asdict(cfg)}
+            "info": info, "nll": nll, "config": dataclasses.asdict(cfg), "zero_shot": pd.DataFrame(zs.rows),
+            "zero_shot_summary": pd.DataFrame(info["zero_shot"].get("summary", []))}
 
 
 def nll_key(model: str, method: str, pattern: str, seed: int) -> str:
@@ -315,12 +334,106 @@ def _spp_ria_columns(method: str, layers: list[dict]) -> dict:
     return {}
 
 
-def zero_shot(model, tokenizer, cfg: LLMTableConfig) -> dict:
-    if not cfg.zero_shot:
-        return {"skipped": "no zero-shot tasks requested (zero_shot='')"}
-    from . import llm_data
+class _ZeroShot:
+    """The zero-shot part of the LLM table: lm-eval on the local task data (sppbench.zeroshot) for each model
+    asked, the per-document correctness (``zero_shot.npz``), the harness's per-sample logs and the summary with
+    the paired comparisons against RIA and Wanda."""
 
-    return llm_data.zero_shot_tasks(model, tokenizer, tasks=tuple(t.strip() for t in cfg.zero_shot.split(",")))
+    def __init__(self, cfg: LLMTableConfig, tokenizer, log):
+        self.cfg, self.tokenizer, self.log = cfg, tokenizer, log
+        self.rows: list[dict] = []
+        self.correct: dict = {}
+        self.logs: dict = {}
+        self.harness: dict = {}
+
+    def run(self, model: nn.Module, method: str, pattern: str, seed: int) -> None:
+        cfg = self.cfg
+        if not cfg.zero_shot_tasks:
+            return
+        from . import zeroshot
+
+        self.log(f"zero-shot: {method} {pattern} seed {seed}, {len(cfg.zero_shot_tasks)} tasks")
+        out = zeroshot.evaluate(model, self.tokenizer, cfg.zero_shot_tasks, n=cfg.zero_shot_docs or None,
+                                seed=cfg.zero_shot_seed, batch_size=cfg.zero_shot_batch, progress=self.log)
+        self.harness.update(out["harness"])
+        for task, r in out["tasks"].items():
+            self.rows.append({"model": cfg.model, "method": method, "pattern": pattern, "seed": seed, "task": task,
+                              **r})
+        for task, cor in out["correct"].items():
+            self.correct.setdefault(f"doc_id|{task}", cor["doc_id"])
+            for metric in ("acc", "acc_norm"):
+                if metric in cor:
+                    self.correct[zeroshot.correct_key(cfg.model, method, pattern, seed, task, metric)] = cor[metric]
+        self.logs[nll_key(cfg.model, method, pattern, seed)] = out["samples"]
+
+    def samples_log(self) -> bytes:
+        from .zeroshot import samples_log_bytes
+
+        return samples_log_bytes(self.logs)
+
+    def info(self, resamples: int) -> dict:
+        cfg = self.cfg
+        if not cfg.zero_shot_tasks:
+            return {"skipped": "no zero-shot tasks requested (zero_shot_tasks=())"}
+        summary, paired = zero_shot_summary(self.rows, self.correct, model=cfg.model, resamples=resamples)
+        errors = {r["task"]: r["error"] for r in self.rows if "error" in r}
+        return {"tasks": list(cfg.zero_shot_tasks), "docs_per_task": cfg.zero_shot_docs or "all",
+                "subset_seed": cfg.zero_shot_seed, "harness": self.harness,
+                "models": "the dense model and every pruned model of " + (
+                    "every calibration seed" if cfg.zero_shot_all_seeds else f"calibration seed {cfg.seeds[0]}"),
+                "metric": "acc per task (acc_norm also recorded); the mean is over the tasks that ran",
+                "paired": "per task and for the task mean: a paired bootstrap over documents (each task resampled "
+                          "on its own), per-document correctness averaged over the seeds evaluated",
+                "errors": errors, "rows": self.rows, "summary": summary, "comparisons": paired}
+
+
+def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples: int = 2000,
+                      metric: str = "acc") -> tuple[list[dict], list[dict]]:
+    """Per method and pattern: ``metric`` per task (mean over the seeds evaluated) and its mean over the tasks
+    every model ran; per reference R in :data:`REFERENCES` (same pattern) the paired difference of the task mean
+    (``zs_delta_vs_R``, ``_lo``, ``_hi``, ``zs_verdict_vs_R``; higher is better) from the per-document correctness,
+    each task's documents resampled on their own (``stats.paired_bootstrap_parts``, divided by the number of
+    tasks). The second list: the same comparison per task (delta, interval, McNemar p, verdict)."""
+    import numpy as np
+
+    from .stats import paired_bootstrap_parts
+    from .zeroshot import correct_key
+
+    ok = [r for r in rows if "error" not in r]
+    runs = sorted({(r["method"], r["pattern"]) for r in ok}, key=lambda k: [x["method"] for x in ok].index(k[0]))
+    tasks_by_run = {k: {r["task"] for r in ok if (r["method"], r["pattern"]) == k} for k in runs}
+    common = sorted(set.intersection(*tasks_by_run.values())) if tasks_by_run else []
+
+    def arrays(method, pattern, task):
+        seeds = sorted({r["seed"] for r in ok if (r["method"], r["pattern"], r["task"]) == (method, pattern, task)})
+        return [np.asarray(correct[correct_key(model, method, pattern, s, task, metric)], dtype=np.float64)
+                for s in seeds]
+
+    summary, paired = [], []
+    for method, pattern in runs:
+        mine = [r for r in ok if (r["method"], r["pattern"]) == (method, pattern)]
+        row = {"model": model, "method": method, "pattern": pattern,
+               "seeds": len({r["seed"] for r in mine})}
+        for task in sorted({r["task"] for r in mine}):
+            vals = [r[metric] for r in mine if r["task"] == task and metric in r]
+            row[f"{metric}_{task}"] = float(np.mean(vals)) if vals else None
+            row[f"n_{task}"] = mine[[r["task"] for r in mine].index(task)]["n"]
+        row[f"{metric}_mean"] = float(np.mean([row[f"{metric}_{t}"] for t in common])) if common else None
+        for ref in REFERENCES:
+            if ref == method or method == "dense" or (ref, pattern) not in tasks_by_run or not common:
+                continue
+            parts = [(arrays(method, pattern, t), arrays(ref, pattern, t)) for t in common]
+            st = paired_bootstrap_parts(parts, resamples=resamples)
+            k = len(common)
+            row.update({f"zs_delta_vs_{ref}": st["delta"] / k, f"zs_delta_vs_{ref}_lo": st["lo"] / k,
+                        f"zs_delta_vs_{ref}_hi": st["hi"] / k, f"zs_verdict_vs_{ref}": st["verdict"]})
+            for t, (a, b) in zip(common, parts):
+                c = compare(a, b, binary=True, resamples=resamples)
+                paired.append({"method": method, "pattern": pattern, "task": t, "reference": ref,
+                               "delta": c["delta"], "lo": c["lo"], "hi": c["hi"], "mcnemar_p": c.get("mcnemar_p"),
+                               "verdict": c["verdict"], "n": int(len(a[0]))})
+        summary.append(row)
+    return summary, paired
 
 
 def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl, log,

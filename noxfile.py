@@ -43,6 +43,9 @@ MODEL_SETTINGS = {
 }
 
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
+# sppbench.zeroshot.TASKS (the paper's seven, PIQA and LAMBADA); tests/test_reproduce_params.py checks they agree
+ZERO_SHOT_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa",
+                   "lambada_openai"]
 REPRODUCE_PARAMS = {
     "00_quickstart.ipynb": {"n_test": 2000, "n_refit": 2000},
     # searches: 160 steps (the Swin 640) = the steps the adam form's settings were chosen at (docs/path_health.md).
@@ -79,8 +82,12 @@ REPRODUCE_PARAMS = {
     # 90% MACs for SPP and magnitude alike; its 20-step SPP path entered nothing) in every committed record; run it
     # with structured_methods ["spp", "magnitude"].
     # Calibration: 32 windows of 128 tokens per seed (4,096 tokens; 256-token windows cost 2 more minutes).
-    "30_llm_zero_shot.ipynb": {"patterns": ["2:4"], "n_samples": 32, "seqlen": 128, "eval_seqlen": 128,
-                               "eval_windows": 128,
+    # SparseGPT (~50 s per model) beside Wanda and RIA. Zero-shot: all nine tasks on the same seeded random 40
+    # documents each (ZERO_SHOT_DOCS), for the dense model and the first seed's five pruned models (~2.5 min per
+    # model on 2 cores: the zero-shot part adds ~15 min, SparseGPT ~4); `nox -s zero_shot` runs the whole splits.
+    "30_llm_zero_shot.ipynb": {"methods": ["magnitude", "wanda", "ria", "spp-ria", "sparsegpt"],
+                               "patterns": ["2:4"], "n_samples": 32, "seqlen": 128, "eval_seqlen": 128,
+                               "eval_windows": 128, "zero_shot_tasks": ZERO_SHOT_TASKS, "zero_shot_docs": 40,
                                "seeds": [0, 1, 2], "resamples": 2000, "ria_control": False,
                                "spp_steps": 20, "structured_methods": [], "structured_fractions": [0.9],
                                "structured_steps": 20},
@@ -184,6 +191,22 @@ def reproduce(session: nox.Session) -> None:
     _ensure_fashion_mnist(session)
     books = [(nb, REPRODUCE_PARAMS.get(nb.name, {})) for nb in sorted(NOTEBOOKS.glob("[0-9]*.ipynb"))]
     _run_notebooks(session, books, EXECUTED, profile)
+
+
+@nox.session
+def zero_shot(session: nox.Session) -> None:
+    """Notebook 30 (the LLM table) with the zero-shot tasks on their WHOLE splits (5.3 M tokens per model: about 7
+    hours per model on a 2-core CPU; meant for a GPU machine), otherwise the reproduce settings; the record goes
+    to results/runs/llm_zero_shot_full. `nox -s zero_shot -- N` scores N documents per task instead."""
+    docs = 0
+    if session.posargs:
+        if not session.posargs[0].isdigit():
+            session.error(f"`nox -s zero_shot -- N` takes a number of documents per task (0 = all), "
+                          f"got {session.posargs[0]!r}")
+        docs = int(session.posargs[0])
+    _install(session)
+    params = {**REPRODUCE_PARAMS["30_llm_zero_shot.ipynb"], "zero_shot_docs": docs, "study": "llm_zero_shot_full"}
+    _run_notebooks(session, [(NOTEBOOKS / "30_llm_zero_shot.ipynb", params)], EXECUTED / "zero_shot", "embedded")
 
 
 # The paper profile through the notebooks: the vision table (DeiT / Swin on ImageNet) and the CLIP table

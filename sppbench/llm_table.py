@@ -158,6 +158,10 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
         return llm_data.perplexity_from_nll(v)
 
     zs = _ZeroShot(cfg, tokenizer, log)
+    runs = [*cfg.methods, *(["ria-perturbed"] if cfg.ria_control and "spp-ria" in cfg.methods else [])]
+    zs.total = 1 + len(cfg.structured_methods) * len(cfg.structured_fractions) + len(cfg.patterns) * sum(
+        1 for seed in cfg.seeds for m in runs
+        if not (m in CALIBRATION_FREE and seed != cfg.seeds[0]) and (cfg.zero_shot_all_seeds or seed == cfg.seeds[0]))
     dense_ppl = ppl(model, nll_key(cfg.model, "dense", "dense", cfg.seeds[0]))
     zs.run(model, "dense", "dense", cfg.seeds[0])
     n_linear = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n)
@@ -169,7 +173,6 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
     spp = {"steps": cfg.spp_steps, "kappa": cfg.spp_kappa, "alpha": cfg.spp_alpha, "nu": cfg.spp_nu, "lam": cfg.spp_lam,
            "clip": cfg.spp_clip, "precondition": cfg.spp_precondition}
     for pattern in cfg.patterns:
-        runs = [*cfg.methods, *(["ria-perturbed"] if cfg.ria_control and "spp-ria" in cfg.methods else [])]
         for seed in cfg.seeds:
             shares = None  # SPP-RIA's per-Linear distance from RIA's cut, for the control that follows it
             for method in runs:
@@ -193,7 +196,7 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
                 if cfg.zero_shot_all_seeds or seed == cfg.seeds[0]:
                     zs.run(pruned, method, res.pattern, seed)
                 del pruned
-    structured = run_structured(model, tokenizer, cfg, calib, ppl, log, dense_ppl=dense_ppl) \
+    structured = run_structured(model, tokenizer, cfg, calib, ppl, log, dense_ppl=dense_ppl, zero_shot=zs) \
         if cfg.structured_methods else []
     table = pd.DataFrame(rows)
     summary = summarize(table, nll, model=cfg.model, resamples=cfg.resamples)
@@ -345,6 +348,7 @@ class _ZeroShot:
         self.correct: dict = {}
         self.logs: dict = {}
         self.harness: dict = {}
+        self.total, self.done = 0, 0  # models to evaluate (set by the caller, for the progress lines)
 
     def run(self, model: nn.Module, method: str, pattern: str, seed: int) -> None:
         cfg = self.cfg
@@ -352,16 +356,19 @@ class _ZeroShot:
             return
         from . import zeroshot
 
-        self.log(f"zero-shot: {method} {pattern} seed {seed}, {len(cfg.zero_shot_tasks)} tasks")
+        self.done += 1
+        of = f"model {self.done}/{self.total}, " if self.total else ""
+        self.log(f"zero-shot ({of}{method} {pattern} seed {seed}): {len(cfg.zero_shot_tasks)} tasks")
         out = zeroshot.evaluate(model, self.tokenizer, cfg.zero_shot_tasks, n=cfg.zero_shot_docs or None,
-                                seed=cfg.zero_shot_seed, batch_size=cfg.zero_shot_batch, progress=self.log)
+                                seed=cfg.zero_shot_seed, batch_size=cfg.zero_shot_batch, progress=self.log,
+                                label=f"{of}{method} {pattern}")
         self.harness.update(out["harness"])
         for task, r in out["tasks"].items():
             self.rows.append({"model": cfg.model, "method": method, "pattern": pattern, "seed": seed, "task": task,
                               **r})
         for task, cor in out["correct"].items():
             self.correct.setdefault(f"doc_id|{task}", cor["doc_id"])
-            for metric in ("acc", "acc_norm"):
+            for metric in ("acc", "acc_norm", "pred"):
                 if metric in cor:
                     self.correct[zeroshot.correct_key(cfg.model, method, pattern, seed, task, metric)] = cor[metric]
         self.logs[nll_key(cfg.model, method, pattern, seed)] = out["samples"]
@@ -384,14 +391,20 @@ class _ZeroShot:
                 "metric": "acc per task (acc_norm also recorded); the mean is over the tasks that ran",
                 "paired": "per task and for the task mean: a paired bootstrap over documents (each task resampled "
                           "on its own), per-document correctness averaged over the seeds evaluated",
-                "errors": errors, "rows": self.rows, "summary": summary, "comparisons": paired}
+                "diagnostics": "per task and model: pred_top / pred_top_share (the answer index given most, and to "
+                               "which share of the documents), constant (share >= "
+                               f"{zeroshot_constant_share()}), majority_acc (always giving the most frequent gold "
+                               "index), chance (1 / choices); per-document answers in zero_shot.npz (metric 'pred')",
+                "errors": errors, "rows": self.rows, "summary": summary, "comparisons": paired,
+                "sanity": zero_shot_sanity(self.rows, summary, paired)}
 
 
 def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples: int = 2000,
                       metric: str = "acc") -> tuple[list[dict], list[dict]]:
     """Per method and pattern: ``metric`` per task (mean over the seeds evaluated) and its mean over the tasks
     every model ran; per reference R in :data:`REFERENCES` (same pattern) the paired difference of the task mean
-    (``zs_delta_vs_R``, ``_lo``, ``_hi``, ``zs_verdict_vs_R``; higher is better) from the per-document correctness,
+    and against the dense model (R = ``dense``) (``zs_delta_vs_R``, ``_lo``, ``_hi``, ``zs_verdict_vs_R``; higher is
+    better) from the per-document correctness,
     each task's documents resampled on their own (``stats.paired_bootstrap_parts``, divided by the number of
     tasks). The second list: the same comparison per task (delta, interval, McNemar p, verdict)."""
     import numpy as np
@@ -419,10 +432,11 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
             row[f"{metric}_{task}"] = float(np.mean(vals)) if vals else None
             row[f"n_{task}"] = mine[[r["task"] for r in mine].index(task)]["n"]
         row[f"{metric}_mean"] = float(np.mean([row[f"{metric}_{t}"] for t in common])) if common else None
-        for ref in REFERENCES:
-            if ref == method or method == "dense" or (ref, pattern) not in tasks_by_run or not common:
+        for ref in (*REFERENCES, "dense"):
+            ref_pattern = "dense" if ref == "dense" else pattern
+            if ref == method or method == "dense" or (ref, ref_pattern) not in tasks_by_run or not common:
                 continue
-            parts = [(arrays(method, pattern, t), arrays(ref, pattern, t)) for t in common]
+            parts = [(arrays(method, pattern, t), arrays(ref, ref_pattern, t)) for t in common]
             st = paired_bootstrap_parts(parts, resamples=resamples)
             k = len(common)
             row.update({f"zs_delta_vs_{ref}": st["delta"] / k, f"zs_delta_vs_{ref}_lo": st["lo"] / k,
@@ -436,12 +450,51 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
     return summary, paired
 
 
+def zeroshot_constant_share() -> float:
+    from .zeroshot import CONSTANT_SHARE
+
+    return CONSTANT_SHARE
+
+
+def zero_shot_sanity(rows: list[dict], summary: list[dict], paired: list[dict]) -> list[dict]:
+    """What must be explained before a zero-shot number is read: a pruned model above the dense one beyond noise
+    (on the task mean or on one task; with the answer diagnostics of both, since a model that flips from always
+    "no" to always "yes" on BoolQ gains the majority rate without reading anything), and every model that gives
+    one answer index to at least ``CONSTANT_SHARE`` of a task's documents."""
+    out = []
+    diag = {(r["method"], r["pattern"], r["task"]): r for r in rows if "error" not in r}
+    for row in summary:
+        if row.get("zs_verdict_vs_dense") == "better":
+            out.append({"check": "pruned above dense (task mean)", "method": row["method"], "pattern": row["pattern"],
+                        "delta": row["zs_delta_vs_dense"],
+                        "ci": [row["zs_delta_vs_dense_lo"], row["zs_delta_vs_dense_hi"]]})
+    for p in paired:
+        if p["reference"] == "dense" and p["verdict"] == "better":
+            mine, dense = diag.get((p["method"], p["pattern"], p["task"]), {}), diag.get(("dense", "dense", p["task"]), {})
+            out.append({"check": "pruned above dense (one task)", "method": p["method"], "pattern": p["pattern"],
+                        "task": p["task"], "delta": p["delta"], "ci": [p["lo"], p["hi"]],
+                        "pred_top_share": mine.get("pred_top_share"), "pred_top": mine.get("pred_top"),
+                        "dense_pred_top_share": dense.get("pred_top_share"), "dense_pred_top": dense.get("pred_top"),
+                        "majority_acc": mine.get("majority_acc"),
+                        "why": ("both answer (almost) one way and the pruned one picked the majority answer: an "
+                                "answer bias, not better reading" if mine.get("constant") and dense.get("constant")
+                                and mine.get("pred_top") != dense.get("pred_top") else "unexplained")})
+    for r in rows:
+        if r.get("constant"):
+            out.append({"check": "one answer for (almost) every document", "method": r["method"],
+                        "pattern": r["pattern"], "seed": r["seed"], "task": r["task"], "pred_top": r["pred_top"],
+                        "pred_top_share": r["pred_top_share"], "acc": r.get("acc"),
+                        "majority_acc": r.get("majority_acc")})
+    return out
+
+
 def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl, log,
-                   dense_ppl: float | None = None) -> list[dict]:
+                   dense_ppl: float | None = None, zero_shot: "_ZeroShot | None" = None) -> list[dict]:
     """SPP's pair-wise masks (q/k RoPE pairs, v/o, MLP) searched with SLBI on the next-token loss over the
     calibration windows, read off at MAC budgets, physically sliced; magnitude on the same masks for contrast.
     One search (the first seed's calibration draw); the per-window NLLs go into ``nll.npz`` under the methods
-    ``structured-spp`` / ``structured-magnitude`` and the pattern ``"<fraction> MACs"``."""
+    ``structured-spp`` / ``structured-magnitude`` and the pattern ``"<fraction> MACs"``; with ``zero_shot`` each
+    sliced model is also scored on the zero-shot tasks under the same names."""
     from . import attach_masks, compress, search
     from .methods import magnitude_path
 
@@ -488,6 +541,8 @@ def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl,
                 rows.append(row)
                 log(f"structured {method} @ {frac:.2f} MACs: {row['params'] / 1e6:.1f} M params, perplexity "
                     f"{row['perplexity']:.2f}, {row['latency_ms']:.0f} ms")
+                if zero_shot is not None:  # the same tasks and documents as the element-wise rows
+                    zero_shot.run(small, f"structured-{method}", f"{frac:g} MACs", cfg.seeds[0])
                 del small
     finally:
         m.detach_masks()

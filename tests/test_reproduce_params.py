@@ -56,6 +56,16 @@ def test_clip_and_llm_tables_keep_the_statistical_floor():
     assert len(llm["seeds"]) >= 3 and llm["resamples"] >= 2000 and llm["eval_windows"] >= 128
 
 
+def test_the_llm_table_runs_every_zero_shot_task_and_the_peers():
+    from sppbench import zeroshot
+    from sppbench.llm import LLM_METHODS
+
+    llm = _reproduce_params()["30_llm_zero_shot.ipynb"]
+    assert tuple(llm["zero_shot_tasks"]) == zeroshot.TASKS  # the noxfile's copy of the list agrees
+    assert 30 <= llm["zero_shot_docs"]                      # a subset that still gives a per-task SE under 0.1
+    assert {"magnitude", "wanda", "ria", "spp-ria", "sparsegpt"} <= set(llm["methods"]) <= set(LLM_METHODS)
+
+
 def test_the_seed_study_reads_a_vision_table_that_runs_before_it_with_its_methods_and_seeds():
     p = _reproduce_params()
     seed = p["50_seed_stability.ipynb"]

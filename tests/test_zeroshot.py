@@ -115,11 +115,37 @@ def test_every_task_runs_end_to_end_offline_through_the_harness(prepared, tmp_pa
         cor = res["correct"][task]
         assert cor["doc_id"].tolist() == Z.subset(task, EXPECTED_DOCS[task], 3, 0)
         assert cor["acc"].mean() == pytest.approx(row["acc"])   # the per-document record gives the harness's score
+        if task == "lambada_openai":  # one continuation per document: no answer to choose
+            assert "pred" not in cor and "pred_top_share" not in row
+        else:  # the answer given is the choice of highest log-likelihood, the one acc scores
+            lls = [[float(r[0]) for r in smp["filtered_resps"]] for smp in res["samples"][task]]
+            assert cor["pred"].tolist() == [int(np.argmax(x)) for x in lls]
+            assert 0 < row["pred_top_share"] <= 1 and row["chance"] == pytest.approx(np.mean([1 / len(x) for x in lls]))
         assert len(res["samples"][task]) == 3 and all("doc" in s and "resps" in s for s in res["samples"][task])
     assert res["harness"]["lm_eval"] == "0.4.13"
     log = Z.write_samples_log(tmp_path / "samples.jsonl.gz", {"dense": res["samples"]})
     lines = gzip.decompress(log.read_bytes()).decode().strip().split("\n")
     assert len(lines) == 3 * len(Z.TASKS) and json.loads(lines[0])["row"] == "dense"
+
+
+def test_choice_stats_names_a_constant_answer_and_the_majority_rate():
+    # BoolQ-like: targets are indices; the model says choice 0 to 9 of 10 documents, gold is 1 for 7 of them
+    samples = [{"filtered_resps": [(-1.0, False), (-2.0 if i < 9 else -0.5, False)], "target": 1 if i < 7 else 0}
+               for i in range(10)]
+    st = Z.choice_stats(samples)
+    assert st["pred"].tolist() == [0] * 9 + [1]
+    assert (st["pred_top"], st["pred_top_share"], st["constant"]) == (0, 0.9, True)
+    assert st["majority_acc"] == pytest.approx(0.7) and st["chance"] == pytest.approx(0.5)
+    # WinoGrande-like: the target is the continuation text; the gold index follows from acc for two choices
+    wino = [{"filtered_resps": [(-1.0, False), (-3.0, False)], "target": "was placid."} for _ in range(4)]
+    st = Z.choice_stats(wino, np.array([1, 1, 0, 1]))
+    assert st["majority_acc"] == pytest.approx(0.75) and st["pred_top_share"] == 1.0
+    # four choices and a text target: the gold index is unknown, the answers are still counted
+    four = [{"filtered_resps": [(-1.0, False), (-3.0, False), (0.0, False), (-2.0, False)], "target": "x"}] * 3
+    st = Z.choice_stats(four, np.array([0, 0, 1]))
+    assert st["majority_acc"] is None and st["pred_top"] == 2 and st["constant"]
+    # one continuation per document (LAMBADA): nothing to choose
+    assert Z.choice_stats([{"filtered_resps": [(-5.0, True)], "target": " test"}]) == {}
 
 
 def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, monkeypatch):
@@ -146,14 +172,18 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
     g = torch.Generator().manual_seed(0)
     text = lambda n: " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())  # noqa: E731
     cfg = LLMTableConfig(methods=("magnitude", "wanda", "ria", "sparsegpt"), patterns=("2:4",), n_samples=2,
-                         seqlen=32, eval_seqlen=32, eval_windows=4, seeds=(0, 1), structured_methods=(),
+                         seqlen=32, eval_seqlen=32, eval_windows=4, seeds=(0, 1), structured_methods=("magnitude",),
+                         structured_fractions=(0.995,), structured_seqlen=32, structured_batch=1,
                          resamples=200, batch_size=2, zero_shot_tasks=("rte", "winogrande"), zero_shot_docs=4)
     res = run_llm_table(cfg, model=_tiny_llama(len(tokenizer)), tokenizer=tokenizer, calib_text=text(3000),
                         test_text=text(3000), progress=False)
     zs = res["zero_shot"]
     # the dense model and the first calibration seed's pruned models, each on both tasks
+    # (and the structured variant's sliced model, under its own name and pattern; the tiny model's MACs are
+    # mostly its 49k-token head, so only a budget near 1 is feasible)
     assert sorted(set(zip(zs["method"], zs["seed"]))) == [("dense", 0), ("magnitude", 0), ("ria", 0),
-                                                         ("sparsegpt", 0), ("wanda", 0)]
+                                                         ("sparsegpt", 0), ("structured-magnitude", 0), ("wanda", 0)]
+    assert set(zs[zs["method"] == "structured-magnitude"]["pattern"]) == {"0.995 MACs"}
     assert (zs["n"] == 4).all() and set(zs["task"]) == {"rte", "winogrande"}
     with np.load(res["record"] / "zero_shot.npz") as z:
         arrays = {k: z[k] for k in z.files}
@@ -167,8 +197,19 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
         assert s.loc[method, "zs_delta_vs_ria_lo"] <= s.loc[method, "zs_delta_vs_ria"] <= s.loc[method, "zs_delta_vs_ria_hi"]
         assert s.loc[method, "zs_verdict_vs_ria"] in ("better", "worse", "tie")
     assert s.loc["dense", "acc_mean"] == pytest.approx(np.mean([s.loc["dense", "acc_rte"], s.loc["dense", "acc_winogrande"]]))
+    for method, pattern in (("wanda", "2:4"), ("structured-magnitude", "0.995 MACs")):  # every pruned model vs dense
+        want = np.mean([arrays[Z.correct_key("smollm2", method, pattern, 0, t, "acc")].mean()
+                        - arrays[Z.correct_key("smollm2", "dense", "dense", 0, t, "acc")].mean()
+                        for t in ("rte", "winogrande")])
+        assert s.loc[method, "zs_delta_vs_dense"] == pytest.approx(want)
+        assert arrays[Z.correct_key("smollm2", method, pattern, 0, "rte", "pred")].shape == (4,)
+    assert "zs_delta_vs_dense" not in s.columns or s.loc["dense", "zs_delta_vs_dense"] != s.loc["dense", "zs_delta_vs_dense"]
     lines = gzip.decompress((res["record"] / "zero_shot_samples.jsonl.gz").read_bytes()).decode().strip().split("\n")
-    assert len(lines) == 5 * 2 * 4
+    assert len(lines) == 6 * 2 * 4
     info = res["info"]["zero_shot"]
     assert info["harness"]["lm_eval"] == "0.4.13" and info["docs_per_task"] == 4 and not info["errors"]
     assert {c["task"] for c in info["comparisons"]} == {"rte", "winogrande"}
+    assert {c["reference"] for c in info["comparisons"]} == {"ria", "wanda", "dense"}
+    # the sanity list names every model that answered one way on a task, with the rows' own numbers
+    const = {(c["method"], c["task"]) for c in info["sanity"] if c["check"].startswith("one answer")}
+    assert const == {(r["method"], r["task"]) for r in info["rows"] if r.get("constant")}

@@ -393,8 +393,9 @@ class _ZeroShot:
                           "on its own), per-document correctness averaged over the seeds evaluated",
                 "diagnostics": "per task and model: pred_top / pred_top_share (the answer index given most, and to "
                                "which share of the documents), constant (share >= "
-                               f"{zeroshot_constant_share()}), majority_acc (always giving the most frequent gold "
-                               "index), chance (1 / choices); per-document answers in zero_shot.npz (metric 'pred')",
+                               f"{zeroshot_constant_share()}), majority_acc / gold_top (always giving the most "
+                               "frequent gold index, and that index), chance (1 / choices); per-document answers in "
+                               "zero_shot.npz (metric 'pred')",
                 "errors": errors, "rows": self.rows, "summary": summary, "comparisons": paired,
                 "sanity": zero_shot_sanity(self.rows, summary, paired)}
 
@@ -475,10 +476,7 @@ def zero_shot_sanity(rows: list[dict], summary: list[dict], paired: list[dict]) 
                         "task": p["task"], "delta": p["delta"], "ci": [p["lo"], p["hi"]],
                         "pred_top_share": mine.get("pred_top_share"), "pred_top": mine.get("pred_top"),
                         "dense_pred_top_share": dense.get("pred_top_share"), "dense_pred_top": dense.get("pred_top"),
-                        "majority_acc": mine.get("majority_acc"),
-                        "why": ("both answer (almost) one way and the pruned one picked the majority answer: an "
-                                "answer bias, not better reading" if mine.get("constant") and dense.get("constant")
-                                and mine.get("pred_top") != dense.get("pred_top") else "unexplained")})
+                        "majority_acc": mine.get("majority_acc"), "why": _why_above_dense(mine, dense)})
     for r in rows:
         if r.get("constant"):
             out.append({"check": "one answer for (almost) every document", "method": r["method"],
@@ -486,6 +484,19 @@ def zero_shot_sanity(rows: list[dict], summary: list[dict], paired: list[dict]) 
                         "pred_top_share": r["pred_top_share"], "acc": r.get("acc"),
                         "majority_acc": r.get("majority_acc")})
     return out
+
+
+def _why_above_dense(mine: dict, dense: dict) -> str:
+    """The explanation of a pruned model above dense on one task, when the answer diagnostics give one: the dense
+    model gives one answer to (almost) every document and the pruned one mostly (>= 2/3) gives the majority answer
+    instead, i.e. its answer bias moved toward the majority class (BoolQ's "yes"); otherwise "unexplained"."""
+    gold = mine.get("gold_top")
+    if (dense.get("constant") and gold is not None and mine.get("pred_top") == gold != dense.get("pred_top")
+            and (mine.get("pred_top_share") or 0) >= 2 / 3):
+        return (f"answer bias, not better reading: dense gives answer {dense['pred_top']} to "
+                f"{100 * dense['pred_top_share']:.0f}% of the documents, the pruned model the majority answer {gold} "
+                f"to {100 * mine['pred_top_share']:.0f}% (always answering {gold} scores {mine['majority_acc']:.2f})")
+    return "unexplained"
 
 
 def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl, log,

@@ -557,8 +557,12 @@ def _clip_text(rec: dict, s) -> list[str]:
     return lines
 
 
-def _llm(recs):
+def _llm(recs, study: str = "llm_table"):
+    """The LLM table; ``study`` ``llm_table_unstructured`` (a separate run of notebook 30, e.g. 50% unstructured
+    and the structured variant) gets its own file names and heading."""
     import pandas as pd
+
+    tag = study[len("llm_table"):]
 
     rec = recs[0]
     info = rec["metrics"]["info"]
@@ -570,17 +574,18 @@ def _llm(recs):
 
     # records with calibration seeds carry their own summary (llm_table.summarize): one row per method x pattern
     summary = _tag(pd.DataFrame(info["summary"]), rec) if info.get("summary") else None
-    tables = {"llm_table.csv": summary if summary is not None else rows}
+    tables = {f"llm_table{tag}.csv": summary if summary is not None else rows}
     if summary is not None:
-        tables["llm_table_runs.csv"] = rows
+        tables[f"llm_table{tag}_runs.csv"] = rows
     structured = info.get("structured")
     if structured:
-        tables["llm_structured.csv"] = _tag(pd.DataFrame(structured), rec)
-    tables["paper_llm.csv"] = _paper(reference.llm_rows())
+        tables[f"llm_structured{tag}.csv"] = _tag(pd.DataFrame(structured), rec)
+    if not tag:
+        tables["paper_llm.csv"] = _paper(reference.llm_rows())
     zs = info.get("zero_shot") or {}
     if zs.get("summary"):
-        tables["llm_zero_shot.csv"] = _tag(pd.DataFrame(zs["summary"]), rec)
-        tables["llm_zero_shot_per_task.csv"] = _tag(pd.DataFrame(zs.get("comparisons") or []), rec)
+        tables[f"llm_zero_shot{tag}.csv"] = _tag(pd.DataFrame(zs["summary"]), rec)
+        tables[f"llm_zero_shot{tag}_per_task.csv"] = _tag(pd.DataFrame(zs.get("comparisons") or []), rec)
 
     shown = summary if summary is not None else rows
     fig, axes = _fig(1, 1, size=(7.0, 4.6))
@@ -607,18 +612,20 @@ def _llm(recs):
     ax.set_xticks(range(len(patterns)))
     ax.set_xticklabels([f"sparsity {p}" if str(p)[:1].isdigit() and ":" not in str(p) else str(p) for p in patterns])
     ax.set_ylabel("perplexity (log scale; mean over calibration seeds, bars: sd)")
-    ax.set_title(_title(fig, _label(rec), rec["run_id"], "llm_table: perplexity per method and pattern"), fontsize=8)
+    ax.set_title(_title(fig, _label(rec), rec["run_id"], f"{study}: perplexity per method and pattern"), fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return tables, {"llm_perplexity.png": fig}, _llm_text(rec, summary)
+    return tables, {f"llm_perplexity{tag}.png": fig}, _llm_text(rec, summary, study)
 
 
-def _llm_text(rec: dict, summary) -> list[str]:
+def _llm_text(rec: dict, summary, study: str = "llm_table") -> list[str]:
     """The LLM table inline: settings, perplexity per method and pattern, the paired ratios in words."""
     info, params = rec["metrics"]["info"], rec.get("params") or {}
     pdata = info.get("perplexity_data") or {}
-    lines = ["", "## LLM table", "", f"### llm_table (run `{rec['run_id']}`)", "",
+    tag = study[len("llm_table"):]
+    head = ["", "## LLM table" + ("" if not tag else ": a second run of notebook 30 with its own settings"), ""]
+    lines = [*head, f"### {study} (run `{rec['run_id']}`)", "",
              f"{_label(rec)}: a stand-in for the paper's LLaMA-2 / OPT, never a reproduction of their rows "
              "(`tables/paper_llm.csv`). Calibration: "
              f"{params.get('n_samples')} windows of {params.get('seqlen')} tokens, seeds "
@@ -664,7 +671,7 @@ def _llm_text(rec: dict, summary) -> list[str]:
     if sanity is not None:
         lines.append("- Sanity (no pruned model below dense perplexity beyond its interval): "
                      + ("passed." if not sanity else "FAILED: " + "; ".join(c["message"] for c in sanity)))
-    lines += ["", "![llm table: perplexity per method and pattern](figures/llm_perplexity.png)"]
+    lines += ["", f"![llm table: perplexity per method and pattern](figures/llm_perplexity{tag}.png)"]
     return lines + _llm_zero_shot_text(info.get("zero_shot") or {})
 
 
@@ -1142,6 +1149,22 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
         if study == "vision_table":  # the tuning behind its step sizes, right after it
             tuned, _ = select_records("vision_tuning", root)
             sections += _tuning_text(tuned)
+        if study == "llm_table":  # a second run of notebook 30 with other settings, when there is one
+            more, _ = select_records("llm_table_unstructured", root)
+            if more:
+                try:
+                    t2, f2, s2 = _llm(more, "llm_table_unstructured")
+                except Exception as e:  # reported, not raised
+                    result["missing"]["llm_table_unstructured"] = f"record {more[0]['run_id']} is malformed ({e})"
+                else:
+                    sections += list(s2)
+                    extra = more[0]["run_id"]
+                    for name, df in t2.items():
+                        result["tables"].append(str(atomic_write_text(tables_dir / name, df.to_csv(index=False))))
+                        written.append((f"tables/{name}", "llm_table_unstructured", extra))
+                    for name, fig in f2.items():
+                        result["figures"].append(str(atomic_write_bytes(figures_dir / name, _png(fig))))
+                        written.append((f"figures/{name}", "llm_table_unstructured", extra))
         if problems:
             result["missing"][study] = "; ".join(problems)
         result["sources"][study] = runs

@@ -401,7 +401,8 @@ def choice_stats(samples: Sequence[dict], acc: np.ndarray | None = None) -> dict
     The prediction is the choice of highest log-likelihood (the rule of the harness's ``acc``). Returns
     ``{"pred": int16 array, "pred_top": the most given answer index, "pred_top_share": its share,
     "constant": pred_top_share >= CONSTANT_SHARE, "majority_acc": the accuracy of always giving the most frequent
-    gold index (None when the gold index cannot be read), "chance": mean of 1 / number of choices}``; {} for a
+    gold index, "gold_top": that index (both None when the gold index cannot be read), "chance": mean of 1 /
+    number of choices}``; {} for a
     task with one continuation per document (LAMBADA). Two-choice tasks whose target is the continuation text
     (WinoGrande) get their gold index from ``acc``. A model near ``majority_acc`` with ``constant`` set answers
     one way whatever the document (small models on BoolQ, docs/zero_shot.md)."""
@@ -427,11 +428,12 @@ def choice_stats(samples: Sequence[dict], acc: np.ndarray | None = None) -> dict
     counts = np.bincount(pred)
     top = int(counts.argmax())
     share = float(counts[top] / len(pred))
-    majority = None
+    majority, gold_top = None, None
     if all(g is not None for g in golds):
-        majority = float(np.bincount(np.asarray(golds)).max() / len(golds))
+        gc = np.bincount(np.asarray(golds))
+        majority, gold_top = float(gc.max() / len(golds)), int(gc.argmax())
     return {"pred": pred, "pred_top": top, "pred_top_share": share, "constant": share >= CONSTANT_SHARE,
-            "majority_acc": majority, "chance": float(np.mean(chance))}
+            "majority_acc": majority, "gold_top": gold_top, "chance": float(np.mean(chance))}
 
 
 def correct_key(model: str, method: str, pattern: str, seed: int, task: str, metric: str) -> str:

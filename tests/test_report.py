@@ -325,7 +325,13 @@ def test_committed_records_produce_their_tables(tmp_path):
     assert names == {"quickstart.csv", "vision_table.csv", "paper_vision.csv", "clip_table.csv", "paper_clip.csv",
                      "llm_table.csv", "paper_llm.csv", "path_health.csv",
                      *(["llm_table_runs.csv"] if "summary" in llm_info else []),
-                     *(["llm_structured.csv"] if llm_info.get("structured") else [])}
+                     *(["llm_structured.csv"] if llm_info.get("structured") else []),
+                     *(["llm_zero_shot.csv", "llm_zero_shot_per_task.csv"]
+                       if (llm_info.get("zero_shot") or {}).get("summary") else []),
+                     *{n for n in names if n.endswith(("_unstructured.csv", "_unstructured_runs.csv",
+                                                        "_unstructured_per_task.csv"))}}
+    # a second run of notebook 30 (study llm_table_unstructured) adds its own tables when it has a record
+    assert bool(list_records("llm_table_unstructured", REAL_RUNS)) == ("llm_table_unstructured.csv" in names)
     # the committed quickstart predates path diagnostics: the report recomputes its path's health from path.csv
     health = [(r["study"], r["search"], r["form"], r["healthy"]) for r in rep["health"]]
     assert [(h[0], h[3]) for h in health if h[0] == "quickstart"] == [("quickstart", False)]
@@ -343,7 +349,8 @@ def test_committed_records_produce_their_tables(tmp_path):
             assert f"`{r['run_id']}` {r['search']} (adam form, a labelled variant): degenerate" in text, r
     assert all(form is None for s, name, form, _ in health if name.startswith("dessilbi"))
     assert {Path(f).name for f in rep["figures"]} == {"vision_top1_vs_macs.png", "clip_rsum_vs_macs.png",
-                                                      "llm_perplexity.png"}
+                                                      "llm_perplexity.png"} | (
+        {"llm_perplexity_unstructured.png"} if list_records("llm_table_unstructured", REAL_RUNS) else set())
     for study in ("quickstart", "clip_table", "llm_table"):
         newest = list_records(study, REAL_RUNS)[-1]
         assert rep["sources"][study] == newest.name

@@ -135,7 +135,7 @@ def test_choice_stats_names_a_constant_answer_and_the_majority_rate():
     st = Z.choice_stats(samples)
     assert st["pred"].tolist() == [0] * 9 + [1]
     assert (st["pred_top"], st["pred_top_share"], st["constant"]) == (0, 0.9, True)
-    assert st["majority_acc"] == pytest.approx(0.7) and st["chance"] == pytest.approx(0.5)
+    assert st["majority_acc"] == pytest.approx(0.7) and st["gold_top"] == 1 and st["chance"] == pytest.approx(0.5)
     # WinoGrande-like: the target is the continuation text; the gold index follows from acc for two choices
     wino = [{"filtered_resps": [(-1.0, False), (-3.0, False)], "target": "was placid."} for _ in range(4)]
     st = Z.choice_stats(wino, np.array([1, 1, 0, 1]))
@@ -146,6 +146,18 @@ def test_choice_stats_names_a_constant_answer_and_the_majority_rate():
     assert st["majority_acc"] is None and st["pred_top"] == 2 and st["constant"]
     # one continuation per document (LAMBADA): nothing to choose
     assert Z.choice_stats([{"filtered_resps": [(-5.0, True)], "target": " test"}]) == {}
+
+
+def test_a_pruned_model_above_dense_is_explained_only_by_a_moved_answer_bias():
+    from sppbench.llm_table import _why_above_dense
+
+    dense = {"pred_top": 0, "pred_top_share": 0.95, "constant": True}
+    flipped = {"pred_top": 1, "pred_top_share": 0.8, "gold_top": 1, "majority_acc": 0.7}
+    assert _why_above_dense(flipped, dense).startswith("answer bias")
+    assert "majority answer 1 to 80%" in _why_above_dense(flipped, dense)
+    assert _why_above_dense({**flipped, "pred_top_share": 0.6}, dense) == "unexplained"   # mixed answers
+    assert _why_above_dense(flipped, {**dense, "constant": False}) == "unexplained"     # dense reads
+    assert _why_above_dense({**flipped, "gold_top": 0}, dense) == "unexplained"         # not the majority answer
 
 
 def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, monkeypatch):
@@ -213,3 +225,23 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
     # the sanity list names every model that answered one way on a task, with the rows' own numbers
     const = {(c["method"], c["task"]) for c in info["sanity"] if c["check"].startswith("one answer")}
     assert const == {(r["method"], r["task"]) for r in info["rows"] if r.get("constant")}
+    # the report shows the zero-shot table from the record alone; a second run of the notebook (its own study
+    # folder, e.g. 50% unstructured) gets its own section and files beside it
+    import shutil
+
+    import pandas as pd
+
+    from sppbench.report import build_report
+
+    shutil.copytree(res["record"], tmp_path / "llm_table_unstructured" / res["record"].name)
+    rep = build_report(root=tmp_path, out=tmp_path / "report", studies=["llm_table"])
+    assert rep["missing"] == {}
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Zero-shot tasks" in text and "rte 4 of 277, winogrande 4 of 1267" in text
+    w = s.loc["wanda"]
+    assert f"| wanda | 2:4 | {w['acc_mean']:.3f} | {w['acc_rte']:.2f} | {w['acc_winogrande']:.2f} |" in text
+    assert "## LLM table: a second run of notebook 30" in text
+    tables = tmp_path / "report" / "tables"
+    for name in ("llm_zero_shot.csv", "llm_zero_shot_unstructured.csv"):
+        assert len(pd.read_csv(tables / name)) == len(s)
+    assert (tmp_path / "report" / "figures" / "llm_perplexity_unstructured.png").is_file()

@@ -1,6 +1,10 @@
-"""Recompute a vision- or CLIP-table record's summary and sanity checks from its own rows and per-example results.
+"""Recompute a vision-, CLIP- or LLM-table record's summary and sanity checks from its own rows and per-example
+results.
 
     python tools/resummarize.py results/runs/vision_table/<run-id> results/runs/clip_table/<run-id> [...]
+
+LLM records (``zero_shot.npz``): the zero-shot part only (its answer diagnostics from the harness's own per-sample
+log ``zero_shot_samples.jsonl.gz``, then ``zero_shot_summary`` and ``zero_shot_sanity``).
 
 Reads ``metrics.json`` (rows) and ``correct.npz`` (vision) or ``ranks.npz`` (CLIP), recomputes ``info.summary``
 and ``info.sanity`` with the current ``sppbench.vision.summarize`` / ``sanity_checks`` (CLIP:
@@ -30,6 +34,8 @@ def resummarize(folder: Path) -> dict:
     info = metrics["info"]
     if (folder / "ranks.npz").is_file():
         return _resummarize_clip(folder, metrics)
+    if (folder / "zero_shot.npz").is_file():
+        return _resummarize_llm_zero_shot(folder, metrics)
     correct = dict(np.load(folder / "correct.npz"))
     table = pd.DataFrame(metrics["rows"])
     resamples = info["statistics"]["resamples"]
@@ -61,6 +67,47 @@ def _resummarize_clip(folder: Path, metrics: dict) -> dict:
         "commit": git_commit(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(folder / "metrics.json", dumps(metrics))
     return info
+
+
+def _resummarize_llm_zero_shot(folder: Path, metrics: dict) -> dict:
+    import gzip
+
+    from sppbench.llm_table import zero_shot_sanity, zero_shot_summary
+    from sppbench.zeroshot import choice_stats, correct_key
+
+    info = metrics["info"]
+    zs = info["zero_shot"]
+    correct = dict(np.load(folder / "zero_shot.npz"))
+    samples: dict[tuple[str, str], list] = {}
+    with gzip.open(folder / "zero_shot_samples.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            s = json.loads(line)
+            samples.setdefault((s["row"], s["task"]), []).append(s)
+    for row in zs["rows"]:
+        if "error" in row:
+            continue
+        key = f"{row['model']}|{row['method']}|{row['pattern']}|{int(row['seed'])}"
+        mine = sorted(samples[(key, row["task"])], key=lambda s: int(s["doc_id"]))
+        acc = correct[correct_key(row["model"], row["method"], row["pattern"], row["seed"], row["task"], "acc")]
+        st = choice_stats(mine, acc)
+        if st:
+            pred = st.pop("pred")
+            stored = correct.get(correct_key(row["model"], row["method"], row["pattern"], row["seed"], row["task"],
+                                             "pred"))
+            if stored is not None and stored.tolist() != pred.tolist():
+                raise SystemExit(f"{folder}: the per-sample log's answers differ from zero_shot.npz for {key} "
+                                 f"{row['task']}")
+            row.update(st)
+    resamples = info["statistics"]["resamples"]
+    summary, paired = zero_shot_summary(zs["rows"], correct, model=zs["rows"][0]["model"], resamples=resamples)
+    zs["summary"], zs["comparisons"] = summary, paired
+    zs["sanity"] = zero_shot_sanity(zs["rows"], summary, paired)
+    zs["recomputed"] = {
+        "by": "tools/resummarize.py (sppbench.zeroshot.choice_stats on this record's zero_shot_samples.jsonl.gz, "
+              "sppbench.llm_table.zero_shot_summary / zero_shot_sanity on its rows and zero_shot.npz)",
+        "commit": git_commit(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(folder / "metrics.json", dumps(metrics))
+    return {"summary": summary, "sanity": zs["sanity"]}
 
 
 if __name__ == "__main__":

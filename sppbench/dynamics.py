@@ -1,6 +1,6 @@
 """Split Linearized Bregman Iteration (SLBI) on mask tensors: the discretised differential inclusion.
 
-Paper form (method.md section 3), per mask tensor M with sparse twin Gamma and auxiliary V:
+Paper form (docs/method.md section 3), per mask tensor M with sparse twin Gamma and auxiliary V:
 
     M     <- M - kappa * alpha * (grad_M L + (M - Gamma) / nu)
     V     <- V + (alpha / nu) * (M - Gamma)

@@ -1,6 +1,6 @@
 """The embedded CLIP stand-in: a real open_clip dual encoder built from assets that install offline.
 
-No CLIP weights and no image-caption data install here (assets.md), so the stand-in is an open_clip
+No CLIP weights and no image-caption data install here (docs/assets.md), so the stand-in is an open_clip
 ``CustomTextCLIP`` whose image tower is the real DINOv2 ViT-S/14 (a timm trunk, 56 px) and whose
 text tower is the real all-MiniLM-L6-v2 BERT encoder (open_clip's Hugging Face tower), with the two
 linear projections (384 -> 256) and the logit scale trained here, towers frozen, to align Fashion-MNIST

@@ -1,7 +1,7 @@
 """Zero-shot pruning of causal LMs, layer by layer: magnitude, Wanda, RIA and SPP-RIA ("Algorithm 2").
 
 The paper's LLM algorithm was never published; ``spp-ria`` is sppbench's reconstruction of it
-(method.md section 6), labelled as such in every record:
+(docs/method.md section 6), labelled as such in every record:
 
 1. Calibration token windows go through the model one decoder layer at a time; each layer's inputs
    are the outputs of the already-pruned earlier layers, and only one layer's activations are held.
@@ -26,7 +26,7 @@ The paper's LLM algorithm was never published; ``spp-ria`` is sppbench's reconst
    of each layer (unstructured) or the top N of every M consecutive inputs of a row (N:M).
 
 Baselines on the same calibration data: ``magnitude`` (|W|, per layer), ``wanda`` (|W_ij| ||X_j||,
-compared within each output row, as Wanda does) and ``ria`` (method.md: (|W_ij| / sum_r |W_rj| +
+compared within each output row, as Wanda does) and ``ria`` (docs/method.md: (|W_ij| / sum_r |W_rj| +
 |W_ij| / sum_c |W_ic|) * ||X_j||^0.5, per layer).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ GRAM_METHODS = ("spp-ria", "sparsegpt")  # methods that need each Linear's input
 # lam and precondition chosen on validation windows (tools/tune_llm.py, results/runs/tune_llm_embedded/)
 SPP_RIA_DEFAULTS = {"steps": 20, "kappa": 1.0, "alpha": 0.3, "nu": 2.0, "lam": 2.5, "clip": 1.0,
                     "precondition": True}
-RECONSTRUCTION = ("spp-ria is sppbench's reconstruction of the paper's unpublished 'Algorithm 2' (method.md section 6): "
+RECONSTRUCTION = ("spp-ria is sppbench's reconstruction of the paper's unpublished 'Algorithm 2' (docs/method.md section 6): "
                   "SLBI on element-wise masks with the layer-wise reconstruction loss (Gram form), ranked by entry "
                   "step, ties by RIA")
 

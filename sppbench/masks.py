@@ -1,6 +1,6 @@
 """Structured masks and the MaskedModel that carries them.
 
-Three pair-wise mask kinds per transformer block (method.md section 2):
+Three pair-wise mask kinds per transformer block (docs/method.md section 2):
 
 - ``qk``: shape (d_h,), shared by all heads, multiplies q and k after the head split;
 - ``v``: shape (d_h,), shared by all heads, multiplies v (and so removes output-projection columns);

@@ -8,14 +8,14 @@ prune their own (slightly different) units.
 =================  ===========  ==============================================================
 name               kind         what ranks the entries
 =================  ===========  ==============================================================
-spp                one search   entry step on the SLBI path (paper form, method.md section 3)
+spp                one search   entry step on the SLBI path (paper form, docs/method.md section 3)
 spp-official       one search   steps spent in the support (the released code's Adam form)
 lasso              per budget   the support of an L1-penalised mask search (ISTA), lambda by a
                                 recorded bisection per budget (or tries shared by all budgets,
                                 ``lasso_family``; the tables use it), trimmed to the budget by |M|
 lasso-rank         one search   |M| after one Lasso search (ablation: Lasso used as a ranking)
 dessilbi           one search   entry step of SLBI on the WEIGHTS with group shrinkage over the
-                                same structural units (method.md section 7)
+                                same structural units (docs/method.md section 7)
 magnitude          no search    RMS of the weights each entry controls
 random             no search    a random order; read per layer (the same share of every group)
 tp-magnitude       peer         Torch-Pruning, L2 magnitude, one shot per budget

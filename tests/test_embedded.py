@@ -48,7 +48,7 @@ def test_real_backbone_features_separate_fashion_mnist_classes(backbone, splits)
 
     head = fit_linear_head(features(backbone, splits.fit, 56), splits.fit.labels, 10, weight_decay=1e-2)
     acc = head.accuracy(features(backbone, splits.test, 56), splits.test.labels)
-    assert acc > 0.6, acc  # random-init weights give ~0.13 (assets.md)
+    assert acc > 0.6, acc  # random-init weights give ~0.13 (docs/assets.md)
 
 
 def test_search_compress_save_on_the_real_backbone(backbone, splits, tmp_path):

@@ -239,7 +239,7 @@ def test_smollm2_perplexity_on_heldout_articles(smollm2, articles):
     ts = L.perplexity_tokens(tokenizer, seqlen=512, max_windows=8)
     assert ts.ids.shape == (8, 512) and ts.info["articles"] == [t for t, _ in articles[-16:]]
     ppl = L.perplexity(model, ts)
-    assert 5 < ppl < 100, ppl  # 19.3 measured (assets.md: 23.11 on its own 8 x 512 selection)
+    assert 5 < ppl < 100, ppl  # 19.3 measured (docs/assets.md: 23.11 on its own 8 x 512 selection)
     cal = L.calibration_tokens(tokenizer, n_samples=4, seqlen=128, seed=0)
     assert cal.ids.shape == (4, 128) and cal.info["articles"] == [t for t, _ in articles[:90]]
 

@@ -305,7 +305,7 @@ NOTEBOOKS["30_llm_zero_shot"] = [
 
 The paper prunes LLaMA-2-7B and OPT-6.7B to 50% sparsity with no weight update, combining SPP with
 the RIA metric. Its algorithm was never published; **`spp-ria` is sppbench's reconstruction** of it
-(method.md section 6): per Linear, SLBI on an element-wise mask with the layer-wise reconstruction
+(docs/method.md section 6): per Linear, SLBI on an element-wise mask with the layer-wise reconstruction
 loss in Gram form (a step costs the same whatever the number of calibration tokens), ranked by entry
 step with ties by RIA. Every method prunes layer by layer on **the same calibration windows**; each
 layer's statistics come from the already-pruned layers before it.

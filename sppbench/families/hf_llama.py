@@ -1,7 +1,7 @@
 """Hugging Face LLaMA-style causal LMs: ``LlamaForCausalLM`` / ``LlamaModel`` and the same-structured Mistral and
 Qwen2 models (grouped-query attention, RoPE, gated MLP, RMSNorm pre-norms).
 
-Masks (method.md section 2, LLM row), per decoder layer:
+Masks (docs/method.md section 2, LLM row), per decoder layer:
 
 - ``blocks.{i}.attn.qk`` (head_dim / 2,): entry j scales dimensions j and j + head_dim/2 of every query head and
   every key head -- the pair RoPE's rotate-half rotates together, so the rotation stays exact -- applied once, as

@@ -383,6 +383,20 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """A share in (0, 1] (a budget fraction, a MAC fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+_SEED = _positive(int, zero=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sppbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -392,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded (= embedded-vit), embedded-swin, or a paper model (e.g. deit_small_patch16_224) "
                         "with --data-root")
     s.add_argument("--data-root", default=None, help="paper models: the ImageNet folder (else $SPPBENCH_IMAGENET)")
-    s.add_argument("--img-size", type=int, default=56, help="embedded ViT only: input size (multiple of 14)")
+    s.add_argument("--img-size", type=_positive(int), default=56, help="embedded ViT only: input size (multiple of 14)")
     s.add_argument("--steps", type=_positive(int), default=100)
     s.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
     s.add_argument("--constants", choices=("auto", "given", "tuned"), default=None,
@@ -400,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "curvature (docs/auto_constants.md); given: --kappa/--alpha/--nu/--lam (missing ones from the "
                         "embedded profile); tuned: the embedded ViT's tuned profile")
     for k in ("kappa", "alpha", "nu", "lam"):
-        s.add_argument(f"--{k}", type=float, default=None, help="a hand-given constant (implies --constants given)")
+        s.add_argument(f"--{k}", type=_positive(float), default=None, help="a hand-given constant (implies --constants given)")
     s.add_argument("--variant", choices=("paper", "official", "adam"), default="paper",
                    help="the SLBI form; adam = the labelled variant whose path is healthy on the embedded stand-ins "
                         "(its per-model setting at --steps unless all constants and --adam-lr are given; "
                         "docs/path_health.md)")
     s.add_argument("--adam-lr", type=_positive(float), default=None, help="adam form only: the Adam step of the masks")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--log-every", type=int, default=10)
+    s.add_argument("--seed", type=_SEED, default=0)
+    s.add_argument("--log-every", type=_positive(int), default=10)
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--checkpoint", type=Path, default=None, help="search state file (default: OUT.ckpt)")
@@ -420,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="read a budget off a saved path, compress the model and save it")
     r.add_argument("--path", type=Path, required=True)
     g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument("--fraction", type=float, help="share of entries kept per pool, in (0, 1]")
-    g.add_argument("--params", type=int, help="parameter budget")
-    g.add_argument("--macs", type=int, help="multiply-adds per sample budget")
+    g.add_argument("--fraction", type=_fraction, help="share of entries kept per pool, in (0, 1]")
+    g.add_argument("--params", type=_positive(int), help="parameter budget")
+    g.add_argument("--macs", type=_positive(int), help="multiply-adds per sample budget")
     r.add_argument("--readout", choices=("global", "per-layer"), default="global")
     r.add_argument("--round-to", type=_positive(int), default=1,
                    help="with --params / --macs: kept widths in multiples of this (e.g. 8; faster kernels)")
@@ -436,24 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pruned", type=Path, required=True, help="a folder written by `prune` / save_pruned")
     f.add_argument("--model", default="embedded", help="whose training data to use (as for search)")
     f.add_argument("--data-root", default=None)
-    f.add_argument("--img-size", type=int, default=56)
+    f.add_argument("--img-size", type=_positive(int), default=56)
     f.add_argument("--steps", type=_positive(int), default=100)
     f.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
     f.add_argument("--lr", type=_positive(float), default=3e-6,
                    help="AdamW peak lr (default: chosen on the embedded val split)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--log-every", type=int, default=10)
+    f.add_argument("--seed", type=_SEED, default=0)
+    f.add_argument("--log-every", type=_positive(int), default=10)
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--device", default="auto")
     f.set_defaults(fn=cmd_finetune)
 
     q = sub.add_parser("quickstart", help="the quickstart study: one search, several budgets, a record")
-    q.add_argument("--steps", type=int, default=100)
-    q.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3])
-    q.add_argument("--n-test", type=int, default=1000)
+    q.add_argument("--steps", type=_positive(int), default=100)
+    q.add_argument("--fractions", type=_fraction, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3])
+    q.add_argument("--n-test", type=_positive(int), default=1000)
     q.add_argument("--readout", choices=("global", "per-layer"), default="global")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_SEED, default=0)
     q.set_defaults(fn=cmd_quickstart)
 
     from .methods import METHODS
@@ -462,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default="embedded-vit",
                    help="embedded-vit, embedded-swin, or a paper model (e.g. deit_small_patch16_224) with --data-root")
     v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    v.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    v.add_argument("--macs-fractions", type=_fraction, nargs="+", default=[0.7, 0.5, 0.35])
     v.add_argument("--steps", type=_positive(int), default=160)
     v.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
                    help="the spp rows' search: adam (labelled variant) or paper; default: adam on the embedded "
@@ -476,10 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-refit", type=_positive(int), default=3000)
     v.add_argument("--finetune-steps", type=_positive(int, zero=True), default=0, help="0 = no fine-tune column")
     v.add_argument("--resamples", type=_positive(int), default=2000, help="paired bootstrap resamples")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=_SEED, default=0)
     v.add_argument("--data-root", default=None, help="paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)")
     for k in ("kappa", "alpha", "nu", "lam"):
-        v.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
+        v.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (required for paper models)")
     v.set_defaults(fn=cmd_vision_table)
 
     t = sub.add_parser("clip-table", help="every method on a CLIP dual encoder: per-tower costs, retrieval R@1/5/10")
@@ -489,9 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default=None, help="paper models: the dataset folder (else $SPPBENCH_COCO / ...)")
     t.add_argument("--methods", nargs="+", default=["spp", "lasso", "dessilbi", "magnitude", "random"],
                    choices=[m for m in METHODS if not m.startswith("tp-")])
-    t.add_argument("--macs-fractions", type=float, nargs="+", default=[0.7, 0.5, 0.35])
+    t.add_argument("--macs-fractions", type=_fraction, nargs="+", default=[0.7, 0.5, 0.35])
     t.add_argument("--budget-towers", default="joint", choices=("joint", "image", "text", "each"))
-    t.add_argument("--steps", type=int, default=160)
+    t.add_argument("--steps", type=_positive(int), default=160)
     t.add_argument("--spp-form", choices=("", "adam", "paper"), default="",
                    help="the spp rows' search: adam (labelled variant) or paper; default: adam on the stand-in")
     t.add_argument("--lasso-trials", type=_positive(int), default=3)
@@ -499,21 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds of every method with randomness (magnitude runs once)")
     t.add_argument("--resamples", type=_positive(int), default=2000, help="paired bootstrap resamples")
     t.add_argument("--readout", choices=("val", "global", "per-layer"), default="val")
-    t.add_argument("--n-val", type=int, default=500)
-    t.add_argument("--n-test", type=int, default=1000)
+    t.add_argument("--n-val", type=_positive(int), default=500)
+    t.add_argument("--n-test", type=_positive(int), default=1000)
     t.add_argument("--refit-steps", type=_positive(int, zero=True), default=0,
                    help="projection re-fit steps; 0 = the task's recipe (the stand-in: its dense projections' own)")
-    t.add_argument("--finetune-steps", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--finetune-steps", type=_positive(int, zero=True), default=40)
+    t.add_argument("--seed", type=_SEED, default=0)
     for k in ("kappa", "alpha", "nu", "lam"):
-        t.add_argument(f"--{k}", type=float, default=None, help="SPP constant (required for paper models)")
+        t.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (required for paper models)")
     t.set_defaults(fn=cmd_clip_table)
 
     c = sub.add_parser("paper-check", help="say whether the paper profile can run here (data, weights, GPUs)")
     c.add_argument("--models", nargs="*", default=None)
     c.add_argument("--dataset", default="coco", choices=("coco", "flickr30k"), help="CLIP models: which dataset")
     c.add_argument("--data-root", default=None)
-    c.add_argument("--min-gpus", type=int, default=1)
+    c.add_argument("--min-gpus", type=_positive(int, zero=True), default=1)
     c.set_defaults(fn=cmd_paper_check)
 
     r = sub.add_parser("report", help="tables and figures from the run records only (results/tables, results/figures)")

@@ -27,6 +27,9 @@ from .stats import compare, mean_sd
 
 STRUCTURED_METHODS = ("spp", "magnitude")
 CALIBRATION_FREE = ("magnitude",)    # methods that read no calibration data: one run, not one per seed
+# zero-shot rows with no randomness (no calibration draw, no search seed): one evaluation is the whole story
+SEEDLESS = ("dense", *CALIBRATION_FREE, "structured-magnitude")
+MIN_SEEDS_FOR_A_CLAIM = 3  # a verdict other than 'tie' needs this many seeds on every side with randomness
 REFERENCES = ("ria", "wanda")        # the paired perplexity ratios are taken against these peers
 
 
@@ -390,7 +393,9 @@ class _ZeroShot:
                     "every calibration seed" if cfg.zero_shot_all_seeds else f"calibration seed {cfg.seeds[0]}"),
                 "metric": "acc per task (acc_norm also recorded); the mean is over the tasks that ran",
                 "paired": "per task and for the task mean: a paired bootstrap over documents (each task resampled "
-                          "on its own), per-document correctness averaged over the seeds evaluated",
+                          "on its own), per-document correctness averaged over the seeds evaluated; interval_verdict "
+                          "is what the interval says, verdict the claim ('tie' unless every side with randomness "
+                          f"was scored on at least {MIN_SEEDS_FOR_A_CLAIM} calibration seeds)",
                 "diagnostics": "per task and model: pred_top / pred_top_share (the answer index given most, and to "
                                "which share of the documents), constant (share >= "
                                f"{zeroshot_constant_share()}), majority_acc / gold_top (always giving the most "
@@ -405,7 +410,9 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
     """Per method and pattern: ``metric`` per task (mean over the seeds evaluated) and its mean over the tasks
     every model ran; per reference R in :data:`REFERENCES` (same pattern) the paired difference of the task mean
     and against the dense model (R = ``dense``) (``zs_delta_vs_R``, ``_lo``, ``_hi``, ``zs_verdict_vs_R``; higher is
-    better) from the per-document correctness,
+    better) from the per-document correctness; ``zs_interval_verdict_vs_R`` is what the interval says and
+    ``zs_verdict_vs_R`` the claim: 'tie' unless every side with randomness (not in :data:`SEEDLESS`) was scored
+    on at least :data:`MIN_SEEDS_FOR_A_CLAIM` calibration seeds (``zero_shot_all_seeds``),
     each task's documents resampled on their own (``stats.paired_bootstrap_parts``, divided by the number of
     tasks). The second list: the same comparison per task (delta, interval, McNemar p, verdict)."""
     import numpy as np
@@ -440,13 +447,18 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
             parts = [(arrays(method, pattern, t), arrays(ref, ref_pattern, t)) for t in common]
             st = paired_bootstrap_parts(parts, resamples=resamples)
             k = len(common)
+            seeds = (len(parts[0][0]), len(parts[0][1]))
+            enough = all(m in SEEDLESS or n >= MIN_SEEDS_FOR_A_CLAIM for m, n in zip((method, ref), seeds))
             row.update({f"zs_delta_vs_{ref}": st["delta"] / k, f"zs_delta_vs_{ref}_lo": st["lo"] / k,
-                        f"zs_delta_vs_{ref}_hi": st["hi"] / k, f"zs_verdict_vs_{ref}": st["verdict"]})
+                        f"zs_delta_vs_{ref}_hi": st["hi"] / k, f"zs_interval_verdict_vs_{ref}": st["verdict"],
+                        f"zs_verdict_vs_{ref}": st["verdict"] if enough else "tie",
+                        f"zs_seeds_vs_{ref}": list(seeds)})
             for t, (a, b) in zip(common, parts):
                 c = compare(a, b, binary=True, resamples=resamples)
                 paired.append({"method": method, "pattern": pattern, "task": t, "reference": ref,
                                "delta": c["delta"], "lo": c["lo"], "hi": c["hi"], "mcnemar_p": c.get("mcnemar_p"),
-                               "verdict": c["verdict"], "n": int(len(a[0]))})
+                               "interval_verdict": c["verdict"], "verdict": c["verdict"] if enough else "tie",
+                               "seeds": list(seeds), "n": int(len(a[0]))})
         summary.append(row)
     return summary, paired
 
@@ -465,12 +477,12 @@ def zero_shot_sanity(rows: list[dict], summary: list[dict], paired: list[dict]) 
     out = []
     diag = {(r["method"], r["pattern"], r["task"]): r for r in rows if "error" not in r}
     for row in summary:
-        if row.get("zs_verdict_vs_dense") == "better":
+        if row.get("zs_interval_verdict_vs_dense", row.get("zs_verdict_vs_dense")) == "better":
             out.append({"check": "pruned above dense (task mean)", "method": row["method"], "pattern": row["pattern"],
                         "delta": row["zs_delta_vs_dense"],
                         "ci": [row["zs_delta_vs_dense_lo"], row["zs_delta_vs_dense_hi"]]})
     for p in paired:
-        if p["reference"] == "dense" and p["verdict"] == "better":
+        if p["reference"] == "dense" and p.get("interval_verdict", p["verdict"]) == "better":
             mine, dense = diag.get((p["method"], p["pattern"], p["task"]), {}), diag.get(("dense", "dense", p["task"]), {})
             out.append({"check": "pruned above dense (one task)", "method": p["method"], "pattern": p["pattern"],
                         "task": p["task"], "delta": p["delta"], "ci": [p["lo"], p["hi"]],

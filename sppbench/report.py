@@ -675,6 +675,17 @@ def _llm_text(rec: dict, summary, study: str = "llm_table") -> list[str]:
     return lines + _llm_zero_shot_text(info.get("zero_shot") or {})
 
 
+def _zs_single(r, ref: str) -> bool:
+    """The interval excludes 0 but the claim is withheld (fewer than 3 calibration seeds on a side)."""
+    iv = r.get(f"zs_interval_verdict_vs_{ref}")
+    return isinstance(iv, str) and iv != "tie" and r.get(f"zs_verdict_vs_{ref}") == "tie"
+
+
+def _zs_word(r, ref: str) -> str:
+    return f"tie (interval: {r[f'zs_interval_verdict_vs_{ref}']}; < 3 seeds)" if _zs_single(r, ref) else \
+        str(r[f"zs_verdict_vs_{ref}"])
+
+
 def _llm_zero_shot_text(zs: dict) -> list[str]:
     """The zero-shot part of the LLM table: documents per task and the standard error they give, accuracy per
     task and the task mean per model, the paired differences of the mean in words, the sanity checks."""
@@ -708,7 +719,7 @@ def _llm_zero_shot_text(zs: dict) -> list[str]:
     for ref in ("ria", "wanda", "dense"):
         if f"zs_delta_vs_{ref}" in t:
             t[f"zs_{ref}_txt"] = [(f"{r[f'zs_delta_vs_{ref}']:+.3f} [{r[f'zs_delta_vs_{ref}_lo']:+.3f}, "
-                                   f"{r[f'zs_delta_vs_{ref}_hi']:+.3f}] {r[f'zs_verdict_vs_{ref}']}")
+                                   f"{r[f'zs_delta_vs_{ref}_hi']:+.3f}] {_zs_word(r, ref)}")
                                   if isinstance(r.get(f"zs_verdict_vs_{ref}"), str) else "" for _, r in t.iterrows()]
             cols.append((f"zs_{ref}_txt", f"mean vs {ref} [95% CI]"))
     lines += ["", *_md_table(t, cols), "", "In words (a difference of the task mean counts only when its paired 95% "
@@ -719,7 +730,9 @@ def _llm_zero_shot_text(zs: dict) -> list[str]:
             v = r.get(f"zs_verdict_vs_{ref}")
             if isinstance(v, str):
                 said.append({"better": f"above {ref}", "worse": f"below {ref}", "tie": f"within noise of {ref}"}[v]
-                            + f" ({r[f'zs_delta_vs_{ref}']:+.3f})")
+                            + f" ({r[f'zs_delta_vs_{ref}']:+.3f}"
+                            + (f"; the interval alone says {r[f'zs_interval_verdict_vs_{ref}']}, but fewer than 3 "
+                               "calibration seeds were scored, so it is not a claim)" if _zs_single(r, ref) else ")"))
         if said:
             lines.append(f"- {r['method']} at {r['pattern']}: " + "; ".join(said))
     sanity = zs.get("sanity")

@@ -1,8 +1,11 @@
 """`python -m sppbench`: subcommands exist and bad input gives a clear error, not a traceback."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+
+import pytest
 
 from sppbench.__main__ import main
 from test_path import synthetic_path
@@ -30,8 +33,9 @@ def test_prune_with_a_missing_or_corrupt_path(tmp_path, capsys):
 
 def test_prune_rejects_impossible_budgets_before_building_anything(tmp_path, capsys):
     f = synthetic_path().save(tmp_path / "p.json")
-    assert main(["prune", "--path", str(f), "--fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
-    assert "fraction must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused by the parser, before anything is read
+        main(["prune", "--path", str(f), "--fraction", "1.5", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "expected a number in (0, 1], got '1.5'" in capsys.readouterr().err
     assert main(["prune", "--path", str(f), "--params", "10", "--out", str(tmp_path / "o")]) == 2
     assert "below the smallest" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -72,3 +76,33 @@ def test_paper_check_says_what_is_missing(capsys, monkeypatch):
     assert main(["paper-check", "--models", "deit_small_patch16_224"]) == 2
     err = capsys.readouterr().err
     assert "needs ImageNet" in err and "GPU" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["search", "--kappa", "nan"], "expected a positive float, got 'nan'"),
+    (["search", "--lam", "-1"], "expected a positive float, got '-1'"),
+    (["search", "--alpha", "inf"], "expected a positive float, got 'inf'"),
+    (["search", "--seed", "-3"], "expected a non-negative int, got '-3'"),
+    (["search", "--img-size", "0"], "expected a positive int, got '0'"),
+    (["search", "--steps", "2.5"], "expected a positive int, got '2.5'"),
+    (["vision-table", "--macs-fractions", "0.5", "1.2"], "expected a number in (0, 1], got '1.2'"),
+    (["clip-table", "--n-test", "-5"], "expected a positive int, got '-5'"),
+    (["quickstart", "--fractions", "nan"], "expected a number in (0, 1], got 'nan'"),
+    (["paper-check", "--min-gpus", "-1"], "expected a non-negative int, got '-1'"),
+])
+def test_every_bad_number_is_a_one_line_error_not_a_traceback(argv, says, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *(["--out", str(tmp_path / "p.json")] if argv[0] == "search" else [])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_no_numeric_option_takes_an_unchecked_int_or_float():
+    """Every numeric CLI option goes through a validating type (the bare int / float of argparse would take
+    nan, inf and negatives)."""
+    from sppbench.__main__ import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [(name, a.dest) for name, p in sub.choices.items() for a in p._actions if a.type in (int, float)]
+    assert bare == []

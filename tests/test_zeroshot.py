@@ -245,3 +245,33 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
     for name in ("llm_zero_shot.csv", "llm_zero_shot_unstructured.csv"):
         assert len(pd.read_csv(tables / name)) == len(s)
     assert (tmp_path / "report" / "figures" / "llm_perplexity_unstructured.png").is_file()
+
+
+def test_a_zero_shot_verdict_needs_three_seeds_on_every_side_with_randomness():
+    """The interval may exclude 0 on one calibration seed; the claim ('better' / 'worse') needs 3 seeds on every
+    side that has randomness (dense and magnitude have none)."""
+    from sppbench.llm_table import zero_shot_summary
+
+    n = 60
+    rows, correct = [], {}
+
+    def add(method, pattern, seed, hits):
+        rows.append({"model": "m", "method": method, "pattern": pattern, "seed": seed, "task": "t", "n": n,
+                     "acc": hits / n})
+        correct[Z.correct_key("m", method, pattern, seed, "t", "acc")] = np.r_[np.ones(hits), np.zeros(n - hits)]
+
+    add("dense", "dense", 0, 50)
+    add("magnitude", "2:4", 0, 10)
+    for seed in (0, 1, 2):
+        add("ria", "2:4", seed, 40)
+    add("wanda", "2:4", 0, 12)  # far below RIA, but one calibration seed
+    summary, paired = zero_shot_summary(rows, correct, model="m", resamples=500)
+    s = {r["method"]: r for r in summary}
+    assert s["magnitude"]["zs_verdict_vs_dense"] == "worse"          # no randomness on either side: a claim
+    assert s["ria"]["zs_verdict_vs_dense"] == "worse"                # 3 seeds vs dense: a claim
+    assert s["wanda"]["zs_interval_verdict_vs_ria"] == "worse"       # the interval excludes 0 ...
+    assert s["wanda"]["zs_verdict_vs_ria"] == "tie"                  # ... but one seed is not a claim
+    assert s["wanda"]["zs_seeds_vs_ria"] == [1, 3]
+    assert s["magnitude"]["zs_verdict_vs_ria"] == "worse"            # magnitude needs no seeds; RIA has 3
+    per = {(p["method"], p["reference"]): p for p in paired}
+    assert per[("wanda", "dense")]["interval_verdict"] == "worse" and per[("wanda", "dense")]["verdict"] == "tie"

@@ -59,10 +59,10 @@ def theirs(model, tokenizer, ids: torch.Tensor, pattern: str, method: str = "wan
     sparsity = 0.5 if ":" in pattern else float(pattern)
     if method == "wanda":
         recipe = WandaPruningModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"],
-                                      ignore=["lm_head"])
+                                      ignore=["re:.*lm_head"])
     else:
         recipe = SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"],
-                                   ignore=["lm_head"], block_size=SPARSEGPT_DEFAULTS["blocksize"],
+                                   ignore=["re:.*lm_head"], block_size=SPARSEGPT_DEFAULTS["blocksize"],
                                    dampening_frac=SPARSEGPT_DEFAULTS["damp"])
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     with tempfile.TemporaryDirectory() as folder:

@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/path_health.md)")
     s.add_argument("--adam-lr", type=_positive(float), default=None, help="adam form only: the Adam step of the masks")
     s.add_argument("--seed", type=_SEED, default=0)
-    s.add_argument("--log-every", type=_positive(int), default=10)
+    s.add_argument("--log-every", type=_positive(int, zero=True), default=10, help="progress line every N steps (0: none)")
     s.add_argument("--out", type=Path, required=True, help="where to write the path (JSON)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--checkpoint", type=Path, default=None, help="search state file (default: OUT.ckpt)")
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=_positive(float), default=3e-6,
                    help="AdamW peak lr (default: chosen on the embedded val split)")
     f.add_argument("--seed", type=_SEED, default=0)
-    f.add_argument("--log-every", type=_positive(int), default=10)
+    f.add_argument("--log-every", type=_positive(int, zero=True), default=10, help="progress line every N steps (0: none)")
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--device", default="auto")

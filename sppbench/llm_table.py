@@ -24,6 +24,7 @@ from .errors import SppBenchError
 from .experiments import check_types, write_record
 from .llm import LLM_METHODS, RECONSTRUCTION, SPP_RIA_DEFAULTS, parse_pattern, prune_llm
 from .stats import compare, mean_sd
+from .zeroshot import CONSTANT_SHARE
 
 STRUCTURED_METHODS = ("spp", "magnitude")
 CALIBRATION_FREE = ("magnitude",)    # methods that read no calibration data: one run, not one per seed
@@ -398,7 +399,7 @@ class _ZeroShot:
                           f"was scored on at least {MIN_SEEDS_FOR_A_CLAIM} calibration seeds)",
                 "diagnostics": "per task and model: pred_top / pred_top_share (the answer index given most, and to "
                                "which share of the documents), constant (share >= "
-                               f"{zeroshot_constant_share()}), majority_acc / gold_top (always giving the most "
+                               f"{CONSTANT_SHARE}), majority_acc / gold_top (always giving the most "
                                "frequent gold index, and that index), chance (1 / choices); per-document answers in "
                                "zero_shot.npz (metric 'pred')",
                 "errors": errors, "rows": self.rows, "summary": summary, "comparisons": paired,
@@ -461,12 +462,6 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
                                "seeds": list(seeds), "n": int(len(a[0]))})
         summary.append(row)
     return summary, paired
-
-
-def zeroshot_constant_share() -> float:
-    from .zeroshot import CONSTANT_SHARE
-
-    return CONSTANT_SHARE
 
 
 def zero_shot_sanity(rows: list[dict], summary: list[dict], paired: list[dict]) -> list[dict]:

@@ -698,7 +698,6 @@ def _llm_zero_shot_text(zs: dict) -> list[str]:
     rows = [r for r in zs.get("rows", []) if "error" not in r]
     n = {r["task"]: r["n"] for r in rows}
     total = {r["task"]: r["n_docs"] for r in rows}
-    import math
 
     se = {k: math.sqrt(0.25 / v) for k, v in n.items() if v}
     mean_se = math.sqrt(sum(x * x for x in se.values())) / max(len(se), 1)

@@ -31,7 +31,7 @@ NOTEBOOKS = ROOT / "notebooks"
 EXECUTED = ROOT / "results" / "executed"
 
 # each searching method's step size on each model, chosen on the validation split by the same grid and rule
-# (sppbench.tuning; `python tools/tune_vision.py --model ...`; the records are in results/runs/vision_tuning)
+# (sppbench.studies.tuning; `python tools/tune_vision.py --model ...`; the records are in results/runs/vision_tuning)
 # (x1/4, x1, x4 of each default; first seed; head-refit top-1 on 1,000 validation images; the default stays unless a
 # setting beats it beyond its paired validation interval). Swin: record 20261205T053749Z-e12af31f (lasso lr x4 is
 # better beyond noise; every other method keeps its default); ViT (spp only, the one searching method its reproduce
@@ -43,7 +43,7 @@ MODEL_SETTINGS = {
 }
 
 # parameters the full embedded reproduce passes to each notebook (larger than the nbval defaults)
-# sppbench.zeroshot.TASKS (the paper's seven, PIQA and LAMBADA); tests/test_reproduce_params.py checks they agree
+# sppbench.tasks.zeroshot.TASKS (the paper's seven, PIQA and LAMBADA); tests/test_reproduce_params.py checks they agree
 ZERO_SHOT_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa",
                    "lambada_openai"]
 REPRODUCE_PARAMS = {
@@ -151,20 +151,64 @@ def _env(session: nox.Session, results: Path | None = None) -> dict:
     return env
 
 
+# `nox -s tests` runs every notebook top to bottom under nbval with these tiny parameters (papermill --prepare-only
+# injects them into copies under .nbval/; nbval then compares each notebook's stored check-cell output), so the whole
+# session fits 10 minutes on a 2-core machine. `nox -s tests_slow` runs the notebooks at their own defaults (what
+# `pytest --nbval notebooks/` runs) and the tests marked slow. tests/test_notebook_params.py checks that every name
+# here is a parameter of its notebook.
+NBVAL_TINY = {
+    "00_quickstart.ipynb": {"steps": 10, "n_test": 100, "n_refit": 100, "latency_batch": 4},
+    "10_vision_table.ipynb": {"steps": 3, "seeds": 1, "lasso_trials": 2, "n_val": 50, "n_test": 100, "n_refit": 100,
+                              "resamples": 100, "macs_fractions": [0.5]},
+    "20_clip_retrieval.ipynb": {"methods": ["spp", "magnitude"], "steps": 3, "n_val": 50, "n_test": 50,
+                                "resamples": 100, "macs_fractions": [0.5], "refit_steps": 20},
+    "30_llm_zero_shot.ipynb": {"n_samples": 2, "seqlen": 32, "eval_seqlen": 32, "eval_windows": 4, "spp_steps": 2,
+                               "structured_steps": 1, "resamples": 100, "patterns": ["2:4"]},
+    "40_solution_path.ipynb": {"models": ["embedded-vit"], "steps": 4},
+    "50_seed_stability.ipynb": {"steps": 3, "seeds": [0, 1], "n_test": 100, "n_refit": 100},
+    "60_kappa_lambda.ipynb": {"steps": 3, "n_val": 100, "n_refit": 100},
+    "70_cost_latency.ipynb": {"steps": 2, "step_repeats": 1, "latency_repeats": 1, "latency_batches": [1, 4]},
+}
+NBVAL_DIR = ROOT / ".nbval"  # git-ignored; at the same depth as notebooks/ (records still find this checkout)
+
+
+def _tiny_notebooks(session: nox.Session) -> Path:
+    """Copies of the notebooks with NBVAL_TINY injected as papermill parameters (nothing executed)."""
+    shutil.rmtree(NBVAL_DIR, ignore_errors=True)
+    NBVAL_DIR.mkdir()
+    for nb in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")):
+        over = NBVAL_TINY.get(nb.name, {})
+        session.run("papermill", "--prepare-only", str(nb), str(NBVAL_DIR / nb.name),
+                    *(["-y", json.dumps(over)] if over else []), "--log-level", "WARNING", silent=True)
+    return NBVAL_DIR
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and integration tests, then the notebooks under nbval (records go to a scratch folder)."""
+    """Unit and integration tests (not the ones marked slow), then every notebook under nbval with tiny parameters
+    (records go to a scratch folder). `nox -s tests_slow` runs the rest."""
     _install(session)
     _ensure_fashion_mnist(session)
     scratch = Path(session.create_tmp()) / "results"
     env = _env(session, scratch)
-    session.run("pytest", "-q", "tests", *session.posargs, env=env)
+    session.run("pytest", "-q", "-m", "not slow", "tests", *session.posargs, env=env)
+    session.run("pytest", "-q", "--nbval", str(_tiny_notebooks(session)), env=env)
+
+
+@nox.session
+def tests_slow(session: nox.Session) -> None:
+    """The tests marked slow (torchrun / DDP, resume after SIGKILL, the CLI end to end) and every notebook at its own
+    defaults under nbval (`pytest --nbval notebooks/`, what a user runs)."""
+    _install(session)
+    _ensure_fashion_mnist(session)
+    env = _env(session, Path(session.create_tmp()) / "results")
+    session.run("pytest", "-q", "-m", "slow", "tests", *session.posargs, env=env)
     session.run("pytest", "-q", "--nbval", "notebooks/", env=env)
 
 
 @nox.session
 def notebooks(session: nox.Session) -> None:
-    """Only `pytest --nbval notebooks/`."""
+    """Only `pytest --nbval notebooks/` (each notebook at its own defaults)."""
     _install(session)
     _ensure_fashion_mnist(session)
     session.run("pytest", "-q", "--nbval", "notebooks/", *session.posargs,
@@ -237,7 +281,7 @@ def _paper_plan(session: nox.Session) -> tuple[list, list]:
         constants = json.loads(Path(file).read_text())
     except json.JSONDecodeError as exc:
         session.error(f"{file} is not valid JSON ({exc}). {how}")
-    # the same lists as sppbench.profiles.PAPER_MODELS / CLIP_PAPER_MODELS, which cannot be imported before
+    # the same lists as sppbench.tasks.profiles.PAPER_MODELS / CLIP_PAPER_MODELS, which cannot be imported before
     # the session has installed sppbench and torch (tests/test_profiles.py checks they agree)
     vision = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
     clip = ("ViT-B-32", "ViT-L-14")

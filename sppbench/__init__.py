@@ -8,34 +8,16 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-from torch import nn
-
-from . import distributed, dynamics, measure
-from .compress import compress, load_pruned, save_pruned
+from .core import distributed, dynamics, measure
+from .core.compress import compress, load_pruned, save_pruned
+from .core.masks import MaskedModel, MaskGroup
+from .core.path import KeepSet, SolutionPath
+from .core.search import finetune, search
 from .errors import (BudgetError, ConfigError, DataError, SearchDivergedError, SpecError, SppBenchError,
                      UnsupportedModelError)
-from .families import detect as _detect
-from .masks import MaskedModel, MaskGroup
-from .path import KeepSet, SolutionPath
-from .train import finetune, search
+from .families import attach_masks
 
 __version__ = "0.1.0"
-
-
-def attach_masks(model: nn.Module, *, input_size: int | Sequence[int] | None = None) -> MaskedModel:
-    """Put pair-wise structured masks (all 1) on every block of ``model``, in place.
-
-    The family (timm ViT / DeiT / DINOv2, ...) is detected from the model; an unsupported model
-    raises UnsupportedModelError. ``input_size`` ((C,) H, W or an int) sets the token count used
-    for MAC budgets; by default the model's own image size.
-    """
-    if isinstance(model, MaskedModel):
-        raise UnsupportedModelError("this model already carries masks (it is a MaskedModel)")
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"attach_masks() takes a torch.nn.Module, got {type(model).__name__}")
-    return _detect(model).attach(model, input_size)
 
 
 __all__ = [

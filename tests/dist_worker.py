@@ -19,7 +19,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_vit  # noqa: E402
 
-from sppbench import attach_masks, compress, distributed, finetune, search  # noqa: E402
+from sppbench import attach_masks, finetune, search
+from sppbench import compress  # noqa: E402
+from sppbench.core import distributed  # noqa: E402
 
 GLOBAL_BATCH = 8
 CONSTS = dict(kappa=10.0, alpha=0.05, nu=10.0, lam=0.02)
@@ -83,7 +85,7 @@ def run_replicas(out: Path):
 
 
 def _half_keep(m):
-    from sppbench.path import SolutionPath
+    from sppbench.core.path import SolutionPath
 
     # a fixed keep-set: the first half of every group (no search needed)
     entry = {g.name: torch.arange(g.size) for g in m.groups}

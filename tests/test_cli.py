@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sppbench.__main__ import main
+from sppbench.cli import main
 from test_path import synthetic_path
 
 
@@ -101,7 +101,7 @@ def test_every_bad_number_is_a_one_line_error_not_a_traceback(argv, says, capsys
 def test_no_numeric_option_takes_an_unchecked_int_or_float():
     """Every numeric CLI option goes through a validating type (the bare int / float of argparse would take
     nan, inf and negatives)."""
-    from sppbench.__main__ import build_parser
+    from sppbench.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -14,14 +14,14 @@ import sys
 
 import pytest
 
-from sppbench.data import fashion_mnist_root
+from sppbench.tasks.data import fashion_mnist_root
 from sppbench.errors import DataError
-from sppbench.path import SolutionPath
+from sppbench.core.path import SolutionPath
 from test_distributed import assert_same_path, kill_at_first_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
 SEARCH = ["search", "--steps", "12", "--batch-size", "16", "--lam", "0.04", "--alpha", "0.05", "--log-every", "0"]
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]  # torchrun / DDP processes: `nox -s tests_slow`
 
 
 @pytest.fixture(scope="module", autouse=True)

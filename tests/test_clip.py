@@ -11,11 +11,10 @@ import torch
 pytest.importorskip("open_clip")
 
 import sppbench  # noqa: E402
-from sppbench.clip import (ImageTower, TextTower, contrastive_loss, create_model, recall_at_k,  # noqa: E402
-                           zero_shot_accuracy)
+from sppbench.tasks.clip import ImageTower, TextTower, contrastive_loss, create_model, recall_at_k, zero_shot_accuracy
 from sppbench.errors import BudgetError, SpecError, UnsupportedModelError  # noqa: E402
 from sppbench.families.openclip import MaskedMHA, MaskedSeqMlp  # noqa: E402
-from sppbench.methods import magnitude_path, prune  # noqa: E402
+from sppbench.methods.structured import magnitude_path, prune  # noqa: E402
 
 from conftest import _randomize  # noqa: E402
 from test_masks_compress import random_keep  # noqa: E402
@@ -114,7 +113,7 @@ def test_compressed_equals_masked_on_both_towers(clip_model, seed):
 def test_costs_per_tower_match_measured(clip_model):
     x, t = inputs(clip_model, n=2)
     # the unmasked model (nn.MultiheadAttention's fused inference kernel included) measures what the cost model says
-    dense_img, dense_txt = sppbench.measure.macs(ImageTower(clip_model), x), sppbench.measure.macs(TextTower(clip_model), t)
+    dense_img, dense_txt = sppbench.core.measure.macs(ImageTower(clip_model), x), sppbench.core.measure.macs(TextTower(clip_model), t)
     m = sppbench.attach_masks(clip_model)
     dense_params = sum(p.numel() for p in clip_model.parameters()) - sum(g.size for g in m.groups)
     path = magnitude_path(m)
@@ -124,12 +123,12 @@ def test_costs_per_tower_match_measured(clip_model):
         keep = random_keep(m, seed, empty)
         small = sppbench.compress(m, keep)
         ks = path._keepset([(i, e) for i, g in enumerate(m.groups) for e in keep.indices(g.name).tolist()], {}, "global")
-        img = sppbench.measure.macs(ImageTower(small), x)
-        txt = sppbench.measure.macs(TextTower(small), t)
+        img = sppbench.core.measure.macs(ImageTower(small), x)
+        txt = sppbench.core.measure.macs(TextTower(small), t)
         assert abs(img - ks.towers["image"]["macs"]) <= 0.01 * img
         assert abs(txt - ks.towers["text"]["macs"]) <= 0.01 * txt
         assert ks.macs == ks.towers["image"]["macs"] + ks.towers["text"]["macs"]
-        assert sppbench.measure.params(small) == ks.params
+        assert sppbench.core.measure.params(small) == ks.params
         assert ks.params == ks.towers["image"]["params"] + ks.towers["text"]["params"] + 1  # + the logit scale
 
 
@@ -166,7 +165,7 @@ def test_save_load_round_trip_and_unsavable_models(clip_model, tmp_path):
     back = sppbench.load_pruned(folder)
     with torch.no_grad():
         assert _diff(small(x, t), back(x, t)) == 0.0
-    # a CLIP built without sppbench.clip.create_model has no recorded config: compress works, saving says how to fix
+    # a CLIP built without sppbench.tasks.clip.create_model has no recorded config: compress works, saving says how to fix
     bare = tiny_clip()
     del bare.sppbench_model_cfg
     mb = sppbench.attach_masks(bare)
@@ -257,7 +256,7 @@ def test_real_vit_b_32_architecture():
     with torch.no_grad():
         assert _diff(m(x, t), small(x, t)) <= 1e-5
     for tower, mod, inp in (("image", ImageTower(small), x), ("text", TextTower(small), t)):
-        measured = sppbench.measure.macs(mod, inp)
+        measured = sppbench.core.measure.macs(mod, inp)
         assert abs(measured - keep.towers[tower]["macs"]) <= 0.01 * measured
     dense_img, dense_txt = path.dense("image")[1], path.dense("text")[1]
     assert 4.3e9 < dense_img < 4.5e9 and 2.8e9 < dense_txt < 3.1e9
@@ -265,7 +264,7 @@ def test_real_vit_b_32_architecture():
 
 def test_vit_l_14_profile_architecture():
     """open_clip ViT-L-14, random init: 427.62 M params (open_clip's published count); costs as the profile says."""
-    from sppbench.profiles import clip_paper_config
+    from sppbench.tasks.profiles import clip_paper_config
 
     m = sppbench.attach_masks(create_model("ViT-L-14"))
     path = magnitude_path(m)
@@ -289,7 +288,7 @@ def tokenizer(texts):
 
 def tiny_task(seed: int = 0):
     """A ClipTask around the tiny native CLIP: random 16 px images in 4 'classes', captions naming the class."""
-    from sppbench.clip import ClipTask, RetrievalSet
+    from sppbench.tasks.clip import ClipTask, RetrievalSet
 
     model = tiny_clip(seed)
     g = torch.Generator().manual_seed(seed)
@@ -323,7 +322,7 @@ def tiny_task(seed: int = 0):
 
 @pytest.mark.parametrize("towers", ["joint", "each", "text"])
 def test_clip_table_runs_every_method_within_budget(towers):
-    from sppbench.clip_table import ClipTableConfig, run_clip_table
+    from sppbench.studies.clip_table import ClipTableConfig, run_clip_table
 
     methods = ("spp", "dessilbi", "magnitude", "random") + (() if towers == "each" else ("lasso",))
     cfg = ClipTableConfig(model="embedded-clip", methods=methods, macs_fractions=(0.8, 0.6), budget_towers=towers,
@@ -341,7 +340,7 @@ def test_clip_table_runs_every_method_within_budget(towers):
     # per-query ranks of every row and stage; the table's recall is recomputed from them
     ranks = res["ranks"]
     assert len(ranks) == len(t) * 3 * 2
-    from sppbench.clip_table import ranks_key
+    from sppbench.studies.clip_table import ranks_key
 
     for _, r in t.iterrows():
         for stage in ("no_retrain", "refit", "finetuned"):
@@ -379,7 +378,7 @@ def _ranks_table(rank_of: dict, n: int = 400, seeds=(0, 1, 2)):
     import numpy as np
     import pandas as pd
 
-    from sppbench.clip_table import ranks_key
+    from sppbench.studies.clip_table import ranks_key
 
     rng = np.random.default_rng(0)
     rows, ranks = [], {}
@@ -393,7 +392,7 @@ def _ranks_table(rank_of: dict, n: int = 400, seeds=(0, 1, 2)):
 
 
 def test_clip_sanity_checks_flag_a_pruned_row_above_dense_and_rsum_rising_as_the_budget_shrinks():
-    from sppbench.clip_table import sanity_checks_clip
+    from sppbench.studies.clip_table import sanity_checks_clip
 
     healthy, ranks = _ranks_table({("dense", 1.0): 0.8, ("spp", 0.7): 0.78, ("spp", 0.5): 0.6})
     assert sanity_checks_clip(healthy, ranks, resamples=300) == []
@@ -409,7 +408,7 @@ def test_clip_sanity_checks_flag_a_pruned_row_above_dense_and_rsum_rising_as_the
 
 
 def test_clip_table_config_errors():
-    from sppbench.clip_table import ClipTableConfig
+    from sppbench.studies.clip_table import ClipTableConfig
 
     with pytest.raises(sppbench.SppBenchError, match="no peer"):
         ClipTableConfig(methods=("tp-magnitude",)).resolved()
@@ -427,9 +426,9 @@ def test_clip_table_config_errors():
 def test_karpathy_task_on_a_miniature(tmp_path, dataset):
     """The paper profile's data path: a generated miniature of the COCO / Flickr30K Karpathy layout, read into a
     ClipTask (search batches, val / test retrieval sets, re-fit pairs), then a short CLIP table on it."""
-    from sppbench.captions import write_miniature
-    from sppbench.clip import karpathy_task
-    from sppbench.clip_table import ClipTableConfig, run_clip_table
+    from sppbench.tasks.captions import write_miniature
+    from sppbench.tasks.clip import karpathy_task
+    from sppbench.studies.clip_table import ClipTableConfig, run_clip_table
 
     root = write_miniature(tmp_path / dataset, dataset, n_per_split={"train": 12, "val": 4, "test": 6}, size=20)
     task = karpathy_task(tiny_clip(), tokenizer, dataset, root, workers=0, eval_batch=4)
@@ -449,7 +448,7 @@ def test_karpathy_task_on_a_miniature(tmp_path, dataset):
 
 
 def test_clip_paper_profiles_say_what_is_missing(monkeypatch, tmp_path):
-    from sppbench.profiles import CLIP_PAPER_MODELS, clip_check_ready, clip_paper_config
+    from sppbench.tasks.profiles import CLIP_PAPER_MODELS, clip_check_ready, clip_paper_config
 
     monkeypatch.delenv("SPPBENCH_COCO", raising=False)
     for name in CLIP_PAPER_MODELS:
@@ -457,7 +456,7 @@ def test_clip_paper_profiles_say_what_is_missing(monkeypatch, tmp_path):
         assert cfg["model"] == name and cfg["pretrained"]
         with pytest.raises(sppbench.SppBenchError, match="SPPBENCH_COCO"):
             clip_check_ready(cfg, "coco", None, min_gpus=0)
-    from sppbench.captions import write_miniature
+    from sppbench.tasks.captions import write_miniature
 
     root = write_miniature(tmp_path / "coco", "coco")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -469,7 +468,7 @@ def test_clip_paper_profiles_say_what_is_missing(monkeypatch, tmp_path):
 def test_per_query_ranks_give_the_same_recall_and_rsum():
     import numpy as np
 
-    from sppbench.clip import query_ranks, rsum_per_query
+    from sppbench.tasks.clip import query_ranks, rsum_per_query
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
@@ -514,9 +513,8 @@ def test_the_scratch_refit_remakes_the_dense_projections():
     the dense projections back, so the re-fit stage cannot favour pruned rows over the dense one."""
     import copy
 
-    from sppbench.clip import _as_matrix, _projection_slots, fit_projections, pooled_features, refit_projections, \
-        set_projections
-    from sppbench.clip_table import ClipTableConfig, refit_recipe
+    from sppbench.tasks.clip import _as_matrix, _projection_slots, fit_projections, pooled_features, refit_projections, set_projections
+    from sppbench.studies.clip_table import ClipTableConfig, refit_recipe
 
     task = tiny_task()
     images, texts, keys = task.refit_pairs
@@ -554,8 +552,8 @@ def test_the_clip_tables_dense_row_is_unchanged_by_its_refit():
     recipe."""
     import copy
 
-    from sppbench.clip import fit_projections, pooled_features, set_projections
-    from sppbench.clip_table import ClipTableConfig, run_clip_table
+    from sppbench.tasks.clip import fit_projections, pooled_features, set_projections
+    from sppbench.studies.clip_table import ClipTableConfig, run_clip_table
 
     task = tiny_task()
     images, texts, keys = task.refit_pairs
@@ -578,7 +576,7 @@ def test_pooled_evaluation_equals_the_full_one_for_a_model_and_its_refit(clip_mo
     re-fit copy's scores from pool_set are bit for bit those of running each model over the set."""
     import copy
 
-    from sppbench.clip import RetrievalSet, _as_matrix, _projection_slots, evaluate, pool_set, set_projections
+    from sppbench.tasks.clip import RetrievalSet, _as_matrix, _projection_slots, evaluate, pool_set, set_projections
 
     g = torch.Generator().manual_seed(0)
     size = clip_model.sppbench_model_cfg["vision_cfg"]["image_size"]

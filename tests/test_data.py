@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sppbench.data import Batches, fashion_mnist_root, load_fashion_mnist, preprocess, read_idx
+from sppbench.tasks.data import Batches, fashion_mnist_root, load_fashion_mnist, preprocess, read_idx
 from sppbench.errors import DataError
 
 N = {"train": 60000, "t10k": 10000}

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sppbench.path import SolutionPath
+from sppbench.core.path import SolutionPath
+
+pytestmark = pytest.mark.slow  # two-process DDP runs and a SIGKILLed search: `nox -s tests_slow`
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sppbench.dynamics import SLBI, shrink
+from sppbench.core.dynamics import SLBI, shrink
 from sppbench.errors import SearchDivergedError
 
 

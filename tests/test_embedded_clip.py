@@ -24,7 +24,7 @@ def task():
                if importlib.util.find_spec(p) is None]
     why = f"not installed: {missing}" if missing else None
     if not why:
-        from sppbench.embedded_clip import embedded_clip_task
+        from sppbench.tasks.embedded_clip import embedded_clip_task
 
         try:
             return embedded_clip_task(n_val=100, n_test=200)
@@ -36,7 +36,7 @@ def task():
 
 
 def test_stand_in_is_labelled_and_aligned(task):
-    from sppbench import embedded_clip as E
+    from sppbench.tasks import embedded_clip as E
 
     assert "stand-in" in task.label and task.info["label"] == task.label
     val = task.evaluate(task.model, "val")
@@ -50,8 +50,8 @@ def test_stand_in_is_labelled_and_aligned(task):
 
 
 def test_stand_in_prunes_both_towers_exactly_and_round_trips(task, tmp_path):
-    from sppbench.clip import ImageTower, TextTower
-    from sppbench.methods import magnitude_path
+    from sppbench.tasks.clip import ImageTower, TextTower
+    from sppbench.methods.structured import magnitude_path
 
     import copy
 
@@ -66,8 +66,8 @@ def test_stand_in_prunes_both_towers_exactly_and_round_trips(task, tmp_path):
     with torch.no_grad():
         a, b = m(x, tok), small(x, tok)
     assert max((u - v).abs().max().item() for u, v in zip(a[:2], b[:2])) <= 1e-4
-    assert sppbench.measure.macs(ImageTower(small), x) == keep.towers["image"]["macs"]
-    assert sppbench.measure.macs(TextTower(small), tok) == keep.towers["text"]["macs"]
+    assert sppbench.core.measure.macs(ImageTower(small), x) == keep.towers["image"]["macs"]
+    assert sppbench.core.measure.macs(TextTower(small), tok) == keep.towers["text"]["macs"]
     back = sppbench.load_pruned(sppbench.save_pruned(small, tmp_path / "clip"))
     with torch.no_grad():
         c = back(x, tok)

@@ -118,14 +118,14 @@ def _full_input(n: int = N_MAX):
 def test_costs_are_exact(impl):
     model = tiny_bert(impl)
     x = _full_input()
-    dense = (sppbench.measure.params(model), sppbench.measure.macs(model, x))
+    dense = (sppbench.core.measure.params(model), sppbench.core.measure.macs(model, x))
     m = sppbench.attach_masks(model)
     assert m.cost_model.cost({g.name: g.size for g in m.groups}) == dense
     for seed, empty in ((0, None), (3, EMPTY), (4, {g.name: True for g in m.groups})):
         keep = random_keep(m, seed, empty)
         small = sppbench.compress(m, keep)
-        assert sppbench.measure.params(small) == keep.params
-        measured = sppbench.measure.macs(small, x)
+        assert sppbench.core.measure.params(small) == keep.params
+        measured = sppbench.core.measure.macs(small, x)
         assert abs(measured - keep.macs) <= 0.01 * keep.macs, (seed, measured, keep.macs)
 
 
@@ -133,7 +133,7 @@ def test_input_size_sets_the_sequence_length():
     m = sppbench.attach_masks(tiny_bert("sdpa"), input_size=16)
     assert m.info["tokens"] == 16
     x = _full_input(16)
-    assert m.cost_model.cost({g.name: g.size for g in m.groups})[1] == sppbench.measure.macs(m, x)
+    assert m.cost_model.cost({g.name: g.size for g in m.groups})[1] == sppbench.core.measure.macs(m, x)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sppbench.attach_masks(tiny_bert("sdpa"), input_size=64)
 
@@ -147,7 +147,7 @@ def test_save_load_round_trip(impl, tmp_path):
     assert type(loaded) is BertModel and loaded.config._attn_implementation == impl
     ids, mask = batch()
     assert torch.equal(run(loaded, ids, mask), run(small.eval(), ids, mask))
-    assert sppbench.measure.params(loaded) == keep.params
+    assert sppbench.core.measure.params(loaded) == keep.params
     spec = json.loads((folder / "spec.json").read_text())
     assert spec["input_size"] == N_MAX and spec["family"] == "hf-bert" and len(spec["blocks"]) == 3
     ids, mask = m.family.example_inputs(spec, torch.Generator().manual_seed(0))  # what save_pruned checked
@@ -219,4 +219,4 @@ def test_real_minilm():
     m.set_masks(keep)
     small = sppbench.compress(m, keep)
     assert (run(small, ids, mask) - run(m, ids, mask)).abs().max().item() <= 1e-4
-    assert sppbench.measure.params(small) == keep.params
+    assert sppbench.core.measure.params(small) == keep.params

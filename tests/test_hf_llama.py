@@ -128,8 +128,8 @@ def test_compression_with_biases_rope_scaling_and_the_base_model(kind):
         small = sppbench.compress(m, keep)
         assert _max_diff(run(small, ids, mask), run(m, ids, mask)) <= 1e-5
         x = _full_input()
-        assert sppbench.measure.params(small) == keep.params
-        assert abs(sppbench.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
+        assert sppbench.core.measure.params(small) == keep.params
+        assert abs(sppbench.core.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
 
 
 def test_nested_keep_sets_from_a_path():
@@ -152,13 +152,13 @@ def test_costs_are_exact(case):
     x = _full_input()
     m = sppbench.attach_masks(model, input_size=N)
     assert m.info["tokens"] == N
-    assert m.cost_model.cost({g.name: g.size for g in m.groups}) == (sppbench.measure.params(m),
-                                                                      sppbench.measure.macs(m, x))
+    assert m.cost_model.cost({g.name: g.size for g in m.groups}) == (sppbench.core.measure.params(m),
+                                                                      sppbench.core.measure.macs(m, x))
     for seed, empty in ((0, None), (3, EMPTY), (4, {g.name: True for g in m.groups})):
         keep = random_keep(m, seed, empty)
         small = sppbench.compress(m, keep)
-        assert sppbench.measure.params(small) == keep.params
-        measured = sppbench.measure.macs(small, x)
+        assert sppbench.core.measure.params(small) == keep.params
+        measured = sppbench.core.measure.macs(small, x)
         assert abs(measured - keep.macs) <= 0.01 * keep.macs, (seed, measured, keep.macs)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sppbench.attach_masks(tiny(*case), input_size=65)
@@ -177,7 +177,7 @@ def test_save_load_round_trip(kind, impl, tied, tmp_path):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     ids, mask = batch()
     assert torch.equal(run(loaded, ids, mask), run(small.eval(), ids, mask))
-    assert sppbench.measure.params(loaded) == keep.params
+    assert sppbench.core.measure.params(loaded) == keep.params
     spec = json.loads((folder / "spec.json").read_text())
     assert spec["format"] == "sppbench.pruned/1" and spec["family"] == "hf-llama" and spec["input_size"] == N
     assert spec["architecture"]["class"] == type(model).__name__ and len(spec["blocks"]) == 2
@@ -236,7 +236,7 @@ def test_a_short_search_gives_a_path():
     keep = path.keep(fraction=0.5)
     m.set_masks(keep)
     small = sppbench.compress(m, keep)
-    assert _max_diff(run(small, ids), run(m, ids)) <= 1e-5 and sppbench.measure.params(small) == keep.params
+    assert _max_diff(run(small, ids), run(m, ids)) <= 1e-5 and sppbench.core.measure.params(small) == keep.params
 
 
 def test_unsupported_configs_fail_clearly():

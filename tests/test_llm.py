@@ -13,8 +13,7 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM  # noqa: E402
 
 from sppbench.errors import BudgetError, UnsupportedModelError  # noqa: E402
-from sppbench.llm import (LLM_METHODS, decoder_layers, keep_mask, layer_linears, order_rank, parse_pattern,  # noqa: E402
-                          prune_llm, reconstruction_grad, reconstruction_loss, ria_score, spp_path, wanda_score)
+from sppbench.methods.llm import LLM_METHODS, decoder_layers, keep_mask, layer_linears, order_rank, parse_pattern, prune_llm, reconstruction_grad, reconstruction_loss, ria_score, spp_path, wanda_score
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -172,7 +171,7 @@ def test_outlier_channels_diverge_unclipped_and_stay_finite_clipped_or_precondit
 def test_offload_moves_one_layer_at_a_time_and_prunes_identically(family, monkeypatch):
     """device='cpu:0' differs from the model's 'cpu' but computes on the CPU: the offload path runs for real.
     The embeddings visit the device once and come back; then each layer goes there and back before the next."""
-    import sppbench.llm as L
+    import sppbench.methods.llm as L
 
     base = MODELS[family]()
     ref, moved = copy.deepcopy(base), copy.deepcopy(base)
@@ -196,7 +195,7 @@ def test_offload_moves_one_layer_at_a_time_and_prunes_identically(family, monkey
 
 
 def test_memory_estimate_grows_with_calibration_and_gram_state():
-    from sppbench.llm import llm_memory
+    from sppbench.methods.llm import llm_memory
 
     small = llm_memory(4096, 11008, 32, heads=32, n_samples=64)
     big = llm_memory(4096, 11008, 32, heads=32, n_samples=128)
@@ -206,7 +205,7 @@ def test_memory_estimate_grows_with_calibration_and_gram_state():
 
 
 def test_pruned_by_path_counts_what_the_entry_order_decided():
-    from sppbench.llm import pruned_by_path
+    from sppbench.methods.llm import pruned_by_path
 
     es = torch.tensor([[1, 2, 3, -1], [1, 5, -1, -1]])
     half = parse_pattern("unstructured:0.5")
@@ -234,7 +233,7 @@ def test_pruned_by_path_counts_what_the_entry_order_decided():
 
 @pytest.mark.parametrize("pattern,compare", [("0.5", "layer"), ("0.5", "row"), ("2:4", "layer")])
 def test_perturb_keep_moves_exactly_the_share_and_keeps_the_pattern(pattern, compare):
-    from sppbench.llm import perturb_keep
+    from sppbench.methods.llm import perturb_keep
 
     pat = parse_pattern(pattern)
     g = torch.Generator().manual_seed(0)
@@ -294,7 +293,7 @@ def test_spp_ria_records_how_far_it_moved_rias_cut():
 def test_keep_by_order_equals_the_full_sort_with_ties(pattern):
     """The grouped read-out (no full sort) keeps exactly what order_rank + keep_mask keep, ties included: SPP-RIA's
     primary key is an entry step with many ties and -inf for never-entered entries, its secondary RIA score ties too."""
-    from sppbench.llm import keep_by_order
+    from sppbench.methods.llm import keep_by_order
 
     pat = parse_pattern(pattern)
     g = torch.Generator().manual_seed(3)
@@ -313,8 +312,8 @@ def test_keep_by_order_equals_the_full_sort_with_ties(pattern):
 
 @pytest.mark.parametrize("pattern", [0.5, "2:4"])
 def test_sparsegpt_in_the_layer_loop_equals_a_direct_call_and_updates_the_kept_weights(pattern):
-    from sppbench.llm import SPARSEGPT_DEFAULTS
-    from sppbench.sparsegpt import sparsegpt
+    from sppbench.methods.llm import SPARSEGPT_DEFAULTS
+    from sppbench.methods.sparsegpt import sparsegpt
 
     dense = tiny_llama()
     layer0, _ = decoder_layers(dense)

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sppbench import assets
-from sppbench import llm_data as L
+from sppbench.tasks import assets
+from sppbench.tasks import llm_data as L
 from sppbench.errors import DataError
 
 REQUIRE = os.environ.get("SPPBENCH_REQUIRE_EMBEDDED") == "1"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sppbench.llm_table import LLMTableConfig, parse_nll_key, run_llm_table, sanity_checks
+from sppbench.studies.llm_table import LLMTableConfig, parse_nll_key, run_llm_table, sanity_checks
 
 WORDS = ("the a of and to in is was for on with as by at from that it an be this are which or his have had one "
          "first new time year people city state world war music film game river king church school").split()

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import sppbench
-from sppbench.costs import CostModel
-from sppbench.path import KeepSet
+from sppbench.core.costs import CostModel
+from sppbench.core.path import KeepSet
 from conftest import tiny_vit
 
 
@@ -86,7 +86,7 @@ def test_compression_is_exact_for_a_partial_keep_without_empty_groups(tiny):
 
 def test_dense_cost_model_matches_measured(tiny):
     name, model, x = tiny
-    params, macs = sppbench.measure.params(model), sppbench.measure.macs(model, x)
+    params, macs = sppbench.core.measure.params(model), sppbench.core.measure.macs(model, x)
     m = sppbench.attach_masks(model, input_size=x.shape[1:])
     assert m.cost_model.cost({g.name: g.size for g in m.groups}) == (params, macs)
 
@@ -97,8 +97,8 @@ def test_compressed_params_exact_and_macs_within_one_percent(tiny, seed):
     m = sppbench.attach_masks(model, input_size=x.shape[1:])
     keep = random_keep(m, seed, {"blocks.0.attn.v": True, "blocks.1.mlp": True})
     small = sppbench.compress(m, keep)
-    assert sppbench.measure.params(small) == keep.params
-    measured = sppbench.measure.macs(small, x)
+    assert sppbench.core.measure.params(small) == keep.params
+    measured = sppbench.core.measure.macs(small, x)
     assert abs(measured - keep.macs) <= 0.01 * keep.macs, (measured, keep.macs)
 
 
@@ -111,7 +111,7 @@ def test_macs_count_the_attention_matmuls():
     attn_matmuls = len(model.blocks) * 2 * N * N * D
     patch = 16 * D * 3 * 64
     head = D * 5
-    assert sppbench.measure.macs(model, x) == linear_only + attn_matmuls + patch + head
+    assert sppbench.core.measure.macs(model, x) == linear_only + attn_matmuls + patch + head
 
 
 def test_compression_updates_static_attributes():
@@ -136,7 +136,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     loaded = sppbench.load_pruned(folder)
     assert torch.equal(loaded(x), small.eval()(x))
     assert type(loaded) is type(model)
-    assert sppbench.measure.params(loaded) == keep.params
+    assert sppbench.core.measure.params(loaded) == keep.params
 
 
 def test_spec_that_does_not_match_weights_fails_clearly(tmp_path):

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import sppbench
 from sppbench import methods
-from sppbench.dynamics import DessiLBI, ProximalL1, group_shrink
+from sppbench.core.dynamics import DessiLBI, ProximalL1, group_shrink
 from sppbench.errors import BudgetError, SearchDivergedError, SppBenchError
-from sppbench.families.base import UnitSlice
-from sppbench.train import finetune
+from sppbench.core.family import UnitSlice
+from sppbench.core.search import finetune
 from conftest import synthetic_batches, tiny_dinov2, tiny_swin, tiny_vit, mask_vs_zeroed_unit, unit_coverage
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
@@ -41,7 +41,7 @@ def test_proximal_l1_is_a_gradient_step_then_soft_threshold():
     opt.step()
     # 1 - 0.05 = 0.95 -> 0.85; 0.05 -> 0 (|.| < 0.1); -0.5 - 0.1 = -0.6 -> -0.5
     assert torch.allclose(p.detach(), torch.tensor([0.85, 0.0, -0.5]))
-    assert opt._state(p)["last_nonzero"].tolist() == [1, 0, 1]
+    assert opt.state_of(p)["last_nonzero"].tolist() == [1, 0, 1]
 
 
 def test_group_shrink_zeroes_small_rows_and_shrinks_others_radially():
@@ -84,7 +84,7 @@ def test_every_ranking_method_gives_nested_exact_budgets(method):
     assert [p.budget for p in out] == budgets
     for p, b in zip(out, budgets):
         assert p.keep.macs <= b["macs"]
-        assert sppbench.measure.macs(p.model, x) == pytest.approx(p.keep.macs, rel=0.01)
+        assert sppbench.core.measure.macs(p.model, x) == pytest.approx(p.keep.macs, rel=0.01)
         m.set_masks(p.keep)
         with torch.no_grad():
             assert (p.model(x) - m(x)).abs().max() < 1e-5
@@ -98,7 +98,7 @@ def test_every_ranking_method_gives_nested_exact_budgets(method):
 
 
 def test_dessilbi_path_records_its_loss_so_its_health_checks_every_limit():
-    from sppbench.experiments import path_health
+    from sppbench.studies.common import path_health
 
     model = tiny_vit()
     m = sppbench.attach_masks(model)
@@ -229,3 +229,52 @@ def test_finetune_lowers_the_loss_and_records_its_recipe():
     bad = [(torch.full((2, 3, 32, 32), float("nan")), torch.tensor([0, 1]))]
     with pytest.raises(SearchDivergedError):
         finetune(tiny_vit(), bad, steps=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: every registered method runs through the one interface (a new entry is tested by these)
+# ---------------------------------------------------------------------------------------------
+from sppbench.methods import registry  # noqa: E402
+
+
+def test_the_method_lists_are_read_off_the_registry():
+    assert methods.METHODS == methods.RANKING_METHODS + methods.PER_BUDGET_METHODS + methods.PEER_METHODS
+    assert set(methods.METHODS) == set(registry.names("structured"))
+    for name in methods.METHODS:
+        m = registry.get(name)
+        assert m.summary and m.kind in registry.KINDS["structured"]
+        assert (name in methods.DETERMINISTIC_METHODS) == (not m.seeded)
+        assert methods.TUNING_KNOBS.get(name) == m.tuning_knob
+    with pytest.raises(SppBenchError, match="unknown pruning method 'obs'; known methods: spp, "):
+        registry.get("obs")
+    with pytest.raises(ValueError, match="needs its 'rank' function"):
+        registry.Method("x", "structured", "ranking", "no function")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("spp"))
+
+
+@pytest.mark.parametrize("name", registry.names("structured"))
+def test_every_registered_method_meets_a_macs_budget_through_prune(name):
+    if methods.peer_reason(name):
+        pytest.skip(f"{name}: {methods.peer_reason(name)}")
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    m = sppbench.attach_masks(model)
+    batches = synthetic_batches(model, 32, n=3)
+    budget = {"macs": int(m.dense_cost()[1] * 0.6)}
+    settings = {"trials": 3} if name == "lasso" else {}
+    out = methods.prune(name, m, [budget], batches=batches, loss_fn=F.cross_entropy, steps=6, spp=SPP, seed=1,
+                        settings=settings, example_inputs=x[:1])
+    assert len(out) == 1 and out[0].method == name
+    assert sppbench.core.measure.macs(out[0].model, x[:1]) <= budget["macs"] * 1.02
+    assert torch.isfinite(out[0].model(x)).all()
+
+
+def test_every_registered_llm_method_has_its_statistic_and_comparison():
+    from sppbench.methods import llm
+
+    assert llm.LLM_METHODS == ("magnitude", "wanda", "ria", "spp-ria", "sparsegpt")
+    assert llm.CONTROL_METHODS == ("ria-perturbed",)
+    for m in registry.all_methods("llm"):
+        assert m.statistic in ("none", "sq", "gram") and m.compare in ("layer", "row", "block") and m.select
+    assert llm.GRAM_METHODS == ("spp-ria", "sparsegpt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sppbench import ConfigError
-from sppbench.notebook import check_params, spec_of
+from sppbench.studies.notebook import check_params, spec_of
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sppbench
-from sppbench.path import SolutionPath
+from sppbench.core.path import SolutionPath
 from conftest import tiny_vit
 
 
@@ -148,7 +148,7 @@ def test_path_save_load_round_trip(tmp_path):
 
 
 def test_keepset_serialises():
-    from sppbench.path import KeepSet
+    from sppbench.core.path import KeepSet
 
     keep = synthetic_path().keep(fraction=0.6)
     again = KeepSet.from_dict(keep.to_dict())

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import sppbench
 from conftest import synthetic_batches, tiny_vit
-from sppbench.dynamics import SLBI
+from sppbench.core.dynamics import SLBI
 from sppbench.errors import SpecError
-from sppbench.path import HEALTH_LIMITS, SolutionPath
+from sppbench.core.path import HEALTH_LIMITS, SolutionPath
 
 
 def test_fractional_entry_time_orders_entries_that_enter_at_the_same_step():
@@ -91,7 +91,7 @@ def test_diagnostics_flag_a_collapsed_path():
     assert all(b["by_order"] is not None for b in d["budgets"])
     assert min(b["by_order"] for b in d["budgets"]) < 0.5
     # the record carries it and warns
-    from sppbench.experiments import path_health
+    from sppbench.studies.common import path_health
 
     with pytest.warns(RuntimeWarning, match="degenerate"):
         h = path_health(path, name="collapsed")
@@ -197,7 +197,7 @@ def test_auto_constants_resume_from_the_checkpoint(tmp_path):
 def test_records_carry_the_health_and_every_path(tmp_path, monkeypatch):
     import pandas as pd
 
-    from sppbench.experiments import write_record
+    from sppbench.studies.common import write_record
 
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     _, good = _path(steps=20)
@@ -286,7 +286,7 @@ def test_search_takes_an_slbi_subclass_and_records_it(tmp_path):
 
 
 def test_adam_form_steps_m_by_adam_on_the_papers_gradient():
-    from sppbench.dynamics import check_constants
+    from sppbench.core.dynamics import check_constants
 
     m = torch.nn.Parameter(torch.ones(3))
     opt = SLBI([m], kappa=10.0, alpha=2.0, nu=100.0, lam=0.09, variant="adam", lr=0.05)

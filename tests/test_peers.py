@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("torch_pruning")
 
-from sppbench import measure  # noqa: E402
+from sppbench.core import measure  # noqa: E402
 from sppbench.errors import BudgetError, UnsupportedModelError  # noqa: E402
-from sppbench.peers import PEERS, _ratio_grid, available, tp_prune  # noqa: E402
+from sppbench.methods.peers import PEERS, _ratio_grid, available, tp_prune  # noqa: E402
 from conftest import synthetic_batches, tiny_deit_distilled, tiny_dinov2, tiny_vit  # noqa: E402
 
 SIZES = {"vit": 32, "dinov2": 28}

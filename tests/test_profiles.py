@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sppbench
-from sppbench import profiles
+from sppbench.tasks import profiles
 from sppbench.errors import DataError, SppBenchError, UnsupportedModelError
 
 SPP = {"kappa": 10.0, "alpha": 0.02, "nu": 10.0, "lam": 0.05}
@@ -117,7 +117,7 @@ def test_imagenet_task_reads_a_miniature_folder_with_the_same_layout(tmp_path):
     assert len(list(task.train_batches(2, 3, 0))) == 3
     xs = [b[0] for b in task.loader("test")]
     assert sum(len(b) for b in xs) == 8
-    from sppbench.vision import evaluate
+    from sppbench.studies.vision_table import evaluate
 
     ev = evaluate(model, task, ("val", "test"))
     assert 0 <= ev["test_head_refit"] <= 1 and 0 <= ev["val_no_retrain"] <= 1
@@ -127,7 +127,7 @@ def test_noxfile_paper_model_lists_match_the_profiles():
     import ast
     from pathlib import Path
 
-    from sppbench.profiles import CLIP_PAPER_MODELS, PAPER_MODELS
+    from sppbench.tasks.profiles import CLIP_PAPER_MODELS, PAPER_MODELS
 
     tree = ast.parse((Path(__file__).parent.parent / "noxfile.py").read_text())
     plan = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_paper_plan")

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sppbench import report
-from sppbench.report import PAPER_SOURCE, build_report
-from sppbench.results import RunRecord, list_records
+from sppbench.report import build as report
+from sppbench.report.build import PAPER_SOURCE, build_report
+from sppbench.studies.records import RunRecord, list_records
 
 REAL_RUNS = Path(__file__).resolve().parent.parent / "results" / "runs"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -185,7 +185,7 @@ def test_report_states_path_health_in_words(synthetic):
 def test_report_recomputes_the_health_of_records_written_before_diagnostics(tmp_path):
     import torch
 
-    from sppbench.path import entry_health
+    from sppbench.core.path import entry_health
 
     root = tmp_path / "runs"
     folder = _solution_path(root, "20200101T000000Z-00000001", "embedded-vit", search={"method": "spp", "steps": 10})
@@ -386,7 +386,7 @@ def test_report_shows_the_vision_table_inline_with_verdicts_and_hardware(tmp_pat
     table with intervals and verdicts, the settings and the hardware; the figure is linked inline."""
     from test_vision import tiny_task
 
-    from sppbench.vision import VisionTableConfig, run_vision_table
+    from sppbench.studies.vision_table import VisionTableConfig, run_vision_table
 
     root = tmp_path / "runs"
     monkeypatch.setenv("SPPBENCH_RESULTS", str(root))
@@ -417,7 +417,7 @@ def test_report_shows_the_clip_table_inline_with_verdicts(tmp_path, monkeypatch)
     comparison with spp (table and words), the sanity checks and the hardware."""
     from test_clip import tiny_task
 
-    from sppbench.clip_table import ClipTableConfig, run_clip_table
+    from sppbench.studies.clip_table import ClipTableConfig, run_clip_table
 
     root = tmp_path / "runs"
     monkeypatch.setenv("SPPBENCH_RESULTS", str(root))
@@ -470,7 +470,7 @@ def test_committed_llm_record_recomputes_from_its_window_nlls():
     stored summary (per-seed mean and sd, ratios against RIA and Wanda, their intervals) is recomputed from them."""
     import math
 
-    from sppbench.llm_table import summarize
+    from sppbench.studies.llm_table import summarize
 
     folders = [f for f in list_records("llm_table", REAL_RUNS) if (f / "nll.npz").is_file()]
     if not folders:
@@ -493,8 +493,8 @@ def test_committed_llm_record_recomputes_from_its_window_nlls():
 def test_committed_vision_records_recompute_from_their_per_image_results():
     """The newest committed vision record of each model that keeps correct.npz: every row's top-1 is the mean of its
     arrays, every delta and interval of the stored summary is recomputed from them, and its checks passed."""
-    from sppbench import stats
-    from sppbench.vision import _arrays, correct_key
+    from sppbench.studies import stats
+    from sppbench.studies.vision_table import _arrays, correct_key
 
     checked = 0
     for folder in reversed(list_records("vision_table", REAL_RUNS)):

@@ -3,6 +3,7 @@ column that lowers accuracy) and name only methods and knobs that exist."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,8 @@ def test_clip_and_llm_tables_keep_the_statistical_floor():
 
 
 def test_the_llm_table_runs_every_zero_shot_task_and_the_peers():
-    from sppbench import zeroshot
-    from sppbench.llm import LLM_METHODS
+    from sppbench.tasks import zeroshot
+    from sppbench.methods.llm import LLM_METHODS
 
     llm = _reproduce_params()["30_llm_zero_shot.ipynb"]
     assert tuple(llm["zero_shot_tasks"]) == zeroshot.TASKS  # the noxfile's copy of the list agrees
@@ -87,3 +88,35 @@ def test_reproduce_parameters_are_notebook_parameters(book):
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     names = {t.targets[0].id for t in ast.parse("".join(cell["source"])).body if isinstance(t, ast.Assign)}
     assert set(_reproduce_params()[book]) <= names
+
+
+def _literal(name: str) -> dict:
+    tree = ast.parse(NOXFILE.read_text())
+    return ast.literal_eval(next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                                 and isinstance(n.targets[0], ast.Name) and n.targets[0].id == name))
+
+
+@pytest.mark.parametrize("table", ["REPRODUCE_PARAMS", "NBVAL_TINY"])
+def test_every_parameter_given_is_a_parameter_of_its_notebook(table):
+    """A name papermill injects that the notebook does not have would be silently ignored."""
+    params = _reproduce_params() if table == "REPRODUCE_PARAMS" else _literal(table)
+    for book, over in params.items():
+        nb = json.loads((NOXFILE.parent / "notebooks" / book).read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        names = {t.id for n in ast.parse("".join(cell["source"])).body if isinstance(n, ast.Assign) for t in n.targets}
+        assert set(over) <= names, (table, book, set(over) - names)
+
+
+def test_the_tiny_notebook_run_never_trains_the_swin_stand_in():
+    """`nox -s tests` stays within minutes on a fresh machine: the Swin stand-in (about 7 minutes to train once)
+    is left to `nox -s tests_slow` and reproduce."""
+    tiny = _literal("NBVAL_TINY")
+    for path in sorted((NOXFILE.parent / "notebooks").glob("[0-9]*.ipynb")):
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        values = {t.id: ast.literal_eval(n.value) for n in ast.parse("".join(cell["source"])).body
+                  if isinstance(n, ast.Assign) for t in n.targets}
+        values.update(tiny.get(path.name, {}))
+        for key in ("model", "models"):
+            v = values.get(key, [])
+            assert "embedded-swin" not in ([v] if isinstance(v, str) else v), (path.name, key, v)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from sppbench.experiments import QuickstartConfig
-from sppbench.results import RunRecord, list_records, load_record
+from sppbench.studies.quickstart import QuickstartConfig
+from sppbench.studies.records import RunRecord, list_records, load_record
 
 
 def test_record_appears_only_when_finished(tmp_path):
@@ -46,7 +46,7 @@ def test_wrongly_typed_parameters_are_refused():
 _WRITER = """
 import sys, time
 from pathlib import Path
-from sppbench.results import RunRecord
+from sppbench.studies.records import RunRecord
 root, tag, n, pause = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 for i in range(n):
     rec = RunRecord("study", root=root)
@@ -87,6 +87,6 @@ def test_a_run_killed_while_writing_leaves_no_record(tmp_path):
     p.wait()
     assert list((tmp_path / "study").glob(".tmp-*/params.json"))  # the half-written record is there ...
     assert list_records("study", root=tmp_path) == []  # ... and invisible
-    from sppbench.report import build_report
+    from sppbench.report.build import build_report
 
     build_report(root=tmp_path, out=tmp_path / "out")  # the report does not trip over it

@@ -96,16 +96,16 @@ def test_public_api_end_to_end(tmp_path):
     model = tiny_vit()
     x = torch.randn(4, 3, 32, 32)
     m = sppbench.attach_masks(model)
-    opt = sppbench.dynamics.SLBI(m.mask_parameters().values(), kappa=1.0, alpha=0.1, nu=1.0, lam=0.5)
+    opt = sppbench.core.dynamics.SLBI(m.mask_parameters().values(), kappa=1.0, alpha=0.1, nu=1.0, lam=0.5)
     assert isinstance(opt, torch.optim.Optimizer)
     path = sppbench.search(m, synthetic_batches(model, 32), F.cross_entropy, steps=10, seed=0, **CONSTS)
     keep = path.keep(fraction=0.5)
     m.set_masks(keep)
     small = sppbench.compress(m, keep)
     assert (small(x) - m(x)).abs().max() <= 1e-5
-    assert sppbench.measure.params(small) == keep.params < sppbench.measure.params(m)
-    assert abs(sppbench.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
-    lat = sppbench.measure.latency(small, x, repeats=3)
+    assert sppbench.core.measure.params(small) == keep.params < sppbench.core.measure.params(m)
+    assert abs(sppbench.core.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
+    lat = sppbench.core.measure.latency(small, x, repeats=3)
     assert lat["median_s"] > 0 and lat["batch"] == 4
     sppbench.save_pruned(small, tmp_path / "small")
     assert torch.equal(sppbench.load_pruned(tmp_path / "small")(x), small.eval()(x))

@@ -3,7 +3,7 @@ reconstructs the layer's outputs better than the same mask without the weight up
 import pytest
 import torch
 
-from sppbench.sparsegpt import sparsegpt, sparsegpt_reference
+from sppbench.methods.sparsegpt import sparsegpt, sparsegpt_reference
 
 
 def _case(seed: int, d_out: int = 6, d_in: int = 16, tokens: int = 40, dead: int | None = None):

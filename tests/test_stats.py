@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sppbench import stats
+from sppbench.studies import stats
 
 
 def test_identical_rows_tie_with_a_zero_interval():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sppbench import methods, studies
-from sppbench.path import KeepSet
-from sppbench.results import list_records, load_record
+from sppbench.core.path import KeepSet
+from sppbench.studies.records import list_records, load_record
 from test_vision import tiny_task
 
 
@@ -87,7 +87,7 @@ def test_seed_study_rows_overlaps_and_rankings(tmp_path, monkeypatch):
 
 
 def test_seed_study_from_the_vision_table_reads_its_keep_sets_and_orders(tmp_path, monkeypatch):
-    from sppbench.vision import VisionTableConfig, run_vision_table
+    from sppbench.studies.vision_table import VisionTableConfig, run_vision_table
 
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run notebook 10"):

@@ -137,7 +137,7 @@ def test_compression_is_exact_without_empty_groups(swin):
 
 def test_dense_cost_model_matches_measured(swin):
     name, model, x = swin
-    params, macs = sppbench.measure.params(model), sppbench.measure.macs(model, x)
+    params, macs = sppbench.core.measure.params(model), sppbench.core.measure.macs(model, x)
     m = sppbench.attach_masks(model, input_size=x.shape[1:])
     assert m.cost_model.cost({g.name: g.size for g in m.groups}) == (params, macs)
 
@@ -148,13 +148,13 @@ def test_compressed_params_exact_and_macs_within_one_percent(swin, seed):
     m = sppbench.attach_masks(model, input_size=x.shape[1:])
     keep = random_keep(m, seed, _empty(model))
     small = sppbench.compress(m, keep)
-    assert sppbench.measure.params(small) == keep.params
-    measured = sppbench.measure.macs(small, x)
+    assert sppbench.core.measure.params(small) == keep.params
+    measured = sppbench.core.measure.macs(small, x)
     assert abs(measured - keep.macs) <= 0.01 * keep.macs, (measured, keep.macs)
     # every mask entry removed: only the base and the constant branches are left
     zero = sppbench.compress(m, random_keep(m, seed, {g.name: True for g in m.groups}))
     cost = m.cost_model.cost({g.name: 0 for g in m.groups})
-    assert (sppbench.measure.params(zero), sppbench.measure.macs(zero, x)) == cost
+    assert (sppbench.core.measure.params(zero), sppbench.core.measure.macs(zero, x)) == cost
 
 
 def test_macs_count_window_attention_by_hand():
@@ -167,7 +167,7 @@ def test_macs_count_window_attention_by_hand():
     patch = 256 * 16 * 3 * 4
     merging = 64 * 64 * 32
     head = 32 * 5
-    assert sppbench.measure.macs(model, x) == linear + attn + patch + merging + head
+    assert sppbench.core.measure.macs(model, x) == linear + attn + patch + merging + head
 
 
 def test_nested_keep_sets_from_a_search(tmp_path):
@@ -187,8 +187,8 @@ def test_nested_keep_sets_from_a_search(tmp_path):
         comp = sppbench.compress(m, keep)
         with torch.no_grad():
             assert (comp(x) - m(x)).abs().max().item() <= 1e-5
-        assert sppbench.measure.params(comp) == keep.params
-        assert abs(sppbench.measure.macs(comp, x) - keep.macs) <= 0.01 * keep.macs
+        assert sppbench.core.measure.params(comp) == keep.params
+        assert abs(sppbench.core.measure.macs(comp, x) - keep.macs) <= 0.01 * keep.macs
 
 
 def test_save_load_round_trip_and_build_from_spec(swin, tmp_path):
@@ -204,7 +204,7 @@ def test_save_load_round_trip_and_build_from_spec(swin, tmp_path):
     assert type(loaded) is SwinTransformer
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
-    assert sppbench.measure.params(loaded) == keep.params
+    assert sppbench.core.measure.params(loaded) == keep.params
     rebuilt = sppbench.families.get("timm-swin").build(spec)
     rebuilt.load_state_dict(small.state_dict(), strict=True)
     with torch.no_grad():
@@ -242,10 +242,10 @@ def test_real_swin_tiny_architecture():
     assert not m.training  # timm's Swin-T has drop-path 0.1: the handle must keep the model's eval mode
     with torch.no_grad():
         assert (m(x) - ref).abs().max().item() <= 1e-6
-    measured_dense = sppbench.measure.macs(m, x)
+    measured_dense = sppbench.core.measure.macs(m, x)
     assert not m.model.training
     dense_params, dense_macs = m.cost_model.cost({g.name: g.size for g in m.groups})
-    assert dense_params == sppbench.measure.params(m) == 28_288_354 and dense_macs == measured_dense
+    assert dense_params == sppbench.core.measure.params(m) == 28_288_354 and dense_macs == measured_dense
     assert 4.4e9 < dense_macs < 4.6e9  # Swin-T: 4.5 GMACs (Liu et al. 2021; timm)
     assert m.info["tokens"] == [3136, 784, 196, 49]
     keep = random_keep(m, 0, {"layers.2.blocks.3.attn.v": True, "layers.1.blocks.1.attn.qk": True,
@@ -256,8 +256,8 @@ def test_real_swin_tiny_architecture():
         a, b = small(x), m(x)
     # 12 blocks in float32 (measured: ~4e-7); the bound is relative to the output's scale
     assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
-    assert sppbench.measure.params(small) == keep.params
-    measured = sppbench.measure.macs(small, x)
+    assert sppbench.core.measure.params(small) == keep.params
+    measured = sppbench.core.measure.macs(small, x)
     assert abs(measured - keep.macs) <= 0.01 * keep.macs, (measured, keep.macs)
 
 
@@ -293,9 +293,9 @@ def test_unsupported_models_fail_clearly():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.embedded
 def test_embedded_swin_trains_caches_and_reloads(tmp_path, monkeypatch):
-    from sppbench.data import fashion_mnist_root
+    from sppbench.tasks.data import fashion_mnist_root
     from sppbench.errors import DataError
-    from sppbench.embedded_swin import SWIN_STAND_IN, embedded_swin
+    from sppbench.tasks.embedded_swin import SWIN_STAND_IN, embedded_swin
 
     try:
         fashion_mnist_root()
@@ -345,5 +345,5 @@ def test_fused_attention_path_is_exact_too():
     assert all(blk.attn.fused_attn for blk in _blocks(small) if isinstance(blk.attn, PrunedWindowAttention))
     with torch.no_grad():
         assert (small(x) - m(x)).abs().max().item() <= 1e-5
-    assert sppbench.measure.params(small) == keep.params
-    assert abs(sppbench.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs
+    assert sppbench.core.measure.params(small) == keep.params
+    assert abs(sppbench.core.measure.macs(small, x) - keep.macs) <= 0.01 * keep.macs

@@ -8,8 +8,8 @@ import pytest
 from test_vision import tiny_task
 
 from sppbench import methods
-from sppbench.tuning import default_knobs, tune_vision
-from sppbench.vision import VisionTableConfig, run_vision_table
+from sppbench.studies.tuning import default_knobs, tune_vision
+from sppbench.studies.vision_table import VisionTableConfig, run_vision_table
 
 
 def _no_test(task):
@@ -65,7 +65,7 @@ def _rows(method, scores, verdicts, scored=(2, 2, 2)):
 def test_the_rule_keeps_the_default_unless_a_setting_is_better_beyond_noise():
     import pandas as pd
 
-    from sppbench.tuning import choose
+    from sppbench.studies.tuning import choose
 
     t = pd.DataFrame(_rows("a", [0.90, 0.80, 0.85], ["tie", None, "better"])  # the higher score is within noise
                      + _rows("b", [0.70, 0.80, 0.90], ["worse", None, "tie"])  # nothing beyond noise: default

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from sppbench import methods
-from sppbench.data import Batches, ImageSet, preprocess
-from sppbench.vision import VisionTableConfig, VisionTask, _imageset_loader, run_vision_table
+from sppbench.tasks.data import Batches, ImageSet, preprocess
+from sppbench.tasks.evaluate import image_batches
+from sppbench.studies.vision_table import VisionTableConfig, run_vision_table
+from sppbench.tasks.vision import VisionTask
 from conftest import tiny_vit
 
 
@@ -22,13 +24,13 @@ def tiny_task() -> VisionTask:
     parts = {"refit": data.subset(range(0, 32)), "val": data.subset(range(32, 64)), "test": data.subset(range(64, 96))}
     return VisionTask("tiny-vit", "test model: tiny random-init ViT, synthetic images", model, 32, 5,
                       lambda bs, steps, seed: Batches(parts["refit"], 32, bs, steps, seed=seed),
-                      lambda split: _imageset_loader(parts[split], 32, batch_size=16), 1e-2, {"synthetic": True})
+                      lambda split: image_batches(parts[split], 32, batch_size=16), 1e-2, {"synthetic": True})
 
 
 def test_vision_table_runs_every_method_on_the_same_budgets(tmp_path, monkeypatch):
     import numpy as np
 
-    from sppbench.vision import STAGES, correct_key, parse_key
+    from sppbench.studies.vision_table import STAGES, correct_key, parse_key
 
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
     names = ("spp", "lasso", "dessilbi", "magnitude", "random")
@@ -161,7 +163,7 @@ def _synthetic(acc: dict, n: int = 2000, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    from sppbench.vision import correct_key
+    from sppbench.studies.vision_table import correct_key
 
     rng = np.random.default_rng(seed)
     rows, correct = [], {}
@@ -178,7 +180,7 @@ def _synthetic(acc: dict, n: int = 2000, seed: int = 0):
 
 
 def test_sanity_checks_flag_a_pruned_row_beating_dense_and_accuracy_rising_as_the_budget_shrinks():
-    from sppbench.vision import sanity_checks, summarize
+    from sppbench.studies.vision_table import sanity_checks, summarize
 
     table, correct = _synthetic({("dense", 1.0): [0.80], ("spp", 0.7): [0.78, 0.79, 0.78],
                                  ("spp", 0.5): [0.74, 0.75, 0.74], ("odd", 0.7): [0.70, 0.70, 0.71],
@@ -197,7 +199,7 @@ def test_sanity_checks_flag_a_pruned_row_beating_dense_and_accuracy_rising_as_th
 
 
 def test_two_methods_with_the_same_keep_set_are_flagged():
-    from sppbench.vision import _identical_rows
+    from sppbench.studies.vision_table import _identical_rows
 
     d = {("dessilbi", 0, 0.5): "abc", ("magnitude", 0, 0.5): "abc", ("spp", 0, 0.5): "def",
          ("dessilbi", 1, 0.5): "abc"}

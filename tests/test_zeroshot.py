@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sppbench import zeroshot as Z
+from sppbench.tasks import zeroshot as Z
 from sppbench.errors import DataError
 
 REQUIRE = os.environ.get("SPPBENCH_REQUIRE_EMBEDDED") == "1"
@@ -96,7 +96,7 @@ def _tiny_llama(vocab: int):
 
 
 def test_every_task_runs_end_to_end_offline_through_the_harness(prepared, tmp_path):
-    from sppbench import llm_data
+    from sppbench.tasks import llm_data
 
     root, p = prepared
     try:
@@ -149,7 +149,7 @@ def test_choice_stats_names_a_constant_answer_and_the_majority_rate():
 
 
 def test_a_pruned_model_above_dense_is_explained_only_by_a_moved_answer_bias():
-    from sppbench.llm_table import _why_above_dense
+    from sppbench.studies.llm_table import _why_above_dense
 
     dense = {"pred_top": 0, "pred_top_share": 0.95, "constant": True}
     flipped = {"pred_top": 1, "pred_top_share": 0.8, "gold_top": 1, "majority_acc": 0.7}
@@ -161,7 +161,7 @@ def test_a_pruned_model_above_dense_is_explained_only_by_a_moved_answer_bias():
 
 
 def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, monkeypatch):
-    from sppbench import llm_data
+    from sppbench.tasks import llm_data
 
     root, _ = prepared
     _, tokenizer = llm_data.smollm2()
@@ -173,8 +173,8 @@ def test_a_task_whose_data_is_missing_is_reported_and_the_others_run(prepared, m
 
 
 def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(prepared, tmp_path, monkeypatch):
-    from sppbench import llm_data
-    from sppbench.llm_table import LLMTableConfig, run_llm_table
+    from sppbench.tasks import llm_data
+    from sppbench.studies.llm_table import LLMTableConfig, run_llm_table
 
     root, _ = prepared
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
@@ -231,7 +231,7 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
 
     import pandas as pd
 
-    from sppbench.report import build_report
+    from sppbench.report.build import build_report
 
     shutil.copytree(res["record"], tmp_path / "llm_table_unstructured" / res["record"].name)
     rep = build_report(root=tmp_path, out=tmp_path / "report", studies=["llm_table"])
@@ -250,7 +250,7 @@ def test_the_llm_table_scores_every_model_on_the_same_documents_and_pairs_them(p
 def test_a_zero_shot_verdict_needs_three_seeds_on_every_side_with_randomness():
     """The interval may exclude 0 on one calibration seed; the claim ('better' / 'worse') needs 3 seeds on every
     side that has randomness (dense and magnitude have none)."""
-    from sppbench.llm_table import zero_shot_summary
+    from sppbench.studies.llm_table import zero_shot_summary
 
     n = 60
     rows, correct = [], {}

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sppbench import llm_data  # noqa: E402
-from sppbench.llm import SPARSEGPT_DEFAULTS, decoder_layers, prune_llm  # noqa: E402
+from sppbench.tasks import llm_data  # noqa: E402
+from sppbench.methods.llm import SPARSEGPT_DEFAULTS, decoder_layers, prune_llm  # noqa: E402
 
 
 def linear_masks(model) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -25,9 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sppbench import attach_masks, auto, methods, search, studies  # noqa: E402
-from sppbench.dynamics import SLBI, shrink  # noqa: E402
-from sppbench.train import measure_dense  # noqa: E402
+from sppbench import attach_masks, methods, search, studies  # noqa: E402
+from sppbench.studies.vision_table import spp_for, study_task  # noqa: E402
+from sppbench.core import auto  # noqa: E402
+from sppbench.core.dynamics import SLBI, shrink  # noqa: E402
+from sppbench.core.search import measure_dense  # noqa: E402
 
 
 def _spearman(a, b) -> float:
@@ -52,7 +53,7 @@ def semi_implicit_slbi(diag: dict[int, torch.Tensor]) -> type[SLBI]:
                 kappa, alpha, nu, lam = group["kappa"], group["alpha"], group["nu"], group["lam"]
                 a = kappa * alpha
                 for p in group["params"]:
-                    st = self._state(p)
+                    st = self.state_of(p)
                     st["step"] += 1
                     g = p.grad if p.grad is not None else torch.zeros_like(p)
                     V, gamma = st["V"], st["gamma"]
@@ -81,8 +82,8 @@ def _hard_score(m, keep, batches) -> tuple[float, float]:
 def fragility(args) -> None:
     """Search loss / top-1 of the hard-masked model (no retraining, dense head) for keep-sets at 90 / 75 / 50 %
     of the entries: what the search model looks like when that share has entered and the rest has decayed."""
-    task = studies._task("embedded-vit", 10, 10, 10)
-    m = studies._attach(task.dense, task)
+    task = study_task("embedded-vit", 10, 10, 10)
+    m = task.attach()
     batches = list(task.train_batches(64, 4, 7))  # 256 training images, not the search's first batches
 
     def score(keep) -> tuple[float, float]:
@@ -92,7 +93,7 @@ def fragility(args) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         auto_path = search(m, task.train_batches(32, args.steps, 0), F.cross_entropy, steps=args.steps, seed=0)
         tuned = search(m, task.train_batches(32, args.steps, 0), F.cross_entropy, steps=args.steps, seed=0,
-                       **studies._spp("embedded-vit"))
+                       **spp_for("embedded-vit"))
     arms = {"spp auto (per-layer)": (auto_path, "per-layer"), "spp auto (global)": (auto_path, "global"),
             "spp tuned (per-layer)": (tuned, "per-layer"), "random per layer": (methods.random_path(m, 0), "per-layer"),
             "magnitude (per-layer)": (methods.magnitude_path(m), "per-layer")}
@@ -103,14 +104,14 @@ def fragility(args) -> None:
 
 
 def adam(args) -> None:
-    task = studies._task("embedded-vit", 10, 1000 if args.evaluate else 10, 1000 if args.evaluate else 10)
-    m = studies._attach(task.dense, task)
+    task = study_task("embedded-vit", 10, 1000 if args.evaluate else 10, 1000 if args.evaluate else 10)
+    m = task.attach()
     kappa, lam = 10.0, 0.09
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         path = search(m, task.train_batches(32, args.steps, 0), F.cross_entropy, steps=args.steps, seed=0,
                       kappa=kappa, alpha=args.rate * args.nu, nu=args.nu, lam=lam, variant="adam", lr=args.lr)
-    dense = studies._dense_macs(m)
+    dense = m.dense_cost()[1]
     d = path.diagnostics([path.keep(macs=int(f * dense)) for f in (0.7, 0.5, 0.35)])
     M = torch.cat([x.reshape(-1) for x in path.M.values()])
     print(json.dumps({"lr": args.lr, "nu": args.nu, "v_rate": args.rate, "steps": args.steps, **_short(d),
@@ -157,7 +158,7 @@ def planted_problem():
     """The planted model with masks, its full batch with the dense model's soft predictions as targets
     (distillation: the dense model is the loss's optimum), the planted mask's name and each planted unit's
     known effect (the loss increase when it alone is removed). Returns (m, x, target, name, effect)."""
-    from sppbench.data import preprocess
+    from sppbench.tasks.data import preprocess
 
     model, _ = planted_model()
     g = torch.Generator().manual_seed(1)
@@ -214,10 +215,10 @@ def planted(args) -> None:
 
 
 def snr(args) -> None:
-    from sppbench.auto import _grads
+    from sppbench.core.auto import _grads
 
-    task = studies._task("embedded-vit", 10, 10, 10)
-    m = studies._attach(task.dense, task)
+    task = study_task("embedded-vit", 10, 10, 10)
+    m = task.attach()
     ps = list(m.mask_parameters().values())
     for p in m.weight_parameters():
         p.requires_grad_(False)

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sppbench import compress, methods
-from sppbench.studies import _attach, _dense_macs, _spp, _task
+from sppbench import compress
+from sppbench import methods
+from sppbench.studies.vision_table import spp_for, study_task
 
 
 def widths(model) -> list:
@@ -30,12 +31,12 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
-    task = _task("embedded-vit", 10, 10, 10)
-    spp = _spp("embedded-vit")
+    task = study_task("embedded-vit", 10, 10, 10)
+    spp = spp_for("embedded-vit")
     s = task.img_size
     models = {"dense": copy.deepcopy(task.dense).eval()}
-    m = _attach(task.dense, task)
-    dense = _dense_macs(m)
+    m = task.attach()
+    dense = m.dense_cost()[1]
     batches = task.train_batches(32, 30, 0)
     path = methods.ranking("spp", m, batches, F.cross_entropy, steps=30, seed=0, spp=spp)
     budget = int(args.fraction * dense)

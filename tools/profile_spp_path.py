@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sppbench import llm as new
+from sppbench.methods import llm as new
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_before(commit: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:sppbench/llm.py"], capture_output=True,
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:sppbench/methods/llm.py"], capture_output=True,
                          text=True, check=True).stdout
     file = Path(tempfile.mkdtemp()) / "llm_before.py"
     file.write_text(src.replace("from .", "from sppbench."))

@@ -7,8 +7,8 @@ LLM records (``zero_shot.npz``): the zero-shot part only (its answer diagnostics
 log ``zero_shot_samples.jsonl.gz``, then ``zero_shot_summary`` and ``zero_shot_sanity``).
 
 Reads ``metrics.json`` (rows) and ``correct.npz`` (vision) or ``ranks.npz`` (CLIP), recomputes ``info.summary``
-and ``info.sanity`` with the current ``sppbench.vision.summarize`` / ``sanity_checks`` (CLIP:
-``sppbench.clip_table.summarize_clip`` / ``sanity_checks_clip``; same resamples as the run), and rewrites
+and ``info.sanity`` with the current ``sppbench.studies.vision_table.summarize`` / ``sanity_checks`` (CLIP:
+``sppbench.studies.clip_table.summarize_clip`` / ``sanity_checks_clip``; same resamples as the run), and rewrites
 ``metrics.json`` atomically, noting in ``info.statistics.recomputed`` when and at which commit. Nothing
 measured changes (rows, arrays, paths); only the statistics derived from them. Used when the statistics
 changed after a run (e.g. the two-level bootstrap over seeds and images).
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from sppbench.fileio import atomic_write_text
-from sppbench.results import dumps, git_commit
-from sppbench.vision import sanity_checks, summarize
+from sppbench.studies.records import dumps, git_commit
+from sppbench.studies.vision_table import sanity_checks, summarize
 
 
 def resummarize(folder: Path) -> dict:
@@ -46,14 +46,14 @@ def resummarize(folder: Path) -> dict:
         "95% two-level paired bootstrap: each resample draws each side's seeds with replacement, averages them per "
         "test image, then draws test images with replacement (covers search-seed and test-sample variation)")
     info["statistics"]["recomputed"] = {
-        "by": "tools/resummarize.py (sppbench.vision.summarize / sanity_checks on this record's rows and correct.npz)",
+        "by": "tools/resummarize.py (sppbench.studies.vision_table.summarize / sanity_checks on this record's rows and correct.npz)",
         "commit": git_commit(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(metrics_file, dumps(metrics))
     return info
 
 
 def _resummarize_clip(folder: Path, metrics: dict) -> dict:
-    from sppbench.clip_table import sanity_checks_clip, summarize_clip
+    from sppbench.studies.clip_table import sanity_checks_clip, summarize_clip
 
     info = metrics["info"]
     ranks = dict(np.load(folder / "ranks.npz"))
@@ -62,7 +62,7 @@ def _resummarize_clip(folder: Path, metrics: dict) -> dict:
     info["summary"] = summarize_clip(table, ranks, resamples=resamples).to_dict(orient="records")
     info["sanity"] = sanity_checks_clip(table, ranks, resamples=resamples)
     info["statistics"]["recomputed"] = {
-        "by": "tools/resummarize.py (sppbench.clip_table.summarize_clip / sanity_checks_clip on this record's rows and "
+        "by": "tools/resummarize.py (sppbench.studies.clip_table.summarize_clip / sanity_checks_clip on this record's rows and "
               "ranks.npz)",
         "commit": git_commit(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(folder / "metrics.json", dumps(metrics))
@@ -72,8 +72,8 @@ def _resummarize_clip(folder: Path, metrics: dict) -> dict:
 def _resummarize_llm_zero_shot(folder: Path, metrics: dict) -> dict:
     import gzip
 
-    from sppbench.llm_table import zero_shot_sanity, zero_shot_summary
-    from sppbench.zeroshot import choice_stats, correct_key
+    from sppbench.studies.llm_table import zero_shot_sanity, zero_shot_summary
+    from sppbench.tasks.zeroshot import choice_stats, correct_key
 
     info = metrics["info"]
     zs = info["zero_shot"]
@@ -103,8 +103,8 @@ def _resummarize_llm_zero_shot(folder: Path, metrics: dict) -> dict:
     zs["summary"], zs["comparisons"] = summary, paired
     zs["sanity"] = zero_shot_sanity(zs["rows"], summary, paired)
     zs["recomputed"] = {
-        "by": "tools/resummarize.py (sppbench.zeroshot.choice_stats on this record's zero_shot_samples.jsonl.gz, "
-              "sppbench.llm_table.zero_shot_summary / zero_shot_sanity on its rows and zero_shot.npz)",
+        "by": "tools/resummarize.py (sppbench.tasks.zeroshot.choice_stats on this record's zero_shot_samples.jsonl.gz, "
+              "sppbench.studies.llm_table.zero_shot_summary / zero_shot_sanity on its rows and zero_shot.npz)",
         "commit": git_commit(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(folder / "metrics.json", dumps(metrics))
     return {"summary": summary, "sanity": zs["sanity"]}

@@ -12,8 +12,8 @@ import sys
 import time
 
 import sppbench
-from sppbench.clip import contrastive_loss, refit_projections
-from sppbench.embedded_clip import embedded_clip_task
+from sppbench.tasks.clip import contrastive_loss, refit_projections
+from sppbench.tasks.embedded_clip import embedded_clip_task
 
 task = embedded_clip_task(n_val=500, n_test=200)
 m = sppbench.attach_masks(task.model, input_size=task.input_size)

@@ -13,7 +13,8 @@ import json
 import sys
 import time
 
-from sppbench import llm, llm_data
+from sppbench.methods import llm
+from sppbench.tasks import llm_data
 
 model, tok = llm_data.smollm2()
 calib = llm_data.calibration_tokens(tok, n_samples=32, seqlen=256, seed=0)

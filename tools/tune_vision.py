@@ -1,4 +1,4 @@
-"""Tune every searching method of a vision table by the same rule on the validation split (sppbench.tuning).
+"""Tune every searching method of a vision table by the same rule on the validation split (sppbench.studies.tuning).
 
     python tools/tune_vision.py --model embedded-swin --steps 640 [--methods spp,lasso,...] [--fractions 0.7,0.5,0.35]
 
@@ -15,8 +15,8 @@ import sys
 
 from sppbench import methods
 from sppbench.errors import SppBenchError
-from sppbench.tuning import FACTORS, tune_vision
-from sppbench.vision import VisionTableConfig
+from sppbench.studies.tuning import FACTORS, tune_vision
+from sppbench.studies.vision_table import VisionTableConfig
 
 
 def _floats(text: str) -> tuple[float, ...]:

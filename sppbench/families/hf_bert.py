@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..costs import Branch, CostModel
+from ..core.costs import Branch, CostModel
+from ..core.family import Family, UnitSlice, register
+from ..core.masks import MaskedModel, MaskGroup
 from ..errors import SpecError, UnsupportedModelError
-from ..masks import MaskedModel, MaskGroup
-from .base import Family, UnitSlice, register
+from .blocks import numel
 
 SPEC_FORMAT = "sppbench.pruned/1"
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -175,10 +176,6 @@ def _group_names(i: int) -> tuple[str, str, str]:
     return f"blocks.{i}.attn.qk", f"blocks.{i}.attn.v", f"blocks.{i}.mlp"
 
 
-def _numel(*mods: nn.Module) -> int:
-    return sum(p.numel() for m in mods for p in m.parameters())
-
-
 def _head_rows(h: int, d: int, kept: torch.Tensor) -> torch.Tensor:
     """Rows (head-major, as BERT lays out q / k / v) of the kept per-head dimensions."""
     return (torch.arange(h).unsqueeze(1) * d + kept.to(torch.long).unsqueeze(0)).flatten()
@@ -253,7 +250,7 @@ class HFBert(Family):
         N = self.tokens(model, input_size)
         cfg = model.config
         D, h = cfg.hidden_size, cfg.num_attention_heads
-        total = _numel(model)
+        total = numel(model)
         groups, sites, branches = [], {}, []
         branch_params = 0
         for i, layer in enumerate(model.encoder.layer):
@@ -266,7 +263,7 @@ class HFBert(Family):
             branches.append(Branch("mlp", {"hidden": gm}, dict(
                 D=D, N=N, out=out.out_features, fc1_bias=int(inter.dense.bias is not None),
                 fc2_bias=int(out.bias is not None), norm=0, ls=0)))
-            branch_params += _numel(sa.query, sa.key, sa.value, proj, inter.dense, out)
+            branch_params += numel(sa.query, sa.key, sa.value, proj, inter.dense, out)
             layer.attention.self = MaskedBertSelfAttention(sa)
             layer.intermediate = MaskedBertIntermediate(inter)
             sites[gqk] = (layer.attention.self, "mask_qk")
@@ -298,7 +295,7 @@ class HFBert(Family):
         ``intermediate.dense`` row j (+ bias) and ``output.dense`` column j."""
         out: dict[str, list[UnitSlice]] = {}
         for g in masked.groups:
-            site, _ = masked._sites[g.name]
+            site, _ = masked.site(g.name)
             layer = masked.model.encoder.layer[g.layer]
             if g.kind in ("qk", "v"):
                 a = site.attn

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..costs import Branch, CostModel, register_branch
+from ..core.costs import Branch, CostModel, register_branch
+from ..core.family import Family, UnitSlice, register
+from ..core.masks import MaskedModel, MaskGroup
 from ..errors import SpecError, UnsupportedModelError
-from ..masks import MaskedModel, MaskGroup
-from .base import Family, UnitSlice, register
+from .blocks import numel
 
 SPEC_FORMAT = "sppbench.pruned/1"
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -333,10 +334,6 @@ def _group_names(i: int) -> tuple[str, str, str]:
     return f"blocks.{i}.attn.qk", f"blocks.{i}.attn.v", f"blocks.{i}.mlp"
 
 
-def _numel(*mods: nn.Module) -> int:
-    return sum(p.numel() for m in mods for p in m.parameters())
-
-
 def _rows(heads: int, d: int, dims: torch.Tensor) -> torch.Tensor:
     """Rows (head-major) of the given per-head dims in every head: (len(dims), heads)."""
     return torch.arange(heads).unsqueeze(0) * d + dims.to(torch.long).unsqueeze(1)
@@ -471,14 +468,14 @@ class HFLlama(Family):
             sa, mlp = layer.self_attn, layer.mlp
             D = sa.q_proj.in_features
             h, hkv = sa.q_proj.out_features // sa.head_dim, sa.k_proj.out_features // sa.head_dim
-            n_attn, n_mlp = _numel(layer.input_layernorm), _numel(layer.post_attention_layernorm)
+            n_attn, n_mlp = numel(layer.input_layernorm), numel(layer.post_attention_layernorm)
             branches.append(Branch("gqa_attention", {"qk": gqk, "v": gv}, dict(
                 D=D, h=h, h_kv=hkv, N=N, out=sa.o_proj.out_features, qkv_bias=int(sa.q_proj.bias is not None),
                 o_bias=int(sa.o_proj.bias is not None), norm=n_attn)))
             branches.append(Branch("gated_mlp", {"hidden": gm}, dict(
                 D=D, N=N, out=mlp.down_proj.out_features, bias=int(mlp.gate_proj.bias is not None),
                 down_bias=int(mlp.down_proj.bias is not None), norm=n_mlp)))
-            branch_params += n_attn + n_mlp + _numel(sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj, mlp.gate_proj,
+            branch_params += n_attn + n_mlp + numel(sa.q_proj, sa.k_proj, sa.v_proj, sa.o_proj, mlp.gate_proj,
                                                      mlp.up_proj, mlp.down_proj)
             layer.self_attn = MaskedLlamaAttention(sa)
             layer.mlp = MaskedLlamaMLP(mlp)
@@ -509,7 +506,7 @@ class HFLlama(Family):
         entry j: gate_proj and up_proj row j (+ biases) and down_proj column j."""
         out: dict[str, list[UnitSlice]] = {}
         for g in masked.groups:
-            site, _ = masked._sites[g.name]
+            site, _ = masked.site(g.name)
             if g.kind in ("qk", "v"):
                 a = site.attn
                 d = a.head_dim

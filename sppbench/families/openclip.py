@@ -18,7 +18,7 @@ Two adapters live here:
 
 Rebuilding a pruned CLIP from its spec needs the open_clip model config (``embed_dim``,
 ``vision_cfg``, ``text_cfg``, ...), which open_clip does not keep on the model: create models with
-``sppbench.clip.create_model`` (it records the config as ``model.sppbench_model_cfg``) or set that
+``sppbench.tasks.clip.create_model`` (it records the config as ``model.sppbench_model_cfg``) or set that
 attribute yourself before ``attach_masks``.
 """
 from __future__ import annotations
@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..costs import Branch, CostModel
+from ..core.costs import Branch, CostModel
+from ..core.family import Family, UnitSlice, get, register
+from ..core.masks import MaskedModel, MaskGroup
+from ..core.path import KeepSet
 from ..errors import SpecError, UnsupportedModelError
-from ..masks import MaskedModel, MaskGroup
-from ..path import KeepSet
-from .base import Family, UnitSlice, get, register
-from .vit import ConstantBranch, PrunedAttention, _copy_linear
+from .blocks import ACTIVATIONS, activation_name, copy_linear, numel
+from .vit import ConstantBranch, PrunedAttention
 
 try:  # open_clip is the optional extra "clip"
     from open_clip.hf_model import HFTextEncoder
@@ -175,24 +176,12 @@ def _narrow_seq_mlp(dim: int, hidden: int, out: int, b1: bool, b2: bool, act: nn
 # ---------------------------------------------------------------------------------------------
 # Native open_clip transformer
 # ---------------------------------------------------------------------------------------------
-_ACTS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "silu": nn.SiLU,
-         "relu": nn.ReLU}
-
-
 def _act_name(act: nn.Module) -> str:
-    if QuickGELU is not None and type(act) is QuickGELU:
-        return "quick_gelu"
-    if type(act) is nn.GELU:
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    for name, cls in (("silu", nn.SiLU), ("relu", nn.ReLU)):
-        if type(act) is cls:
-            return name
-    raise UnsupportedModelError(f"MLP activation {type(act).__name__} is not supported (GELU, QuickGELU, SiLU, ReLU: "
-                                "each maps 0 to 0, which the MLP mask relies on)")
+    return activation_name(act, extra={"quick_gelu": QuickGELU}, where="the open_clip adapter")
 
 
 def _act(name: str) -> nn.Module:
-    return QuickGELU() if name == "quick_gelu" else _ACTS[name]()
+    return QuickGELU() if name == "quick_gelu" else ACTIVATIONS[name]()
 
 
 _NORMS = {"open_clip.LayerNorm": "OCLayerNorm", "open_clip.LayerNormFp32": "LayerNormFp32", "torch.LayerNorm": None}
@@ -211,10 +200,6 @@ def _norm_name(norm: nn.Module) -> str:
 def _norm_cls(name: str):
     return {"open_clip.LayerNorm": OCLayerNorm, "open_clip.LayerNormFp32": LayerNormFp32,
             "torch.LayerNorm": nn.LayerNorm}[name]
-
-
-def _numel(*mods: nn.Module) -> int:
-    return sum(p.numel() for m in mods for p in m.parameters())
 
 
 def _block_names(i: int) -> tuple[str, str, str]:
@@ -277,13 +262,13 @@ class OpenClipBlocks(Family):
             h, d = attn.num_heads, attn.head_dim
             branches.append(Branch("attention", {"qk": gqk, "v": gv}, dict(
                 D=D, h=h, N=N, out=attn.out_proj.out_features, qkv_bias=int(attn.in_proj_bias is not None),
-                proj_bias=int(attn.out_proj.bias is not None), norm=_numel(blk.ln_1),
+                proj_bias=int(attn.out_proj.bias is not None), norm=numel(blk.ln_1),
                 ls=int(isinstance(blk.ls_1, OCLayerScale)), masked=int(masked_attention))))
             branches.append(Branch("mlp", {"hidden": gm}, dict(
                 D=D, N=N, out=mlp.c_proj.out_features, fc1_bias=int(mlp.c_fc.bias is not None),
-                fc2_bias=int(mlp.c_proj.bias is not None), norm=_numel(blk.ln_2),
+                fc2_bias=int(mlp.c_proj.bias is not None), norm=numel(blk.ln_2),
                 ls=int(isinstance(blk.ls_2, OCLayerScale)))))
-            branch_params += _numel(blk.ln_1, attn, blk.ls_1, blk.ln_2, mlp, blk.ls_2)
+            branch_params += numel(blk.ln_1, attn, blk.ls_1, blk.ln_2, mlp, blk.ls_2)
             blk.attn = MaskedMHA(attn, model.batch_first)
             blk.mlp = MaskedSeqMlp(mlp)
             sites[gqk] = (blk.attn, "mask_qk")
@@ -291,7 +276,7 @@ class OpenClipBlocks(Family):
             sites[gm] = (blk.mlp, "mask")
             groups += [MaskGroup(gqk, "qk", "attn", d, i), MaskGroup(gv, "v", "attn", d, i),
                        MaskGroup(gm, "mlp", "mlp", mlp.c_fc.out_features, i)]
-        base_params = _numel(model) - branch_params - sum(g.size for g in groups)
+        base_params = numel(model) - branch_params - sum(g.size for g in groups)
         info = {"family": self.name, "model_class": type(model).__name__, "tokens": N, "input_size": N,
                 "masked_attention": bool(masked_attention), "architecture": arch}
         return MaskedModel(model, self, sites, groups, CostModel(base_params, 0, branches), info)
@@ -306,7 +291,7 @@ class OpenClipBlocks(Family):
     def unit_slices(self, masked: MaskedModel) -> dict[str, list[UnitSlice]]:
         out: dict[str, list[UnitSlice]] = {}
         for g in masked.groups:
-            site, _ = masked._sites[g.name]
+            site, _ = masked.site(g.name)
             if g.kind in ("qk", "v"):
                 a = site.attn
                 h, d, D = a.num_heads, g.size, a.embed_dim
@@ -384,8 +369,8 @@ class OpenClipBlocks(Family):
                 blk.attn.qkv.weight.copy_(attn.in_proj_weight[rows])
                 if attn.in_proj_bias is not None:
                     blk.attn.qkv.bias.copy_(attn.in_proj_bias[rows])
-                _copy_linear(blk.attn.proj, attn.out_proj, cols=v_cols)
-            _copy_linear(blk.mlp.c_fc, mlp.c_fc, rows=hid)
+                copy_linear(blk.attn.proj, attn.out_proj, cols=v_cols)
+            copy_linear(blk.mlp.c_fc, mlp.c_fc, rows=hid)
             blk.mlp.c_proj.weight.copy_(mlp.c_proj.weight[:, hid])
             if mlp.c_proj.bias is not None:
                 bias = mlp.c_proj.bias
@@ -431,7 +416,7 @@ def _numel_of(model: nn.Module, paths: list[str]) -> int:
         obj = _resolve(model, p)
         if obj is None:
             continue
-        total += obj.numel() if isinstance(obj, torch.Tensor) else _numel(obj)
+        total += obj.numel() if isinstance(obj, torch.Tensor) else numel(obj)
     return total
 
 
@@ -524,20 +509,20 @@ class OpenClip(Family):
         """``input_size``: optional ``{"image": size, "text": tokens per caption}`` used for MAC counts
         (defaults: the vision tower's image size; the text context length)."""
         plan = self.towers(model, input_size)
-        total = _numel(model)
+        total = numel(model)
         subs: dict[str, MaskedModel] = {}
         groups, sites, branches, parts, info = [], {}, [], {}, {}
         tower_params = 0
         for t, spec in plan.items():
             sub_module = _resolve(model, spec["sub"])
             own = _numel_of(model, spec["members"])
-            outside = own - _numel(sub_module)
+            outside = own - numel(sub_module)
             tower_params += own
             sub = spec["family"].attach(sub_module, **spec["kwargs"])
             subs[t] = sub
             for g in sub.groups:
                 groups.append(MaskGroup(f"{t}.{g.name}", g.kind, g.pool, g.size, g.layer, t))
-                sites[f"{t}.{g.name}"] = sub._sites[g.name]
+                sites[f"{t}.{g.name}"] = sub.site(g.name)
             for b in sub.cost_model.branches:
                 branches.append(Branch(b.kind, {r: f"{t}.{g}" for r, g in b.groups.items()}, dict(b.dims), t))
             parts[t] = (sub.cost_model.base_params + outside, sub.cost_model.base_macs + spec["extra_macs"])
@@ -572,9 +557,9 @@ class OpenClip(Family):
         small.sppbench_spec = {
             "format": SPEC_FORMAT, "family": self.name, "class": type(masked.model).__name__, "model_cfg": cfg,
             "towers": towers,
-            **({} if cfg else {"unsavable": "this CLIP was not created through sppbench.clip.create_model, so its open_clip "
+            **({} if cfg else {"unsavable": "this CLIP was not created through sppbench.tasks.clip.create_model, so its open_clip "
                                             "model config is unknown and the pruned model could not be rebuilt on "
-                                            "load; create the dense model with sppbench.clip.create_model(name, ...) "
+                                            "load; create the dense model with sppbench.tasks.clip.create_model(name, ...) "
                                             "or set model.sppbench_model_cfg = open_clip.get_model_config(name) "
                                             "before attach_masks"}),
         }
@@ -584,7 +569,7 @@ class OpenClip(Family):
         cfg = copy.deepcopy(spec.get("model_cfg"))
         if not cfg:
             raise SpecError("this pruned CLIP's spec has no open_clip model config, so it cannot be rebuilt; prune a "
-                            "model created with sppbench.clip.create_model")
+                            "model created with sppbench.tasks.clip.create_model")
         cls = {"CLIP": CLIP, "CustomTextCLIP": CustomTextCLIP}.get(spec.get("class"))
         if cls is None:
             raise SpecError(f"unknown open_clip model class {spec.get('class')!r} in the spec")
@@ -633,7 +618,7 @@ def _example_tokens(n_ctx: int, vocab: int, generator: torch.Generator, pad_id: 
 
 
 def _hf_families() -> list[Family]:
-    from .base import FAMILIES
+    from ..core.family import FAMILIES
 
     return [f for n, f in FAMILIES.items() if n.startswith("hf-")]
 

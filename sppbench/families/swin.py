@@ -34,16 +34,22 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import ClassifierHead, LayerScale, Mlp, PatchEmbed, use_fused_attn
-from timm.models.swin_transformer import (PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention,
-                                          get_relative_position_index)
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    get_relative_position_index,
+)
+from torch import nn
 
-from ..costs import Branch, CostModel, register_branch
+from ..core.costs import Branch, CostModel, register_branch
+from ..core.family import Family, register
+from ..core.masks import MaskedModel, MaskGroup
 from ..errors import SpecError, UnsupportedModelError
-from ..masks import MaskedModel, MaskGroup
-from .base import Family, register
-from .vit import _ACTS, SPEC_FORMAT, ConstantBranch, MaskedMlp, TimmViT, _act_name, _copy_linear, _numel, rebuild_block
+from .blocks import ACTIVATIONS, activation_name, copy_linear, numel
+from .vit import SPEC_FORMAT, ConstantBranch, MaskedMlp, TimmViT, rebuild_block
 
 FAMILY = "timm-swin"
 
@@ -240,7 +246,7 @@ def _architecture(model: SwinTransformer) -> dict:
         always_partition=bool(b0.always_partition), strict_img_size=not model.dynamic_img_size,
         mlp_ratio=ratios, qkv_bias=_unwrap(b0.attn).qkv.bias is not None,
     )
-    return {"class": "SwinTransformer", "kwargs": kwargs, "norm_eps": model.norm.eps, "act": _act_name(_unwrap(b0.mlp).act)}
+    return {"class": "SwinTransformer", "kwargs": kwargs, "norm_eps": model.norm.eps, "act": activation_name(_unwrap(b0.mlp).act)}
 
 
 def _build_dense(arch: dict, device: str | torch.device = "cpu") -> SwinTransformer:
@@ -254,9 +260,9 @@ def _build_dense(arch: dict, device: str | torch.device = "cpu") -> SwinTransfor
     with torch.device(device):
         model = SwinTransformer(**kw, norm_layer=functools.partial(nn.LayerNorm, eps=arch["norm_eps"]),
                                 drop_path_rate=0.0, weight_init="skip")
-    act = _ACTS[arch["act"]]
+    act = ACTIVATIONS[arch["act"]]
     for blk in _blocks(model):
-        if _act_name(blk.mlp.act) != arch["act"]:
+        if activation_name(blk.mlp.act) != arch["act"]:
             blk.mlp.act = act()
     return model
 
@@ -374,7 +380,7 @@ class TimmSwin(Family):
                     raise UnsupportedModelError(f"block layers.{s}.blocks.{b}: MLP width {hidden} cannot be rebuilt "
                                                 "from a per-stage mlp_ratio")
                 try:
-                    _act_name(m.act)
+                    activation_name(m.act)
                 except UnsupportedModelError:
                     raise UnsupportedModelError(
                         f"block layers.{s}.blocks.{b}: MLP activation {type(m.act).__name__} is not supported by the "
@@ -398,13 +404,13 @@ class TimmSwin(Family):
             branches.append(Branch("window_attention", {"qk": gqk, "v": gv}, dict(
                 D=D, h=attn.num_heads, Np=g["Np"], nW=g["nW"], A=g["A"], out=attn.proj.out_features,
                 qkv_bias=int(attn.qkv.bias is not None), proj_bias=int(attn.proj.bias is not None),
-                table=attn.relative_position_bias_table.numel(), norm=_numel(blk.norm1), ls=ls1)))
+                table=attn.relative_position_bias_table.numel(), norm=numel(blk.norm1), ls=ls1)))
             branches.append(Branch("mlp", {"hidden": gm}, dict(
                 D=mlp.fc1.in_features, N=g["H"] * g["W"], out=mlp.fc2.out_features,
                 fc1_bias=int(mlp.fc1.bias is not None), fc2_bias=int(mlp.fc2.bias is not None),
-                norm=_numel(blk.norm2), ls=ls2)))
+                norm=numel(blk.norm2), ls=ls2)))
             extra = [getattr(blk, n) for n in ("ls1", "ls2") if isinstance(getattr(blk, n, None), nn.Module)]
-            branch_params += _numel(blk.norm1, attn, blk.norm2, mlp, *extra)
+            branch_params += numel(blk.norm1, attn, blk.norm2, mlp, *extra)
             blk.attn = MaskedWindowAttention(attn)
             blk.mlp = MaskedMlp(mlp)
             sites[gqk] = (blk.attn, "mask_qk")
@@ -413,7 +419,7 @@ class TimmSwin(Family):
             groups += [MaskGroup(gqk, "qk", "attn", d, i), MaskGroup(gv, "v", "attn", d, i),
                        MaskGroup(gm, "mlp", "mlp", mlp.fc1.out_features, i)]
         # base = patch embedding (conv + norm), patch merging (norm + reduction), final norm, head
-        base_params = _numel(model) - branch_params - sum(g.size for g in groups)
+        base_params = numel(model) - branch_params - sum(g.size for g in groups)
         pe = model.patch_embed
         base_macs = grid[0] * grid[1] * pe.proj.out_channels * pe.proj.in_channels * pe.patch_size[0] * pe.patch_size[1]
         for stage, (H, W) in zip(model.layers, stages):
@@ -490,8 +496,8 @@ class TimmSwin(Family):
         new = PrunedWindowAttention(D, h, len(qk), len(v), attn.window_size, attn.scale, attn.qkv.bias is not None,
                                     attn.proj.bias is not None, attn.proj.out_features, attn.fused_attn)
         new.to(dtype=attn.qkv.weight.dtype, device=attn.qkv.weight.device)
-        _copy_linear(new.qkv, attn.qkv, rows=rows)
-        _copy_linear(new.proj, attn.proj, cols=v_cols)
+        copy_linear(new.qkv, attn.qkv, rows=rows)
+        copy_linear(new.proj, attn.proj, cols=v_cols)
         with torch.no_grad():
             new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
         blk.attn = new
@@ -503,8 +509,8 @@ class TimmSwin(Family):
         new = TimmViT._narrow_mlp(mlp.fc1.in_features, len(hid), mlp.fc2.out_features,
                                   mlp.fc1.bias is not None, mlp.fc2.bias is not None, mlp.act)
         new.to(dtype=mlp.fc1.weight.dtype, device=mlp.fc1.weight.device)
-        _copy_linear(new.fc1, mlp.fc1, rows=hid)
-        _copy_linear(new.fc2, mlp.fc2, cols=hid)
+        copy_linear(new.fc1, mlp.fc1, rows=hid)
+        copy_linear(new.fc2, mlp.fc2, cols=hid)
         blk.mlp = new
 
     # -- rebuild from a spec ---------------------------------------------------------------

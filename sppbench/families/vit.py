@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..costs import Branch, CostModel
+from ..core.costs import Branch, CostModel
+from ..core.family import Family, register
+from ..core.masks import MaskedModel, MaskGroup
 from ..errors import SpecError, UnsupportedModelError
-from ..masks import MaskedModel, MaskGroup
-from .base import Family, register
+from .blocks import ACTIVATIONS, activation_name, copy_linear, numel
 
 try:  # timm is a hard dependency of this family only
     from timm.layers import Attention as TimmAttention
@@ -142,22 +143,6 @@ class ConstantBranch(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Architecture description (JSON-able) so a pruned model can be rebuilt without pickles
 # ---------------------------------------------------------------------------------------------
-_ACTS = {"gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "silu": nn.SiLU,
-         "relu": nn.ReLU}
-
-
-def _act_name(act: nn.Module) -> str:
-    if type(act) is nn.GELU:
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    for name, cls in (("silu", nn.SiLU), ("relu", nn.ReLU)):
-        if type(act) is cls:
-            return name
-    raise UnsupportedModelError(
-        f"MLP activation {type(act).__name__} is not supported by the timm ViT adapter "
-        "(supported: GELU, GELU-tanh, SiLU, ReLU: each maps 0 to 0, which the MLP mask relies on)"
-    )
-
-
 def _is(mod: nn.Module | None, cls) -> bool:
     return mod is not None and not isinstance(mod, nn.Identity) and isinstance(mod, cls)
 
@@ -189,7 +174,7 @@ def _architecture(model: "VisionTransformer") -> dict:
         "class": "VisionTransformerDistilled" if isinstance(model, VisionTransformerDistilled) else "VisionTransformer",
         "kwargs": kwargs,
         "norm_eps": b0.norm1.eps,
-        "act": _act_name(mlp.act),
+        "act": activation_name(mlp.act),
     }
 
 
@@ -199,28 +184,14 @@ def _build_dense(arch: dict, device: str | torch.device = "cpu") -> "VisionTrans
     kw["img_size"], kw["patch_size"] = tuple(kw["img_size"]), tuple(kw["patch_size"])
     with torch.device(device):
         return cls(**kw, norm_layer=functools.partial(nn.LayerNorm, eps=arch["norm_eps"]),
-                   act_layer=_ACTS[arch["act"]], weight_init="skip")
+                   act_layer=ACTIVATIONS[arch["act"]], weight_init="skip")
 
 
 # ---------------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = None,
-                 cols: torch.Tensor | None = None) -> None:
-    """Copy the kept output rows / input columns of ``src`` into the narrow ``dst``."""
-    w = src.weight if rows is None else src.weight[rows]
-    dst.weight.copy_(w if cols is None else w[:, cols])
-    if src.bias is not None:
-        dst.bias.copy_(src.bias if rows is None else src.bias[rows])
-
-
 def _group_names(i: int) -> tuple[str, str, str]:
     return f"blocks.{i}.attn.qk", f"blocks.{i}.attn.v", f"blocks.{i}.mlp"
-
-
-def _numel(*mods: nn.Module) -> int:
-    return sum(p.numel() for m in mods for p in m.parameters())
 
 
 class TimmViT(Family):
@@ -261,7 +232,7 @@ class TimmViT(Family):
             if type(m) is not Mlp or not isinstance(m.norm, nn.Identity):
                 raise UnsupportedModelError(f"block {i}: MLP {type(m).__name__} (or one with a hidden norm) "
                                             "is not supported; only timm.layers.Mlp")
-            _act_name(m.act)
+            activation_name(m.act)
 
     def tokens(self, model: "VisionTransformer", input_size: Sequence[int] | int | None) -> tuple[int, tuple[int, int, int]]:
         """Tokens per sample and the (C, H, W) input size they are computed for."""
@@ -295,11 +266,11 @@ class TimmViT(Family):
             branches.append(Branch("attention", {"qk": gqk, "v": gv}, dict(
                 D=D, h=attn.num_heads, N=N, out=attn.proj.out_features,
                 qkv_bias=int(attn.qkv.bias is not None), proj_bias=int(attn.proj.bias is not None),
-                norm=_numel(blk.norm1), ls=ls1)))
+                norm=numel(blk.norm1), ls=ls1)))
             branches.append(Branch("mlp", {"hidden": gm}, dict(
                 D=D, N=N, out=mlp.fc2.out_features, fc1_bias=int(mlp.fc1.bias is not None),
-                fc2_bias=int(mlp.fc2.bias is not None), norm=_numel(blk.norm2), ls=ls2)))
-            branch_params += _numel(blk.norm1, attn, blk.ls1, blk.norm2, mlp, blk.ls2)
+                fc2_bias=int(mlp.fc2.bias is not None), norm=numel(blk.norm2), ls=ls2)))
+            branch_params += numel(blk.norm1, attn, blk.ls1, blk.norm2, mlp, blk.ls2)
             blk.attn = MaskedAttention(attn)
             blk.mlp = MaskedMlp(mlp)
             sites[gqk] = (blk.attn, "mask_qk")
@@ -308,7 +279,7 @@ class TimmViT(Family):
             groups += [MaskGroup(gqk, "qk", "attn", attn.head_dim, i), MaskGroup(gv, "v", "attn", attn.head_dim, i),
                        MaskGroup(gm, "mlp", "mlp", mlp.fc1.out_features, i)]
         # base = everything outside the branches; its MACs are the patch conv and the head(s)
-        base_params = _numel(model) - branch_params - sum(g.size for g in groups)
+        base_params = numel(model) - branch_params - sum(g.size for g in groups)
         pe = model.patch_embed
         patches = N - model.num_prefix_tokens
         base_macs = patches * D * pe.proj.in_channels * pe.patch_size[0] * pe.patch_size[1]
@@ -368,8 +339,8 @@ class TimmViT(Family):
         new = PrunedAttention(D, h, len(qk), len(v), attn.scale, attn.qkv.bias is not None,
                               attn.proj.bias is not None, attn.proj.out_features)
         new.to(dtype=attn.qkv.weight.dtype, device=attn.qkv.weight.device)
-        _copy_linear(new.qkv, attn.qkv, rows=rows)
-        _copy_linear(new.proj, attn.proj, cols=v_cols)
+        copy_linear(new.qkv, attn.qkv, rows=rows)
+        copy_linear(new.proj, attn.proj, cols=v_cols)
         blk.attn = new
 
     def _slice_mlp(self, blk, mlp, hid: torch.Tensor) -> None:
@@ -379,8 +350,8 @@ class TimmViT(Family):
         new = self._narrow_mlp(mlp.fc1.in_features, len(hid), mlp.fc2.out_features,
                                mlp.fc1.bias is not None, mlp.fc2.bias is not None, mlp.act)
         new.to(dtype=mlp.fc1.weight.dtype, device=mlp.fc1.weight.device)
-        _copy_linear(new.fc1, mlp.fc1, rows=hid)
-        _copy_linear(new.fc2, mlp.fc2, cols=hid)
+        copy_linear(new.fc1, mlp.fc1, rows=hid)
+        copy_linear(new.fc2, mlp.fc2, cols=hid)
         blk.mlp = new
 
     @staticmethod

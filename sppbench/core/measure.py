@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .masks import MaskedModel
+
 
 def params(model: nn.Module, *, include_masks: bool = False) -> int:
     """Number of parameters (shared tensors counted once); masks of a MaskedModel excluded by default."""
-    from .masks import MaskedModel
 
     skip = set()
     if isinstance(model, MaskedModel) and not include_masks:

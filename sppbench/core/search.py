@@ -11,6 +11,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import SearchDivergedError, SpecError
+from ..fileio import atomic_write_bytes
+from . import auto as A
+from . import distributed as D
 from .batches import BatchCycle, forward_loss, to_device
 from .dynamics import SLBI
 from .masks import POOLS, MaskedModel
@@ -65,7 +68,6 @@ def save_search_state(file, m: MaskedModel, opt: SLBI, step: int, history: list,
     the loss history, RNG states and the data position (= batches consumed = ``step``); written atomically."""
     import io
 
-    from ..fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "step": step, "data_position": step, "config": config,
@@ -79,7 +81,6 @@ def load_search_state(file) -> dict:
     """A checkpoint written by ``save_search_state``, or a SpecError saying what is wrong with it."""
     from pathlib import Path
 
-    from ..errors import SpecError
 
     file = Path(file)
     if not file.is_file():
@@ -97,7 +98,6 @@ def load_search_state(file) -> dict:
 
 
 def _check_resumable(state: dict, file, m: MaskedModel, config: dict) -> None:
-    from ..errors import SpecError
 
     theirs = state["config"]
     diff = {k: (theirs.get(k), config.get(k)) for k in (*_MUST_MATCH, "run") if theirs.get(k) != config.get(k)}
@@ -141,8 +141,6 @@ def measure_dense(m: MaskedModel, batches: list, loss_fn: Callable, *, seed: int
     """``sppbench.core.auto.measure`` at the dense model (every mask 1, weights frozen, eval mode) on ``batches``
     (already on the model's device); every flag it touches is restored. Under DDP the measurement is
     averaged over ranks and rank 0's copy is broadcast, so derived constants are bit-equal everywhere."""
-    from . import auto as A
-    from . import distributed as D
 
     masks = m.mask_parameters()
     weights = list(m.weight_parameters())
@@ -200,7 +198,6 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     slbi: the optimizer class, ``SLBI`` or a subclass (a research variant of the mask step, e.g. those
     probed by tools/path_probes.py); a subclass's name is stored in the path's config as ``slbi``.
     """
-    from . import distributed as D
 
     if not isinstance(m, MaskedModel):
         raise TypeError("search() takes the MaskedModel returned by sppbench.attach_masks(model)")
@@ -245,7 +242,6 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
             kappa, alpha, nu, lam = (prior[k] for k in ("kappa", "alpha", "nu", "lam"))
             auto_info = prior["auto"]
         else:
-            from . import auto as A
 
             head = [to_device(next(data), device) for _ in range(A.MEASURE_BATCHES)]
             data = _Prepend(head, data)
@@ -343,7 +339,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
 # the re-fit head = LP-FT), mean val top-1 of the dense model and SPP at 50% MACs: lr 3e-6 / no smoothing 0.818;
 # 3e-6 / 0.1 0.802; 1e-5 / 0.1 0.796; 1e-5 / 0 0.794; 5e-5 / 0.1 0.708; 2e-4 / 0.1 0.338; plain fine-tune from
 # the original head (smoothing 0.1): 5e-5 0.697,
-# 1e-5 0.709, 2e-4 0.370. (At this scale fine-tuning barely moves past the head re-fit; see README.)
+# 1e-5 0.709, 2e-4 0.370. (At this scale fine-tuning barely moves past the head re-fit; see docs/results.md.)
 FINETUNE_DEFAULTS = {"optimizer": "AdamW", "lr": 3e-6, "weight_decay": 0.05, "warmup_steps": 5,
                      "schedule": "linear warmup, cosine to 0", "label_smoothing": 0.0, "grad_clip": 1.0,
                      "betas": (0.9, 0.999)}
@@ -367,7 +363,6 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     process); pass the already compressed model, and batches that yield this rank's slice of each global
     batch. Every rank ends with the same weights.
     """
-    from . import distributed as D
 
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.costs import Branch, CostModel
-from ..core.family import Family, UnitSlice, get, register
+from ..core.family import FAMILIES, Family, UnitSlice, get, register
 from ..core.masks import MaskedModel, MaskGroup
 from ..core.path import KeepSet
 from ..errors import SpecError, UnsupportedModelError
@@ -618,7 +618,6 @@ def _example_tokens(n_ctx: int, vocab: int, generator: torch.Generator, pad_id: 
 
 
 def _hf_families() -> list[Family]:
-    from ..core.family import FAMILIES
 
     return [f for n, f in FAMILIES.items() if n.startswith("hf-")]
 

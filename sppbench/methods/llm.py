@@ -43,6 +43,7 @@ from torch import nn
 from ..core.dynamics import SLBI
 from ..errors import BudgetError, UnsupportedModelError
 from .registry import Method, all_methods, get, names, register
+from .sparsegpt import sparsegpt
 
 # The method lists (LLM_METHODS, CONTROL_METHODS, COMPARE, GRAM_METHODS) are read off the registry entries at the
 # end of this module (sppbench.methods.registry, domain "llm"): adding a pruner is one entry with its select function.
@@ -568,7 +569,6 @@ def _select_spp_ria(W, s, pat, compare, ctx):
 
 
 def _select_sparsegpt(W, s, pat, compare, ctx):
-    from .sparsegpt import sparsegpt
 
     # OBS updates of the kept weights (they change, not only the mask)
     new, keep = sparsegpt(W, s["G"], sparsity=pat.sparsity, n=pat.n if pat.kind == "nm" else None,

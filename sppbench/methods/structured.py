@@ -39,13 +39,14 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..core.batches import BatchCycle, forward_loss, to_device
 from ..core.compress import compress
 from ..core.dynamics import DessiLBI, ProximalL1
 from ..core.masks import MaskedModel
 from ..core.path import KeepSet, SolutionPath
-from ..core.batches import BatchCycle, forward_loss, to_device
 from ..core.search import search
 from ..errors import BudgetError, SearchDivergedError, SppBenchError
+from . import peers
 from .registry import Method, get, names, register
 
 # The method lists (RANKING_METHODS, PER_BUDGET_METHODS, PEER_METHODS, METHODS, DETERMINISTIC_METHODS, TUNING_KNOBS)
@@ -166,7 +167,6 @@ def peer_reason(method: str) -> str | None:
     """Why a peer method cannot run here (None if it can; always None for sppbench's own methods)."""
     if method not in PEER_METHODS:
         return None
-    from . import peers
 
     return peers.available().get(method, f"unknown peer {method!r}")
 
@@ -490,7 +490,6 @@ def _prune_lasso(m, budgets, *, batches, loss_fn, steps, spp, seed, settings, ex
 def _prune_peer(method: str, m, budgets, *, batches, loss_fn, steps, spp, seed, settings,
                 example_inputs=None) -> list[Pruned]:
     """Torch-Pruning one shot per budget, on a dense copy."""
-    from . import peers
 
     s, out = settings, []
     reason = peer_reason(method)

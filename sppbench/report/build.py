@@ -26,8 +26,12 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..core.path import entry_health
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..studies.path_study import entry_rows
 from ..studies.records import list_records, load_record, results_root
+from . import reference
+from .plots import method_label
 
 PAPER_SOURCE = "paper (reported, not measured here)"
 PAPER_SOURCE_RUN = "none (reported by others, not a run of this project)"
@@ -226,7 +230,6 @@ def _png(fig) -> bytes:
 def _methods_vs_macs(ax, frame, col: str) -> None:
     """One line per method of ``col`` (mean over seeds, sd bars where there are several) against the measured
     MACs fraction, and the dense value as a dotted line."""
-    from .plots import method_label
 
     pruned = frame[frame["method"] != "dense"]
     sd = f"{col}_sd"
@@ -380,7 +383,6 @@ def _vision(recs):
     first += [c for c in s.columns if c.startswith(("top1_", "delta_", "mcnemar_p_", "verdict_"))]
     cols = [c for c in first if c in s] + [c for c in s.columns if c not in first and c not in ("source_run", "stand_in")]
     s = s[cols + [c for c in ("source_run", "stand_in") if c in s]]
-    from . import reference
 
     tables = {"vision_table.csv": s, "paper_vision.csv": _paper(reference.vision_rows())}
     text = ["", "## Vision table", "",
@@ -469,7 +471,6 @@ def _clip(recs):
     else:
         keys = ["model", "method", "budget_towers", "budget_macs_fraction"]
         s = _mean_over_seeds(rows, keys, ["no_retrain_rsum", "refit_rsum", "finetuned_rsum"])
-    from . import reference
 
     tables = {"clip_table.csv": s, "paper_clip.csv": _paper(reference.clip_rows())}
 
@@ -570,7 +571,6 @@ def _llm(recs, study: str = "llm_table"):
     for c in ("method", "pattern", "perplexity"):
         if c not in rows:
             raise RecordError(f"llm rows lack the column {c!r}")
-    from . import reference
 
     # records with calibration seeds carry their own summary (llm_table.summarize): one row per method x pattern
     summary = _tag(pd.DataFrame(info["summary"]), rec) if info.get("summary") else None
@@ -757,7 +757,6 @@ def _entry_matrix(part, max_step: int):
     padding (layers with fewer entries) -> NaN."""
     import numpy as np
 
-    from ..studies.path_study import entry_rows
 
     layers = sorted(part["layer"].unique())
     mat = entry_rows([part.loc[part["layer"] == layer, "entry_step"].to_list() for layer in layers]).numpy()
@@ -1053,7 +1052,6 @@ def _health_from_files(rec: dict) -> dict | None:
     import pandas as pd
     import torch
 
-    from ..core.path import entry_health
 
     search = rec["metrics"].get("search") or {}
     folder = Path(rec["dir"])

@@ -1,6 +1,8 @@
 """DataFrame / path -> matplotlib figure. Every figure names its model, data and settings."""
 from __future__ import annotations
 
+from ..studies.path_study import entry_matrix
+
 
 def top1_vs_macs(table, title: str = ""):
     """Top-1 (no retraining and head re-fit) against MACs per image, dense point marked."""
@@ -116,7 +118,6 @@ def entry_order_heatmap(path, title: str = ""):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..studies.path_study import entry_matrix
 
     pools = sorted({g.pool for g in path.groups})
     steps = max(1, int(path.config.get("steps", 1)))

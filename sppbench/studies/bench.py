@@ -6,13 +6,23 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cost_latency import search_step  # noqa: F401  (the search-step benchmark lives with study 70; `bench.search_step` is its CLI name)
+from .. import methods
+from ..methods import llm
+from ..methods.llm import SPP_RIA_DEFAULTS, spp_path
+from ..tasks import llm_data
+from .cost_latency import (
+    family_cost_of,
+    latency_models,
+    latency_rows,
+    search_step,  # noqa: F401  (the search-step benchmark lives with study 70; `bench.search_step` is its CLI name)
+)
+from .records import environment
+from .vision_table import spp_for, study_task
 
 
 def _settings(**kw) -> dict:
     import platform
 
-    from .records import environment
 
     env = environment()
     return {**kw, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": env["cpu"],
@@ -24,8 +34,6 @@ def family_cost(fractions=(0.9, 0.7, 0.5, 0.4, 0.3), steps: int = 30, batch_size
     """Wall time of a budget family: SPP's one search (read at every budget) / Lasso's per-budget searches of
     the same steps and batches, on the embedded ViT. ``lasso_trials`` Lasso runs per budget (1 = one run at its
     calibrated lambda; more = the bisection that finds each budget's lambda)."""
-    from .cost_latency import family_cost_of
-    from .vision_table import spp_for, study_task
 
     task = study_task("embedded-vit", 10, 10, 10)
     m = task.attach()
@@ -49,9 +57,6 @@ def latency(fractions=(0.75, 0.5, 0.25), batch_sizes=(1, 8, 32), round_to=(1, 8)
     interleaved timing (the same models and rows as notebook 70's part (c))."""
     import copy
 
-    from .. import methods
-    from .cost_latency import latency_models, latency_rows
-    from .vision_table import spp_for, study_task
 
     task = study_task("embedded-vit", 10, 10, 10)
     spp = spp_for("embedded-vit")
@@ -79,7 +84,6 @@ def latency(fractions=(0.75, 0.5, 0.25), batch_sizes=(1, 8, 32), round_to=(1, 8)
 def llm_step(tokens=(256, 2048, 16384), in_features: int = 1536, out_features: int = 576, steps: int = 10) -> dict:
     """SPP-RIA's per-Linear cost vs the number of calibration tokens: building G = X X^T grows with the tokens, the
     SLBI steps on G do not (shape of SmolLM2's down_proj by default; random activations)."""
-    from ..methods.llm import SPP_RIA_DEFAULTS, spp_path
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(out_features, in_features, generator=g) * 0.02
@@ -104,8 +108,6 @@ def llm_time(n_samples: int = 32, seqlen: int = 256, sparsity: float = 0.5) -> d
     """Whole-model wall time of spp-ria vs ria on the embedded SmolLM2-135M at ``sparsity``, same calibration."""
     import copy
 
-    from ..methods import llm
-    from ..tasks import llm_data
 
     model, tok = llm_data.smollm2()
     calib = llm_data.calibration_tokens(tok, n_samples=n_samples, seqlen=seqlen, seed=0)

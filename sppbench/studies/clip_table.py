@@ -26,7 +26,20 @@ from ..core import measure
 from ..core.path import READOUTS
 from ..core.search import FINETUNE_DEFAULTS, finetune
 from ..errors import SppBenchError
-from ..tasks.clip import ClipTask, ImageTower, TextTower, contrastive_loss, refit_projections
+from ..families import attach_masks
+from ..tasks.clip import (
+    ClipTask,
+    ImageTower,
+    TextTower,
+    contrastive_loss,
+    create_model,
+    karpathy_task,
+    refit_projections,
+    rsum_per_query,
+)
+from ..tasks.embedded_clip import embedded_clip_task
+from ..tasks.profiles import clip_paper_config
+from . import stats
 from .common import check_types, path_health, write_record
 
 PAPER_CLIP_MODELS = ("ViT-B-32", "ViT-L-14")
@@ -125,13 +138,10 @@ def clip_constants(cfg: ClipTableConfig) -> dict:
 
 def get_clip_task(cfg: ClipTableConfig, progress=None) -> ClipTask:
     if cfg.model == "embedded-clip":
-        from ..tasks.embedded_clip import embedded_clip_task
 
         return embedded_clip_task(cfg.n_fit, cfg.n_val, cfg.n_test, cfg.split_seed, progress=progress)
     import open_clip
 
-    from ..tasks.clip import create_model, karpathy_task
-    from ..tasks.profiles import clip_paper_config
 
     pcfg = clip_paper_config(cfg.model)
     model = create_model(cfg.model, pretrained=cfg.pretrained or pcfg["pretrained"])
@@ -254,7 +264,6 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
                                                               "refit_fit_loss": rinfo["refit_fit_loss"]}))
     log(f"dense: image {dense_cost['macs_image'] / 1e6:.1f} + text {dense_cost['macs_text'] / 1e6:.1f} MMACs, "
         f"i2t R@1 {ev['no_retrain_i2t_r1']:.1f} / t2i R@1 {ev['no_retrain_t2i_r1']:.1f}")
-    from ..families import attach_masks
 
     m = attach_masks(dense, input_size=task.input_size)
     path0 = methods.magnitude_path(m)
@@ -377,7 +386,6 @@ def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamp
     with ``ranks`` for each stage S the paired comparison of rsum with ``ref`` at the same budget: ``delta_S_rsum``,
     ``delta_S_rsum_lo`` / ``_hi`` (95% two-level bootstrap: seeds, then image and caption queries) and
     ``verdict_S_rsum`` (better / worse / tie; 'reference' on the reference's rows)."""
-    from . import stats
 
     by = ["model", "method", "budget_macs_fraction"]
     cols = [c for c in table.columns if c.endswith("_rsum") or c in ("macs_fraction", "search_s")]
@@ -417,7 +425,6 @@ def summarize_clip(table, ranks: dict | None = None, *, ref: str = "spp", resamp
 
 
 def _per_seed_rsum(ranks: dict, model: str, method: str, budget: float, stage: str) -> list[dict]:
-    from ..tasks.clip import rsum_per_query
 
     prefix = f"{model}|{method}|{float(budget)!r}|"
     seeds = sorted({int(k.split("|")[3]) for k in ranks if k.startswith(prefix) and f"|{stage}|" in k})
@@ -442,7 +449,6 @@ def sanity_checks_clip(table, ranks: dict, *, resamples: int = 2000) -> list[dic
     as its budget shrinks. Returns the failures (an empty list = every check passed). A re-fit row above dense
     carries both re-fit losses on the fit pairs (``fit_loss``, ``fit_loss_dense``): whether the pruned features fit
     the task's own pairs better, or only do better on held-out images."""
-    from . import stats
 
     def compare(a, b):
         return stats.paired_bootstrap_parts([([x[d] for x in a], [y[d] for y in b]) for d in ("i2t", "t2i")],

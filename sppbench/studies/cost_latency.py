@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from .. import methods
 from ..core import measure
 from ..core.compress import compress
-from .common import check_fractions, check_types, write_record
+from ..core.search import search
+from ..families import attach_masks
+from ..tasks.data import preprocess
+from ..tasks.embedded import dinov2_vits14
+from .common import check_fractions, check_types, search_defaults, write_record
 from .vision_table import spp_for, study_task
 
 
@@ -114,7 +118,6 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
 
     import pandas as pd
 
-    from ..tasks.data import preprocess
 
     cfg = cfg or CostLatencyConfig()
     cfg.resolved()
@@ -166,7 +169,6 @@ def run_cost_latency(cfg: CostLatencyConfig | None = None, *, record: bool = Tru
 
 
 def _embedded_model(img_size: int):
-    from ..tasks.embedded import dinov2_vits14
 
     return dinov2_vits14(img_size, num_classes=10)
 
@@ -181,9 +183,6 @@ def search_step(batch_size: int = 32, steps: int = 5, repeats: int = 5, img_size
     interleaved ``repeats`` times on the same batches; the ratio is of the median per-step times.
     A third figure, a step with trainable weights (weight gradients), is printed for context.
     """
-    from ..core.search import search
-    from ..families import attach_masks
-    from .common import search_defaults
 
     consts = search_defaults("embedded")["constants"]  # the cost of a step does not depend on them
 

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from .. import methods
+from ..core import auto as A
+from ..core.batches import to_device
 from ..core.compress import compress
+from ..core.search import measure_dense
 from .common import check_fractions, check_types, jaccard, pairwise, path_length, write_record
 from .vision_table import evaluate, spp_for, study_task
 
@@ -92,9 +95,6 @@ def run_kappa_lambda(cfg: KappaLambdaConfig | None = None, *, record: bool = Tru
     health: dict[str, dict] = {}
     meas = None
     if cfg.span == "auto":  # one measurement of the dense model, on the first seed's first batches
-        from ..core import auto as A
-        from ..core.batches import to_device
-        from ..core.search import measure_dense
 
         it = iter(task.train_batches(cfg.batch_size, A.MEASURE_BATCHES, cfg.seeds[0]))
         dev = next(iter(m.mask_parameters().values())).device

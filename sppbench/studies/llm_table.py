@@ -20,11 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import measure
+from ..core.compress import compress
+from ..core.search import search
 from ..errors import SppBenchError
+from ..families import attach_masks
 from ..methods.llm import LLM_METHODS, RECONSTRUCTION, SPP_RIA_DEFAULTS, parse_pattern, prune_llm
-from ..tasks.zeroshot import CONSTANT_SHARE
-from .common import check_types, write_record
-from .stats import compare, mean_sd
+from ..methods.structured import magnitude_path
+from ..tasks import llm_data, zeroshot
+from ..tasks.zeroshot import CONSTANT_SHARE, correct_key, samples_log_bytes
+from ..tasks.zeroshot import TASKS as ZS_TASKS
+from .common import check_types, path_health, write_record
+from .stats import compare, mean_sd, paired_bootstrap_parts
 
 STRUCTURED_METHODS = ("spp", "magnitude")
 CALIBRATION_FREE = ("magnitude",)    # methods that read no calibration data: one run, not one per seed
@@ -94,7 +100,6 @@ class LLMTableConfig:
                              f"{self.n_samples}, {self.resamples}")
         if self.eval_sampling not in ("stratified", "spread", "first"):
             raise ValueError(f"eval_sampling must be 'stratified', 'spread' or 'first', got {self.eval_sampling!r}")
-        from ..tasks.zeroshot import TASKS as ZS_TASKS
 
         bad = [t for t in self.zero_shot_tasks if t not in ZS_TASKS]
         if bad:
@@ -137,7 +142,6 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
     "layers", "record", "info", "nll" (per-window NLL arrays, also the record's ``nll.npz``)}."""
     import pandas as pd
 
-    from ..tasks import llm_data
 
     cfg = (cfg or LLMTableConfig()).resolved()
     t_start = time.perf_counter()
@@ -358,7 +362,6 @@ class _ZeroShot:
         cfg = self.cfg
         if not cfg.zero_shot_tasks:
             return
-        from ..tasks import zeroshot
 
         self.done += 1
         of = f"model {self.done}/{self.total}, " if self.total else ""
@@ -378,7 +381,6 @@ class _ZeroShot:
         self.logs[nll_key(cfg.model, method, pattern, seed)] = out["samples"]
 
     def samples_log(self) -> bytes:
-        from ..tasks.zeroshot import samples_log_bytes
 
         return samples_log_bytes(self.logs)
 
@@ -418,8 +420,6 @@ def zero_shot_summary(rows: list[dict], correct: dict, *, model: str, resamples:
     tasks). The second list: the same comparison per task (delta, interval, McNemar p, verdict)."""
     import numpy as np
 
-    from ..tasks.zeroshot import correct_key
-    from .stats import paired_bootstrap_parts
 
     ok = [r for r in rows if "error" not in r]
     runs = sorted({(r["method"], r["pattern"]) for r in ok}, key=lambda k: [x["method"] for x in ok].index(k[0]))
@@ -513,10 +513,6 @@ def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl,
     One search (the first seed's calibration draw); the per-window NLLs go into ``nll.npz`` under the methods
     ``structured-spp`` / ``structured-magnitude`` and the pattern ``"<fraction> MACs"``; with ``zero_shot`` each
     sliced model is also scored on the zero-shot tasks under the same names."""
-    from ..core.compress import compress
-    from ..core.search import search
-    from ..families import attach_masks
-    from ..methods.structured import magnitude_path
 
     work = copy.deepcopy(model)
     m = attach_masks(work, input_size=cfg.eval_seqlen)
@@ -540,7 +536,6 @@ def run_structured(model: nn.Module, tokenizer, cfg: LLMTableConfig, calib, ppl,
             secs = time.perf_counter() - t0
             h = None
             if method == "spp":  # is the order real? (docs/path_health.md)
-                from .common import path_health
 
                 h = path_health(path, [path.keep(macs=int(f * dense_macs)) for f in cfg.structured_fractions],
                                 "structured spp")

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from .. import methods
 from ..core.compress import compress
 from ..core.path import READOUTS, SolutionPath
+from ..tasks.evaluate import fit_linear_head, loader_features
 from .common import check_fractions, check_model_steps, check_types, jaccard, path_health, write_record
+from .stats import compare
 from .vision_table import flat_keep, spp_for, study_task
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +165,6 @@ def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0
     arm and budget: lists of 0/1 over the test images, in the split's order, for paired statistics).
     Each row carries its paired comparison with the entry order at the same budget (``sppbench.studies.stats``:
     delta, 95% paired-bootstrap interval over test images, McNemar p, verdict better / worse / tie)."""
-    from ..tasks.evaluate import fit_linear_head, loader_features
 
     dense = m.dense_cost()[1]
     rows, per_example = [], {}
@@ -181,7 +182,6 @@ def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0
                          "achieved_fraction": keep.macs / dense, "top1_head_refit": float(correct.float().mean()),
                          "n_test": int(correct.numel()),
                          "jaccard_with_entry_order": jaccard(keep, arms["entry-order"][0].keep(macs=int(f * dense)))})
-    from .stats import compare
 
     for r in rows:  # paired against the entry order at the same budget, over the same test images
         ref = per_example[f"entry-order@{r['budget_macs_fraction']}"]

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from .. import methods
 from ..core.compress import compress
+from ..errors import DataError
 from .common import check_fractions, check_types, jaccard, kendall_tau, pairwise, write_record
-from .vision_table import evaluate, flat_ranking, spp_for, study_task
+from .records import list_records, load_record
+from .vision_table import evaluate, flat_ranking, keep_key, rank_key, spp_for, study_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,9 +126,6 @@ def seed_study_from_table(model: str = "embedded-swin", methods_: tuple[str, ...
     import numpy as np
     import pandas as pd
 
-    from ..errors import DataError
-    from .records import list_records, load_record
-    from .vision_table import keep_key, rank_key
 
     t0 = time.perf_counter()
     if record_dir is None:

@@ -17,10 +17,11 @@ from .. import methods
 from ..core import measure
 from ..core.path import READOUTS
 from ..core.search import FINETUNE_DEFAULTS, finetune
-from ..errors import UnsupportedModelError
+from ..errors import SppBenchError, UnsupportedModelError
 from ..tasks.data import preprocess
 from ..tasks.evaluate import fit_linear_head, loader_features, own_head_top1
 from ..tasks.vision import VisionTask, get_task
+from . import stats
 from .common import check_types, flat_keep, flat_ranking, path_health, search_defaults, write_record
 
 
@@ -190,7 +191,6 @@ def spp_constants(cfg: VisionTableConfig) -> dict:
     if all(given.values()):
         return given
     if not cfg.model.startswith("embedded"):
-        from ..errors import SppBenchError
 
         raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not publish "
                          "them for its paper form; choose them with the kappa/lambda study on a validation split")
@@ -488,7 +488,6 @@ def summarize(table, correct: dict | None = None, *, ref: str = "spp", resamples
     minus the reference's), ``delta_S_lo`` / ``delta_S_hi`` (95% two-level paired bootstrap: seeds, then test
     images; ``stats.paired_bootstrap(resample_seeds=True)``),
     ``mcnemar_p_S`` and ``verdict_S`` (better / worse / tie; 'reference' on the reference's own rows)."""
-    from . import stats
 
     top1 = [c for c in table.columns if c.startswith("top1_")]
     cols = [c for c in (*top1, "macs_fraction", "params", "search_s") if c in table]
@@ -539,7 +538,6 @@ def sanity_checks(table, correct: dict, *, resamples: int = 2000) -> list[dict]:
     """The protocol's own checks, each a paired interval over test images (seeds averaged):
     a pruned row must not beat the dense model beyond its interval, and a method's accuracy must not rise beyond
     noise as its budget shrinks. Returns the failures (an empty list = every check passed)."""
-    from . import stats
 
     fails = []
     for model, part in table.groupby("model", sort=False):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import SppBenchError
+from ..fileio import atomic_write_bytes
 
 __all__ = [
     "DINOV2_TIMM_NAME",
@@ -487,7 +488,6 @@ def _write_cache_atomic(path: pathlib.Path, sd: dict[str, torch.Tensor], metadat
     """Write via a temp file in the same folder + os.replace, so readers never see a partial file."""
     from safetensors.torch import save
 
-    from ..fileio import atomic_write_bytes
 
     atomic_write_bytes(path, save(sd, metadata=metadata))
 

@@ -25,6 +25,8 @@ from torch import nn
 
 from ..configs import folder as config_folder
 from ..errors import DataError, SearchDivergedError, UnsupportedModelError
+from .captions import CaptionImages, image_transform, karpathy_paths, load_karpathy
+from .data import StepBatches
 
 KS = (1, 5, 10)
 _REGISTERED = False
@@ -499,8 +501,6 @@ def karpathy_task(model: nn.Module, tokenizer: Callable, dataset: str, root=None
     'test' = Karpathy test (5k COCO / 1k Flickr images, 5 captions each), relevance = same image."""
     from torch.utils.data import DataLoader
 
-    from .captions import CaptionImages, image_transform, karpathy_paths, load_karpathy
-    from .data import StepBatches
 
     ann, img_root = karpathy_paths(dataset, root)
     size = image_size or int(model.visual.image_size[0])

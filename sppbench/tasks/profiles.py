@@ -15,7 +15,9 @@ from torch import nn
 
 from ..configs import load_config
 from ..errors import DataError, SppBenchError, UnsupportedModelError
+from .captions import karpathy_paths
 from .data import StepBatches
+from .task import VisionTask
 
 PAPER_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
                 "swin_tiny_patch4_window7_224")
@@ -78,7 +80,6 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from .task import VisionTask
 
     root = imagenet_root(root, cfg)
     size = int(cfg["img_size"])
@@ -177,7 +178,6 @@ def clip_paper_config(model: str) -> dict:
 def clip_check_ready(cfg: dict, dataset: str = "coco", root: str | os.PathLike | None = None, *,
                      min_gpus: int = 1) -> dict:
     """Stop a CLIP paper-profile run at once, with what to do, if its data, weights or GPUs are missing."""
-    from .captions import karpathy_paths
 
     problems = []
     if dataset not in cfg["data"]["datasets"]:

@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..core.masks import MaskedModel
+from ..families import attach_masks
+from .evaluate import loader_top1
 
 
 @dataclass
@@ -35,12 +37,10 @@ class VisionTask:
 
     def attach(self, model: nn.Module | None = None) -> "MaskedModel":
         """Masks on ``model`` (default: this task's dense model), with this task's input size for MAC budgets."""
-        from ..families import attach_masks
 
         return attach_masks(self.dense if model is None else model, input_size=(3, self.img_size, self.img_size))
 
     def test_top1(self, model: nn.Module | None = None) -> float:
         """Top-1 of ``model``'s own head (default: the dense model) on the 'test' split."""
-        from .evaluate import loader_top1
 
         return loader_top1(self.dense if model is None else model, self.loader("test"))

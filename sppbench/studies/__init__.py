@@ -13,4 +13,11 @@ from .seed_stability import (SeedStudyConfig, run_seed_study, seed_study_from_ta
 from .kappa_lambda import (KappaLambdaConfig, run_kappa_lambda)
 from .cost_latency import (CostLatencyConfig, latency_rows, family_cost_of, latency_models, run_cost_latency)
 
-__all__ = ['search_defaults', 'check_types', 'path_health', 'write_record', 'jaccard', 'kendall_tau', 'path_length', 'check_model_steps', 'check_fractions', 'flat_keep', 'flat_ranking', 'pairwise', 'ADAM_FORM', 'FORMS', 'PathStudyConfig', 'run_path_study', 'entry_rows', 'entry_matrix', 'ORDER_ARMS', 'order_variants', 'order_ablation', 'SeedStudyConfig', 'run_seed_study', 'seed_study_from_table', 'KappaLambdaConfig', 'run_kappa_lambda', 'CostLatencyConfig', 'latency_rows', 'family_cost_of', 'latency_models', 'run_cost_latency']
+__all__ = [
+    "search_defaults", "check_types", "path_health", "write_record", "jaccard", "kendall_tau", "path_length",
+    "check_model_steps", "check_fractions", "flat_keep", "flat_ranking", "pairwise", "ADAM_FORM", "FORMS",
+    "PathStudyConfig", "run_path_study", "entry_rows", "entry_matrix", "ORDER_ARMS", "order_variants",
+    "order_ablation", "SeedStudyConfig", "run_seed_study", "seed_study_from_table", "KappaLambdaConfig",
+    "run_kappa_lambda", "CostLatencyConfig", "latency_rows", "family_cost_of", "latency_models",
+    "run_cost_latency",
+]

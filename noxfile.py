@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -306,6 +307,14 @@ def _paper_plan(session: nox.Session) -> tuple[list, list]:
     return books, list(constants)
 
 
+def _machine_paths_out(nb: Path) -> None:
+    """An executed copy is committed: write paths of this checkout relative to it and third-party files relative to
+    their site-packages, so no machine's absolute paths end up in the repository."""
+    text = nb.read_text()
+    text = re.sub(r"/[^\s\"']*?/site-packages/", "<site-packages>/", text)
+    nb.write_text(text.replace(str(ROOT) + "/", ""))
+
+
 def _run_notebooks(session: nox.Session, books: list, executed: Path, profile: str) -> None:
     """papermill each (notebook, parameters) in order with progress; keep going past failures; end with a summary."""
     executed.mkdir(parents=True, exist_ok=True)
@@ -323,6 +332,7 @@ def _run_notebooks(session: nox.Session, books: list, executed: Path, profile: s
         try:
             session.run("papermill", "--log-output", "--cwd", str(NOTEBOOKS), str(nb), str(out), *params,
                         env=env, silent=False)
+            _machine_paths_out(out)
             done.append((out.name, time.perf_counter() - t0))
         except Exception as exc:  # keep going: the summary lists what failed
             failed.append((out.name, str(exc)))

@@ -42,3 +42,12 @@ def test_volatile_cells_are_tagged_and_stored_outputs_are_checks(path):
             assert c.get("execution_count"), "a cell with stored outputs needs an execution count (else nbval: 'unrun')"
     last = cells[-1]
     assert last["outputs"] and "nbval-ignore-output" not in last["metadata"].get("tags", [])
+
+
+def test_committed_executed_notebooks_hold_no_absolute_machine_paths():
+    """results/executed/ is committed: noxfile's _machine_paths_out makes this checkout's paths relative."""
+    import re
+
+    bad = {p.name: m.group(0) for p in (Path(__file__).parents[1] / "results" / "executed").glob("*.ipynb")
+           for m in [re.search(r"/(home|root|work|tmp|Users|usr|opt)/[\w.-]+/", p.read_text())] if m}
+    assert not bad, f"absolute paths in executed notebooks: {bad}"

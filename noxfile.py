@@ -254,57 +254,19 @@ def zero_shot(session: nox.Session) -> None:
     _run_notebooks(session, [(NOTEBOOKS / "30_llm_zero_shot.ipynb", params)], EXECUTED / "zero_shot", "embedded")
 
 
-# The paper profile through the notebooks: the vision table (DeiT / Swin on ImageNet) and the CLIP table
-# (open_clip on COCO), single process on one GPU. The paper's 40 search epochs and 300 fine-tune epochs on
-# 4 GPUs are the torchrun CLI's job (`torchrun ... -m sppbench search / finetune`, docs/usage.md); these settings
-# are a first pass that fits a day on one GPU. Override any of them with SPPBENCH_PAPER_PARAMS (JSON file,
-# {notebook name: {parameter: value}}).
-PAPER_PARAMS = {
-    "10_vision_table.ipynb": {"steps": 2000, "seeds": 3, "lasso_trials": 6, "n_val": 10000, "n_test": 50000,
-                              "n_refit": 10000, "finetune_steps": 2000, "resamples": 2000},
-    "20_clip_retrieval.ipynb": {"steps": 2000, "lasso_trials": 3, "n_val": 5000, "n_test": 5000, "refit_steps": 300,
-                                "finetune_steps": 2000, "methods": ["spp", "lasso", "dessilbi", "magnitude"]},
-}
-
-
 def _paper_plan(session: nox.Session) -> tuple[list, list]:
-    """Which paper models to run, from the user's constants file; stops with what to do when it is missing."""
-    how = ("The paper did not publish the SPP constants of its paper form, so the paper profile needs yours: "
-           "choose them on a validation split carved from the training data (notebooks/60_kappa_lambda.ipynb "
-           "shows how), write them to a JSON file such as "
-           '{"deit_small_patch16_224": {"kappa": 10, "alpha": 0.02, "nu": 10, "lam": 0.05}} '
-           "(one entry per model to run) and set SPPBENCH_PAPER_CONSTANTS=/path/to/that.json. Data: "
-           "SPPBENCH_IMAGENET (DeiT / Swin) and SPPBENCH_COCO (CLIP).")
-    file = os.environ.get("SPPBENCH_PAPER_CONSTANTS")
-    if not file or not Path(file).is_file():
-        session.error(f"SPPBENCH_PAPER_CONSTANTS is {'unset' if not file else 'not a file: ' + file}. {how}")
+    """Which notebooks the paper profile runs, with which parameters (sppbench/paper_plan.py, loaded from its file:
+    nothing is installed yet); stops at once, saying what to set, when the environment does not describe a run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sppbench_paper_plan", ROOT / "sppbench" / "paper_plan.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
     try:
-        constants = json.loads(Path(file).read_text())
-    except json.JSONDecodeError as exc:
-        session.error(f"{file} is not valid JSON ({exc}). {how}")
-    # the same lists as sppbench.tasks.profiles.PAPER_MODELS / CLIP_PAPER_MODELS, which cannot be imported before
-    # the session has installed sppbench and torch (tests/test_profiles.py checks they agree)
-    vision = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "swin_tiny_patch4_window7_224")
-    clip = ("ViT-B-32", "ViT-L-14")
-    bad = {m: c for m, c in constants.items() if m not in vision + clip
-           or not isinstance(c, dict) or set(c) != {"kappa", "alpha", "nu", "lam"}}
-    if bad or not constants:
-        session.error(f"{file}: every entry must be a paper model ({', '.join(vision + clip)}) mapped to exactly "
-                      f"kappa, alpha, nu and lam; wrong: {bad or 'the file is empty'}. {how}")
-    extra = {}
-    if os.environ.get("SPPBENCH_PAPER_PARAMS"):
-        extra = json.loads(Path(os.environ["SPPBENCH_PAPER_PARAMS"]).read_text())
-    books = []
-    models = [m for m in constants if m in vision]
-    if models:
-        p = {**PAPER_PARAMS["10_vision_table.ipynb"], "models": models, "constants": constants,
-             "data_root": os.environ.get("SPPBENCH_IMAGENET", ""), **extra.get("10_vision_table.ipynb", {})}
-        books.append((NOTEBOOKS / "10_vision_table.ipynb", p))
-    for m in (m for m in constants if m in clip):
-        p = {**PAPER_PARAMS["20_clip_retrieval.ipynb"], "model": m, "constants": constants,
-             "data_root": os.environ.get("SPPBENCH_COCO", ""), **extra.get("20_clip_retrieval.ipynb", {})}
-        books.append((NOTEBOOKS / "20_clip_retrieval.ipynb", p))
-    return books, list(constants)
+        books, models = plan.plan(os.environ)
+    except plan.PlanError as exc:
+        session.error(str(exc))
+    return [(NOTEBOOKS / nb, params) for nb, params in books], models
 
 
 def _machine_paths_out(nb: Path) -> None:
@@ -325,7 +287,8 @@ def _run_notebooks(session: nox.Session, books: list, executed: Path, profile: s
     done, failed = [], []
     start = time.perf_counter()
     for i, (nb, over) in enumerate(books, 1):
-        out = executed / (nb.stem + (f"-{over['model']}" if profile == "paper" and "model" in over else "") + ".ipynb")
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", over["model"]).strip("_") if profile == "paper" and "model" in over else ""
+        out = executed / (nb.stem + (f"-{tag}" if tag else "") + ".ipynb")
         params = ["-y", json.dumps(over)] if over else []
         session.log(f"[{i}/{len(books)}] {nb.name} -> {out.relative_to(ROOT)} {' '.join(params)}")
         t0 = time.perf_counter()

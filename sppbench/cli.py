@@ -20,22 +20,31 @@ def _models() -> tuple[str, ...]:
 
 def _check_model(name: str) -> None:
     from .errors import UnsupportedModelError
+    from .tasks.models import is_spec, split_spec
 
+    if is_spec(name):
+        scheme, _ = split_spec(name)
+        if scheme != "timm":
+            raise UnsupportedModelError(f"{name}: search / prune / finetune / vision-table take timm:<name>; "
+                                        "open_clip:<name> runs in clip-table and hf:<folder> in the LLM table "
+                                        "(notebooks/30_llm_zero_shot.ipynb, sppbench.studies.llm_table)")
+        return
     if name not in _models():
         raise UnsupportedModelError(
             f"unknown model {name!r}; available here: {', '.join(EMBEDDED)} (stand-ins that install offline) or "
-            f"a paper model ({', '.join(_models()[len(EMBEDDED):])}) with --data-root /path/to/imagenet. From "
-            "Python, any timm ViT/DeiT/Swin works: sppbench.attach_masks(timm.create_model(...))")
+            f"a paper model ({', '.join(_models()[len(EMBEDDED):])}) with --data-root /path/to/imagenet, or any timm "
+            "ViT / DeiT / Swin as timm:<name> with --weights <file> and --data-root")
 
 
-def _task(name: str, img_size: int, data_root: str | None):
+def _task(name: str, img_size: int, data_root: str | None, weights: str | None = None):
     """The vision task search / prune / finetune run on (sppbench.tasks.task.VisionTask): the dense model, its
     input size, its training batches (global batch, sharded per rank) and a test top-1 with its own head."""
     from .tasks.vision import get_task
 
     if name not in ("embedded", "embedded-vit"):
         _check_model(name)
-    return get_task("embedded-vit" if name == "embedded" else name, data_root or "", img_size=img_size)
+    return get_task("embedded-vit" if name == "embedded" else name, data_root or "", weights=weights,
+                    img_size=img_size)
 
 
 def _data(task) -> str:
@@ -136,15 +145,17 @@ def cmd_search(args) -> int:
     consts = _constants(args)
     device = _device(args)
     rank, world = _check_global_batch(args.batch_size)
-    task = _task(args.model, args.img_size, args.data_root)
+    task = _task(args.model, args.img_size, args.data_root, args.weights)
     s = task.img_size
     m = attach_masks(task.dense, input_size=(3, s, s)).to(device)
     batches = task.train_batches(args.batch_size, args.steps, args.seed, shard=(rank, world))
-    run = {"model": args.model, "img_size": s, "global_batch": args.batch_size, "data": _data(task)}
+    run = {"model": args.model, "img_size": s, "global_batch": args.batch_size, "data": _data(task),
+           **({"weights": str(Path(args.weights).resolve())} if args.weights else {})}
     try:
         path = search(m, batches, F.cross_entropy, steps=args.steps, variant=args.variant, seed=args.seed,
                       log_every=args.log_every if D.is_main() else 0, checkpoint=ckpt,
-                      checkpoint_every=args.checkpoint_every, resume=args.resume, run=run, **consts)
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, run=run,
+                      precision=args.precision, **consts)
     except SearchDivergedError as exc:
         kept = out.with_name(out.stem + ".diverged.json")
         if D.is_main() and exc.path is not None:
@@ -153,6 +164,7 @@ def cmd_search(args) -> int:
                                   + (f"; the last checkpoint stays in {ckpt}" if ckpt.exists() else ""),
                                   exc.path, exc.step) from None
     path.config.update({"model": args.model, "img_size": s, "batch_size": args.batch_size, "data": _data(task),
+                        **({"weights": run["weights"]} if args.weights else {}),
                         "stand_in": task.label if args.model in EMBEDDED else None})
     if D.is_main():
         path.save(out)
@@ -186,7 +198,8 @@ def cmd_prune(args) -> int:
 
         raise OutputExistsError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
     img_size = int(path.config.get("img_size") or path.info.get("input_size", [3, 56, 56])[-1])
-    task = _task(path.config.get("model", args.model), img_size, args.data_root)
+    task = _task(path.config.get("model", args.model), img_size, args.data_root,
+                 args.weights or path.config.get("weights"))
     m = attach_masks(task.dense, input_size=(3, task.img_size, task.img_size))
     small = compress(m, keep)
     folder = save_pruned(small, args.out, overwrite=args.overwrite)
@@ -206,14 +219,14 @@ def cmd_finetune(args) -> int:
     model = load_pruned(args.pruned)  # compressed before DDP wraps it
     device = _device(args)
     rank, world = _check_global_batch(args.batch_size)
-    task = _task(args.model, args.img_size, args.data_root)
+    task = _task(args.model, args.img_size, args.data_root, args.weights)
     model.to(device)
     before = task.test_top1(model) if D.is_main() else None
     batches = task.train_batches(args.batch_size, args.steps, args.seed + 1000, shard=(rank, world))
     # a NaN / inf loss stops with SearchDivergedError; nothing is saved then (the weights at that step already
     # give a non-finite loss) and --out is left as it was
     rec = finetune(model, batches, steps=args.steps, lr=args.lr, seed=args.seed,
-                   log_every=args.log_every if D.is_main() else 0)
+                   log_every=args.log_every if D.is_main() else 0, precision=args.precision)
     if D.is_main():
         after = task.test_top1(model)
         save_pruned(model.cpu(), out, overwrite=args.overwrite)
@@ -284,7 +297,7 @@ def cmd_vision_table(args) -> int:
                             steps=args.steps, seeds=args.seeds, lasso_trials=args.lasso_trials,
                             readout=args.readout, n_val=args.n_val, n_test=args.n_test, n_refit=args.n_refit,
                             finetune_steps=args.finetune_steps, resamples=args.resamples, seed=args.seed,
-                            data_root=args.data_root or "",
+                            data_root=args.data_root or "", weights=args.weights or "",
                             spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     res = run_vision_table(cfg)
     s = res["summary"]
@@ -309,9 +322,9 @@ def cmd_clip_table(args) -> int:
                           seeds=args.seeds, resamples=args.resamples,
                           spp_form=args.spp_form, **{k: getattr(args, k) or 0.0 for k in ("kappa", "alpha", "nu", "lam")})
     if cfg.model != "embedded-clip":
-        from .tasks.profiles import clip_check_ready, clip_paper_config
+        from .tasks.profiles import clip_check_ready, clip_profile
 
-        clip_check_ready(clip_paper_config(cfg.model), cfg.dataset, cfg.data_root or None, min_gpus=0)
+        clip_check_ready(clip_profile(cfg.model, cfg.pretrained), cfg.dataset, cfg.data_root or None, min_gpus=0)
     res = run_clip_table(cfg)
     cols = [c for c in ("method", "budget_macs_fraction", "macs_image_fraction", "macs_text_fraction", "readout",
                         "no_retrain_i2t_r1", "no_retrain_t2i_r1", "refit_i2t_r1", "refit_t2i_r1", "finetuned_i2t_r1",
@@ -337,22 +350,37 @@ def cmd_report(args) -> int:
 
 def cmd_paper_check(args) -> int:
     from .errors import SppBenchError
+    from .tasks.models import split_spec
     from .tasks.profiles import (
         CLIP_PAPER_MODELS,
         PAPER_MODELS,
         check_ready,
         clip_check_ready,
-        clip_paper_config,
-        paper_config,
+        clip_profile,
+        hf_check_ready,
+        vision_profile,
     )
 
+    import os
+
+    from .paper_plan import PlanError, json_file
+
+    try:  # per-model weights of the paper plan (a file or tag given here applies to every model checked)
+        planned = json_file(os.environ, "SPPBENCH_PAPER_WEIGHTS")
+    except PlanError as exc:
+        raise SppBenchError(str(exc)) from None
     problems = []
     for name in args.models or PAPER_MODELS + CLIP_PAPER_MODELS:
         try:
-            if name in CLIP_PAPER_MODELS:
-                clip_check_ready(clip_paper_config(name), args.dataset, args.data_root, min_gpus=args.min_gpus)
+            scheme, _ = split_spec(name)
+            if name in CLIP_PAPER_MODELS or scheme == "open_clip":
+                clip_check_ready(clip_profile(name, args.pretrained or planned.get(name)), args.dataset, args.data_root,
+                                 min_gpus=args.min_gpus)
+            elif scheme == "hf":
+                hf_check_ready(name, min_gpus=args.min_gpus)
             else:
-                check_ready(paper_config(name), args.data_root, min_gpus=args.min_gpus)
+                check_ready(vision_profile(name, args.weights or planned.get(name)), args.data_root,
+                            min_gpus=args.min_gpus)
             print(f"ready: {name}")
         except SppBenchError as exc:
             problems.append(str(exc))
@@ -395,9 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="run one SLBI search and save its solution path (JSON); torchrun-able")
     s.add_argument("--model", default="embedded",
-                   help="embedded (= embedded-vit), embedded-swin, or a paper model (e.g. deit_small_patch16_224) "
-                        "with --data-root")
+                   help="embedded (= embedded-vit), embedded-swin, a paper model (e.g. deit_small_patch16_224) "
+                        "with --data-root, or timm:<name> (any timm ViT / DeiT / Swin) with --weights and --data-root")
     s.add_argument("--data-root", default=None, help="paper models: the ImageNet folder (else $SPPBENCH_IMAGENET)")
+    s.add_argument("--weights", default=None, help="paper models / timm:<name>: a local weights file (state dict)")
     s.add_argument("--img-size", type=_positive(int), default=56, help="embedded ViT only: input size (multiple of 14)")
     s.add_argument("--steps", type=_positive(int), default=100)
     s.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
@@ -421,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the search state every N steps (0: never)")
     s.add_argument("--resume", action="store_true", help="continue from --checkpoint (same settings)")
     s.add_argument("--device", default="auto", help="single process: auto (cuda if present), cpu, cuda:0, ...")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the forward pass: auto = bf16 autocast on a CUDA GPU that supports it, else fp32; masks, "
+                        "SLBI state and weights stay fp32")
     s.set_defaults(fn=cmd_search)
 
     r = sub.add_parser("prune", help="read a budget off a saved path, compress the model and save it")
@@ -434,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --params / --macs: kept widths in multiples of this (e.g. 8; faster kernels)")
     r.add_argument("--model", default="embedded", help="used when the path does not name its model")
     r.add_argument("--data-root", default=None, help="paper models: the ImageNet folder")
+    r.add_argument("--weights", default=None, help="timm:<name>: the weights file (default: the one the search used)")
     r.add_argument("--out", type=Path, required=True, help="folder for spec.json + model.safetensors")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(fn=cmd_prune)
@@ -442,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--pruned", type=Path, required=True, help="a folder written by `prune` / save_pruned")
     f.add_argument("--model", default="embedded", help="whose training data to use (as for search)")
     f.add_argument("--data-root", default=None)
+    f.add_argument("--weights", default=None, help="paper models / timm:<name>: the dense weights file (for its data "
+                   "and input size only; the pruned weights come from --pruned)")
     f.add_argument("--img-size", type=_positive(int), default=56)
     f.add_argument("--steps", type=_positive(int), default=100)
     f.add_argument("--batch-size", type=_positive(int), default=32, help="the GLOBAL batch (split across torchrun processes)")
@@ -452,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--device", default="auto")
+    f.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the forward pass: auto = bf16 autocast on a CUDA GPU that supports it, else fp32")
     f.set_defaults(fn=cmd_finetune)
 
     q = sub.add_parser("quickstart", help="the quickstart study: one search, several budgets, a record")
@@ -466,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("vision-table", help="every method on the same model, budgets (by MACs) and fine-tune")
     v.add_argument("--model", default="embedded-vit",
-                   help="embedded-vit, embedded-swin, or a paper model (e.g. deit_small_patch16_224) with --data-root")
+                   help="embedded-vit, embedded-swin, a paper model (e.g. deit_small_patch16_224) with --data-root, "
+                        "or timm:<name> with --weights and --data-root")
     v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     v.add_argument("--macs-fractions", type=_fraction, nargs="+", default=[0.7, 0.5, 0.35])
     v.add_argument("--steps", type=_positive(int), default=160)
@@ -484,12 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--resamples", type=_positive(int), default=2000, help="paired bootstrap resamples")
     v.add_argument("--seed", type=_SEED, default=0)
     v.add_argument("--data-root", default=None, help="paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)")
+    v.add_argument("--weights", default=None, help="paper models / timm:<name>: a local weights file (state dict)")
     for k in ("kappa", "alpha", "nu", "lam"):
-        v.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (required for paper models)")
+        v.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (all four or none; none = "
+                       "derived from the model on real models, sppbench.core.auto)")
     v.set_defaults(fn=cmd_vision_table)
 
     t = sub.add_parser("clip-table", help="every method on a CLIP dual encoder: per-tower costs, retrieval R@1/5/10")
-    t.add_argument("--model", default="embedded-clip", help="embedded-clip, or ViT-B-32 / ViT-L-14 with --data-root")
+    t.add_argument("--model", default="embedded-clip", help="embedded-clip, ViT-B-32 / ViT-L-14, or open_clip:<name> "
+                   "with --pretrained and --data-root")
     t.add_argument("--pretrained", default="openai", help="paper models: open_clip pretrained tag or checkpoint file")
     t.add_argument("--dataset", default="coco", choices=("coco", "flickr30k"))
     t.add_argument("--data-root", default=None, help="paper models: the dataset folder (else $SPPBENCH_COCO / ...)")
@@ -512,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finetune-steps", type=_positive(int, zero=True), default=40)
     t.add_argument("--seed", type=_SEED, default=0)
     for k in ("kappa", "alpha", "nu", "lam"):
-        t.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (required for paper models)")
+        t.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (all four or none; none = "
+                       "derived from the model on real models, sppbench.core.auto)")
     t.set_defaults(fn=cmd_clip_table)
 
     c = sub.add_parser("paper-check", help="say whether the paper profile can run here (data, weights, GPUs)")
@@ -520,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default="coco", choices=("coco", "flickr30k"), help="CLIP models: which dataset")
     c.add_argument("--data-root", default=None)
     c.add_argument("--min-gpus", type=_positive(int, zero=True), default=1)
+    c.add_argument("--weights", default=None, help="timm:<name> / paper models: a local weights file")
+    c.add_argument("--pretrained", default=None, help="open_clip:<name>: an open_clip tag or a checkpoint file")
     c.set_defaults(fn=cmd_paper_check)
 
     r = sub.add_parser("report", help="tables and figures from the run records only (results/tables, results/figures)")

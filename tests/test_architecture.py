@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "sppbench"
 # layer of each top-level part of the package; an import may only go to a lower layer or stay inside its own part
 # (sppbench.errors, which imports nothing, may be imported from anywhere)
-LAYERS = {"errors": 0, "fileio": 0, "configs": 0, "core": 1, "families": 2, "methods": 3, "tasks": 3, "studies": 4, "report": 5,
+LAYERS = {"errors": 0, "fileio": 0, "configs": 0, "paper_plan": 0, "core": 1, "families": 2, "methods": 3, "tasks": 3, "studies": 4, "report": 5,
           "cli": 6, "__main__": 6, "__init__": 6}
 
 

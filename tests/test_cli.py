@@ -58,11 +58,14 @@ def test_prune_refuses_to_overwrite_an_existing_folder(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "earlier work"
 
 
-def test_vision_table_on_a_paper_model_needs_constants_then_imagenet(tmp_path, capsys, monkeypatch):
+def test_vision_table_on_a_paper_model_takes_all_four_constants_or_none_then_needs_imagenet(tmp_path, capsys,
+                                                                                             monkeypatch):
     monkeypatch.delenv("SPPBENCH_IMAGENET", raising=False)
     monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
-    assert main(["vision-table", "--model", "deit_small_patch16_224"]) == 2
-    assert "give all four SPP constants" in capsys.readouterr().err
+    assert main(["vision-table", "--model", "deit_small_patch16_224", "--kappa", "1"]) == 2
+    assert "give all four SPP constants (kappa, alpha, nu, lam) or none" in capsys.readouterr().err
+    assert main(["vision-table", "--model", "deit_small_patch16_224"]) == 2  # none: automatic, then the data
+    assert "needs ImageNet" in capsys.readouterr().err
     consts = ["--kappa", "1", "--alpha", "0.1", "--nu", "10", "--lam", "0.5"]
     assert main(["vision-table", "--model", "deit_small_patch16_224", *consts]) == 2
     assert "needs ImageNet" in capsys.readouterr().err

@@ -1,13 +1,40 @@
 """Batches for every training loop: device placement, the (inputs, target) loss call, and the cycle that
-re-iterates a batch source for as many steps as asked (search, Lasso, DessiLBI, fine-tuning)."""
+re-iterates a batch source for as many steps as asked (search, Lasso, DessiLBI, fine-tuning), and the
+mixed-precision context of the forward + loss."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import contextlib
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 
+#: the ``precision=`` choices of the training loops ("auto": bf16 on a CUDA device that supports it, else fp32)
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """"fp32" or "bf16" for ``precision`` on ``device``; ValueError naming the choices for anything else."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        dev = torch.device(device)
+        return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def precision_context(precision: str, device: torch.device | str) -> ContextManager:
+    """The context for the forward + loss at a resolved ``precision``: nothing for "fp32", bf16 autocast on
+    ``device``'s type for "bf16" (parameters, gradients and optimizer state stay float32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"autocast takes a resolved precision ('fp32' or 'bf16'), got {precision!r}; "
+                     "call resolve_precision first")
+
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested tuples / lists / dicts) moved to ``device``; the rest as is."""
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):

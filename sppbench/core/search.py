@@ -14,7 +14,7 @@ from ..errors import SearchDivergedError, SpecError
 from ..fileio import atomic_write_bytes
 from . import auto as A
 from . import distributed as D
-from .batches import BatchCycle, forward_loss, to_device
+from .batches import BatchCycle, forward_loss, precision_context, resolve_precision, to_device
 from .dynamics import SLBI
 from .masks import POOLS, MaskedModel
 from .path import SolutionPath
@@ -24,7 +24,10 @@ from .path import SolutionPath
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FORMAT = "sppbench.search-state/1"
 # what must agree between a checkpoint and the search resuming from it (steps may grow)
-_MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "lr", "seed", "record_every", "slbi")
+_MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "lr", "seed", "record_every", "slbi",
+               "precision")
+# settings checkpoints written before they existed hold implicitly: their value then
+_MUST_MATCH_BEFORE = {"precision": "fp32"}
 
 
 class _Prepend:
@@ -100,7 +103,8 @@ def load_search_state(file) -> dict:
 def _check_resumable(state: dict, file, m: MaskedModel, config: dict) -> None:
 
     theirs = state["config"]
-    diff = {k: (theirs.get(k), config.get(k)) for k in (*_MUST_MATCH, "run") if theirs.get(k) != config.get(k)}
+    diff = {k: (theirs.get(k, _MUST_MATCH_BEFORE.get(k)), config.get(k)) for k in (*_MUST_MATCH, "run")
+            if theirs.get(k, _MUST_MATCH_BEFORE.get(k)) != config.get(k)}
     if diff:
         what = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise SpecError(f"{file} was written by a different search ({what}); resume with the same settings, or "
@@ -170,7 +174,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
            log_every: int = 0, callback: Callable[[int, float, SLBI], None] | None = None,
            checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
            run: dict | None = None, distributed: bool | None = None, slbi: type[SLBI] = SLBI,
-           lr: float | None = None) -> SolutionPath:
+           lr: float | None = None, precision: str = "fp32") -> SolutionPath:
     """Run one SLBI search on the masks of ``m`` (weights frozen) and return its solution path.
 
     batches: re-iterable (or long enough iterator) of ``(inputs, target)``; ``loss_fn(output, target)``
@@ -197,6 +201,11 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
 
     slbi: the optimizer class, ``SLBI`` or a subclass (a research variant of the mask step, e.g. those
     probed by tools/path_probes.py); a subclass's name is stored in the path's config as ``slbi``.
+
+    precision: "fp32" (default), "bf16" (the forward + loss under bf16 autocast on the model's device;
+    masks, SLBI state and gradients stay float32) or "auto" (bf16 on a CUDA device that supports it, else
+    fp32). The precision used goes into ``path.config["precision"]`` and must match on resume. The
+    auto-constant measurement always runs in fp32.
     """
 
     if not isinstance(m, MaskedModel):
@@ -225,12 +234,13 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     if not (isinstance(slbi, type) and issubclass(slbi, SLBI)):
         raise TypeError(f"slbi must be sppbench.core.dynamics.SLBI or a subclass of it, got {slbi!r}")
     use_ddp = D.active() if distributed is None else bool(distributed)
-    torch.manual_seed(seed)
     masks = m.mask_parameters()
+    device = next(iter(masks.values())).device
+    precision = resolve_precision(precision, device)
+    torch.manual_seed(seed)
     weights = list(m.weight_parameters())
     saved_grad = [p.requires_grad for p in weights]
     was_training = m.training
-    device = next(iter(masks.values())).device
     auto_info = None
     data = BatchCycle(batches)
     if constants == "auto":
@@ -262,7 +272,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
     config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
               **({"lr": lr} if lr is not None else {}),
               "constants": constants, **({"auto": auto_info} if auto_info is not None else {}),
-              "steps": steps, "seed": seed, "record_every": record_every,
+              "steps": steps, "seed": seed, "record_every": record_every, "precision": precision,
               **({"run": dict(run)} if run is not None else {}),
               **({"processes": D.world()[1]} if use_ddp else {}),
               **({"slbi": f"{slbi.__module__}.{slbi.__qualname__}"} if slbi is not SLBI else {})}
@@ -296,7 +306,8 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
         net = D.wrap(m, device) if use_ddp else m
         for step in range(start + 1, steps + 1):
             batch = to_device(next(data), device)
-            loss = forward_loss(net, batch, loss_fn)
+            with precision_context(precision, device):  # fp32: no context at all
+                loss = forward_loss(net, batch, loss_fn)
             value = D.mean_scalar(loss) if use_ddp else float(loss.detach())  # every rank stops together
             if not math.isfinite(value):
                 raise SearchDivergedError(
@@ -350,7 +361,7 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
              warmup_steps: int = FINETUNE_DEFAULTS["warmup_steps"],
              label_smoothing: float = FINETUNE_DEFAULTS["label_smoothing"],
              grad_clip: float = FINETUNE_DEFAULTS["grad_clip"], seed: int = 0, log_every: int = 0,
-             loss_fn: Callable | None = None, distributed: bool | None = None) -> dict:
+             loss_fn: Callable | None = None, distributed: bool | None = None, precision: str = "fp32") -> dict:
     """The one fine-tuning recipe every compared method gets: AdamW, linear warmup then cosine to 0,
     cross-entropy with label smoothing, gradient-norm clipping; every parameter trained, in place.
 
@@ -362,14 +373,22 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     distributed: train through DistributedDataParallel (default: inside a process group of more than one
     process); pass the already compressed model, and batches that yield this rank's slice of each global
     batch. Every rank ends with the same weights.
+
+    precision: "fp32" (default), "bf16" (the forward + loss under bf16 autocast; weights, gradients and AdamW
+    state stay float32) or "auto" (bf16 on a CUDA device that supports it, else fp32); recorded in the
+    settings.
     """
 
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    precision = resolve_precision(precision, device)
     settings = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                 "schedule": FINETUNE_DEFAULTS["schedule"], "label_smoothing": label_smoothing, "grad_clip": grad_clip,
                 "betas": list(FINETUNE_DEFAULTS["betas"]), "steps": steps, "seed": seed,
-                "loss": "cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__)}
+                "loss": "cross-entropy" if loss_fn is None else getattr(loss_fn, "__name__", type(loss_fn).__name__),
+                "precision": precision}
     if steps == 0:
         return {"settings": settings, "losses": [], "seconds": 0.0}
     torch.manual_seed(seed)
@@ -386,7 +405,6 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
         return 0.5 * (1 + math.cos(math.pi * prog))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    device = next(model.parameters()).device
     data = BatchCycle(batches)
     was = model.training
     model.train()
@@ -401,7 +419,8 @@ def finetune(model: torch.nn.Module, batches: Iterable, *, steps: int, lr: float
     try:
         for step in range(steps):
             batch = to_device(next(data), device)
-            loss = forward_loss(net, batch, loss_fn)
+            with precision_context(precision, device):  # fp32: no context at all
+                loss = forward_loss(net, batch, loss_fn)
             value = D.mean_scalar(loss) if use_ddp else float(loss.detach())
             if not math.isfinite(value):
                 raise SearchDivergedError(f"fine-tuning loss is {value} at step {step + 1}; lower lr (was {lr})",

@@ -66,8 +66,10 @@ class MaskedBertSelfAttention(nn.Module):
         a = self.attn
         shape = (*hidden_states.shape[:-1], -1, a.attention_head_size)
         q = a.query(hidden_states).view(shape).transpose(1, 2)
-        k = a.key(hidden_states).view(shape).transpose(1, 2) * (self.mask_qk * self.mask_qk)
-        v = a.value(hidden_states).view(shape).transpose(1, 2) * self.mask_v
+        k = a.key(hidden_states).view(shape).transpose(1, 2)
+        k = k * (self.mask_qk * self.mask_qk).to(k.dtype)  # bf16 autocast: stay in the activation dtype
+        v = a.value(hidden_states).view(shape).transpose(1, 2)
+        v = v * self.mask_v.to(v.dtype)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation,
@@ -89,7 +91,8 @@ class MaskedBertIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         m = self.intermediate
-        return m.intermediate_act_fn(m.dense(hidden_states) * self.mask)
+        h = m.dense(hidden_states)
+        return m.intermediate_act_fn(h * self.mask.to(h.dtype))
 
 
 def _mask_logits(mask: torch.Tensor | None, n_q: int, n_k: int, like: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ _MODULES = {
               "Qwen2MLP"),
 }
 MODEL_CLASSES = tuple(c for _, classes, _, _ in _MODULES.values() for c in classes)
+MODEL_TYPES = tuple(_MODULES)  # the config.json model_type of each architecture
 
 
 def _module(key: str, load: bool = False):

@@ -114,8 +114,8 @@ class MaskedMHA(nn.Module):
         B, N, _ = x.shape
         h, d = a.num_heads, a.head_dim
         q, k, v = F.linear(x, a.in_proj_weight, a.in_proj_bias).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        k = k * (self.mask_qk * self.mask_qk)
-        v = v * self.mask_v
+        k = k * (self.mask_qk * self.mask_qk).to(k.dtype)  # bf16 autocast: stay in the activation dtype
+        v = v * self.mask_v.to(v.dtype)
         mask = sdpa_mask(attn_mask, key_padding_mask, B, h, N, x.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5,
                                            dropout_p=a.dropout if self.training else 0.0)
@@ -139,7 +139,8 @@ class MaskedSeqMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
-        return m.c_proj(m.gelu(m.c_fc(x) * self.mask))
+        h = m.c_fc(x)
+        return m.c_proj(m.gelu(h * self.mask.to(h.dtype)))
 
 
 class PrunedMHA(PrunedAttention):

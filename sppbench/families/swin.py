@@ -119,8 +119,8 @@ class MaskedWindowAttention(nn.Module):
         B_, N, _ = x.shape
         h = a.num_heads
         q, k, v = a.qkv(x).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        k = k * (self.mask_qk * self.mask_qk)
-        v = v * self.mask_v
+        k = k * (self.mask_qk * self.mask_qk).to(k.dtype)  # bf16 autocast: stay in the activation dtype
+        v = v * self.mask_v.to(v.dtype)
         bias = _rel_pos_bias(a.relative_position_bias_table, a.relative_position_index, a.window_area)
         if a.fused_attn:
             attn_mask = bias

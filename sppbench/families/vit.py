@@ -55,8 +55,8 @@ class MaskedAttention(nn.Module):
         a = self.attn
         B, N, _ = x.shape
         q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        k = k * (self.mask_qk * self.mask_qk)
-        v = v * self.mask_v
+        k = k * (self.mask_qk * self.mask_qk).to(k.dtype)  # bf16 autocast: stay in the activation dtype
+        v = v * self.mask_v.to(v.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=a.scale,
             dropout_p=a.attn_drop.p if self.training else 0.0,
@@ -77,7 +77,8 @@ class MaskedMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mlp
-        h = m.act(m.fc1(x) * self.mask)
+        h = m.fc1(x)
+        h = m.act(h * self.mask.to(h.dtype))
         return m.drop2(m.fc2(m.norm(m.drop1(h))))
 
 

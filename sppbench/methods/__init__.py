@@ -8,12 +8,12 @@ The names of ``structured`` are re-exported here (``sppbench.methods.ranking``).
 """
 from .structured import (RANKING_METHODS, PER_BUDGET_METHODS, PEER_METHODS, TUNING_KNOBS, METHODS,
     DETERMINISTIC_METHODS, DEFAULTS, ADAM_FORMS, SPP_FORMS, adam_setting, adam_constants, ADAM_FORM,
-    spp_search_constants, Pruned, check_budget, peer_reason, check_method, lasso_search, dessilbi_search,
+    spp_search_constants, RELEASED_OFFICIAL, official_constants, Pruned, check_budget, peer_reason, check_method, lasso_search, dessilbi_search,
     magnitude_path, random_path, lasso_to_budget, lasso_family, ranking, prune, spread)
 
 __all__ = [
     "RANKING_METHODS", "PER_BUDGET_METHODS", "PEER_METHODS", "TUNING_KNOBS", "METHODS", "DETERMINISTIC_METHODS",
     "DEFAULTS", "ADAM_FORMS", "SPP_FORMS", "adam_setting", "adam_constants", "ADAM_FORM", "spp_search_constants",
-    "Pruned", "check_budget", "peer_reason", "check_method", "lasso_search", "dessilbi_search", "magnitude_path",
+    "RELEASED_OFFICIAL", "official_constants", "Pruned", "check_budget", "peer_reason", "check_method", "lasso_search", "dessilbi_search", "magnitude_path",
     "random_path", "lasso_to_budget", "lasso_family", "ranking", "prune", "spread",
 ]

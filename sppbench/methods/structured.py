@@ -66,6 +66,25 @@ DEFAULTS = {
     "dessilbi": {"alpha": 1e-3, "nu": 100.0, "kappa": 1.0, "lam": "auto"},
     "random": {"readout": "per-layer"},
 }
+# The released DeiT-S scripts' constants of the official form (kappa 1, lambda 3, mask Adam lr 1e-3): spp-official's
+# default on real models (paper profiles, timm:<name>). V moves by at most about lr per step, so an entry needs at
+# least lam / lr = 3000 steps: the released search ran 40 ImageNet epochs (tens of thousands of steps). The
+# embedded stand-ins' few hundred steps use lr = 2*lam/steps instead (DEFAULTS above).
+RELEASED_OFFICIAL = {"kappa": 1.0, "lam": 3.0, "alpha": 1e-3}
+
+
+def official_constants(model: str, steps: int) -> dict:
+    """spp-official's constants for ``model`` at ``steps``: the released ones on real models, the step-scaled rule
+    on the embedded stand-ins; with ``note`` saying when the search is too short for any entry to enter."""
+    if model.startswith("embedded"):
+        lam = DEFAULTS["spp-official"]["lam"]
+        return {"kappa": DEFAULTS["spp-official"]["kappa"], "lam": lam, "alpha": 2 * lam / steps,
+                "source": "released kappa and lambda; lr = 2*lam/steps (an entry held at 1 enters half-way)"}
+    out = {**RELEASED_OFFICIAL, "source": "the released DeiT-S scripts (kappa 1, lambda 3, mask Adam lr 1e-3)"}
+    if steps * out["alpha"] < out["lam"]:
+        out["note"] = (f"{steps} steps x lr {out['alpha']:g} < lambda {out['lam']:g}: no entry can enter the support, "
+                       f"so spp-official's path is empty (the released search ran tens of thousands of steps)")
+    return out
 
 
 # The forms of the SPP search behind a table's 'spp' rows (docs/path_health.md). "paper": the paper's update with

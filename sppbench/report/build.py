@@ -71,6 +71,9 @@ def _check(rec: dict) -> dict:
         raise RecordError("metrics.json has no 'rows' (a non-empty list of objects)")
     if not isinstance(metrics.get("info"), dict):
         raise RecordError("metrics.json has no 'info' object")
+    if metrics["info"].get("rehearsal"):
+        raise RecordError(f"a dress-rehearsal record, not a result ({str(metrics['info']['rehearsal'])[:80]}...); "
+                          "delete it from the records folder")
     return rec
 
 

@@ -38,11 +38,12 @@ from ..tasks.clip import (
     rsum_per_query,
 )
 from ..tasks.embedded_clip import embedded_clip_task
-from ..tasks.profiles import clip_paper_config
+from ..tasks.models import is_spec, open_clip_model, split_spec
+from ..tasks.profiles import CLIP_PAPER_MODELS, clip_paper_config
 from . import stats
-from .common import check_types, path_health, write_record
+from .common import check_types, derive_constants, path_health, write_record
 
-PAPER_CLIP_MODELS = ("ViT-B-32", "ViT-L-14")
+PAPER_CLIP_MODELS = CLIP_PAPER_MODELS
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 BUDGET_TOWERS = ("joint", "image", "text", "each")
 
@@ -51,8 +52,9 @@ BUDGET_TOWERS = ("joint", "image", "text", "each")
 class ClipTableConfig:
     """Parameters of one CLIP table (defaults: the embedded stand-in at reproduce size)."""
 
-    model: str = "embedded-clip"     # or a paper model: ViT-B-32 / ViT-L-14 (open_clip, hub tag below)
-    pretrained: str = "openai"       # paper models: the open_clip pretrained tag or a checkpoint file
+    model: str = "embedded-clip"     # or a paper model: ViT-B-32 / ViT-L-14 (open_clip, hub tag below), or any
+                                     # open_clip:<name>
+    pretrained: str = "openai"       # paper models / open_clip:<name>: an open_clip pretrained tag or a checkpoint file
     dataset: str = "coco"            # paper models: coco / flickr30k (Karpathy splits under data_root)
     data_root: str = ""              # paper models: the dataset folder (else $SPPBENCH_COCO / $SPPBENCH_FLICKR30K)
     methods: tuple[str, ...] = ("spp", "lasso", "dessilbi", "magnitude", "random")
@@ -75,7 +77,8 @@ class ClipTableConfig:
     finetune_steps: int = 40
     finetune_batch: int = 32
     finetune_lr: float = 1e-5
-    kappa: float = 0.0               # SPP constants; 0 = the stand-in's defaults (configs/search_embedded_clip.json)
+    kappa: float = 0.0               # SPP constants; 0 = the stand-in's defaults (configs/search_embedded_clip.json),
+                                     # on other models derived from the model (sppbench.core.auto)
     alpha: float = 0.0
     nu: float = 0.0
     lam: float = 0.0
@@ -89,8 +92,10 @@ class ClipTableConfig:
             methods.check_method(m)
             if m in methods.PEER_METHODS:
                 raise SppBenchError(f"{m} does not prune open_clip models (no peer does); drop it from methods")
-        if self.model != "embedded-clip" and self.model not in PAPER_CLIP_MODELS:
-            raise SppBenchError(f"unknown CLIP model {self.model!r}; use embedded-clip or one of {PAPER_CLIP_MODELS}")
+        if self.model != "embedded-clip" and self.model not in PAPER_CLIP_MODELS and not is_spec(self.model,
+                                                                                                  "open_clip"):
+            raise SppBenchError(f"unknown CLIP model {self.model!r}; use embedded-clip, one of {PAPER_CLIP_MODELS} or "
+                                "open_clip:<name> with pretrained=<tag or checkpoint file>")
         if self.readout not in ("val", *READOUTS):
             raise ValueError(f"readout must be 'val', 'global' or 'per-layer', got {self.readout!r}")
         if self.spp_form not in ("", *methods.SPP_FORMS):
@@ -125,13 +130,16 @@ def refit_recipe(task: ClipTask, cfg: ClipTableConfig) -> dict:
     return recipe
 
 
-def clip_constants(cfg: ClipTableConfig) -> dict:
+def clip_constants(cfg: ClipTableConfig) -> dict | None:
+    """Given (all four), the stand-in's defaults, or None = derived from the model (every other model)."""
     given = {k: getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")}
     if all(given.values()):
         return given
     if cfg.model != "embedded-clip":
-        raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not "
-                            "publish them; choose them on the validation split")
+        if any(given.values()):
+            raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam) or none (then they "
+                                "are derived from the model, sppbench.core.auto)")
+        return None
     d = load_config("search_embedded_clip")["constants"]
     return {k: (v or d[k]) for k, v in given.items()}
 
@@ -142,10 +150,13 @@ def get_clip_task(cfg: ClipTableConfig, progress=None) -> ClipTask:
         return embedded_clip_task(cfg.n_fit, cfg.n_val, cfg.n_test, cfg.split_seed, progress=progress)
     import open_clip
 
-
-    pcfg = clip_paper_config(cfg.model)
-    model = create_model(cfg.model, pretrained=cfg.pretrained or pcfg["pretrained"])
-    tok = open_clip.get_tokenizer(cfg.model)
+    scheme, name = split_spec(cfg.model)
+    if scheme == "open_clip":
+        model = open_clip_model(name, cfg.pretrained)
+    else:
+        pcfg = clip_paper_config(cfg.model)
+        model = create_model(cfg.model, pretrained=cfg.pretrained or pcfg["pretrained"])
+    tok = open_clip.get_tokenizer(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return karpathy_task(model.to(device), tok, cfg.dataset, cfg.data_root or None, n_val=cfg.n_val or None,
                          n_test=cfg.n_test or None)
@@ -194,9 +205,8 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
         if progress:
             print(f"[clip {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    spp = clip_constants(cfg)
-    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
-    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
+    spp = clip_constants(cfg)  # None: derived from the model once the masks are on
+    spp_auto = None
     if task is None:
         task = get_clip_task(cfg, progress=log)
     dense = task.model
@@ -266,6 +276,16 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
         f"i2t R@1 {ev['no_retrain_i2t_r1']:.1f} / t2i R@1 {ev['no_retrain_t2i_r1']:.1f}")
 
     m = attach_masks(dense, input_size=task.input_size)
+    if spp is None:
+        try:
+            spp, spp_auto = derive_constants(m, task.train_batches(cfg.batch_size, cfg.steps, cfg.seed),
+                                             contrastive_loss, cfg.steps, seed=cfg.seed)
+        except BaseException:
+            m.detach_masks()
+            raise
+        log("automatic SPP constants (sppbench.core.auto): " + ", ".join(f"{k} {v:.4g}" for k, v in spp.items()))
+    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
     path0 = methods.magnitude_path(m)
     budgets = _budgets(cfg, {t: path0.dense(t) for t in ("image", "text")})
     searches, configs = {}, {}
@@ -337,7 +357,10 @@ def run_clip_table(cfg: ClipTableConfig | None = None, *, record: bool = True, p
     sanity = sanity_checks_clip(table, ranks, resamples=cfg.resamples)
     for c in sanity:
         log(f"SANITY: {c['message']}")
-    info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp, "spp_form": cfg.form,
+    info = {"label": task.label, "task": task.info, "dense": dense_cost, "spp_constants": spp,
+            "spp_constants_source": ("given" if all(getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")) else
+                                     "tuned" if cfg.model == "embedded-clip" else "auto"),
+            **({"spp_auto": spp_auto} if spp_auto is not None else {}), "spp_form": cfg.form,
             "summary": summary.to_dict(orient="records"), "sanity": sanity,
             "queries": {d: int(len(next(v for k, v in ranks.items() if k.endswith(f"|{d}")))) for d in ("i2t", "t2i")},
             "statistics": {"reference": "spp at the same model and budget", "resamples": cfg.resamples,

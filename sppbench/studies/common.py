@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+import os
+from typing import Any, Callable
 
 import torch
 
 from ..configs import load_config
+from ..core import auto as A
+from ..core.batches import to_device
 from ..core.path import KeepSet, SolutionPath
+from ..core.search import measure_dense
 from .records import RunRecord
 
 
@@ -53,6 +57,13 @@ def path_health(path: SolutionPath, keepsets=None, name: str = "search") -> dict
     return d
 
 
+# A dress rehearsal of the paper profile (tests/test_rehearsal.py) sets this: its records say so in info.rehearsal,
+# and the report never reads such a record as a result.
+REHEARSAL_ENV = "SPPBENCH_REHEARSAL"
+REHEARSAL_NOTE = ("DRESS REHEARSAL: generated data and random-init weights run through the paper profile's entry "
+                  "points; the figures mean nothing and are never a result")
+
+
 def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
                  paths: "dict[str, SolutionPath] | None" = None, health: "dict[str, dict] | None" = None,
                  files: "dict[str, Any] | None" = None, arrays: "dict[str, dict] | None" = None,
@@ -65,6 +76,8 @@ def write_record(study: str, cfg, path: SolutionPath | None, table, info: dict,
     here with the default budgets. ``files``: further JSON files of the record (name -> object), e.g.
     per-example results; ``arrays``: compressed numpy files (name.npz -> {key: array}), e.g. per-image
     correctness (docs/records.md); ``blobs``: files written as given bytes (e.g. a gzip-compressed log)."""
+    if os.environ.get(REHEARSAL_ENV):
+        info = {**info, "rehearsal": f"{REHEARSAL_NOTE} ({os.environ[REHEARSAL_ENV]})"}
     rec = RunRecord(study)
     try:
         health = dict(health or {})
@@ -174,3 +187,22 @@ def flat_ranking(path, readout: str = "global") -> torch.Tensor:
 
 def pairwise(values: dict, fn) -> list[float]:
     return [fn(values[a], values[b]) for a, b in itertools.combinations(sorted(values), 2)]
+
+
+def derive_constants(m, batches, loss_fn: Callable, steps: int, *, seed: int = 0) -> tuple[dict, dict]:
+    """The paper form's automatic constants for a search of ``steps`` (``sppbench.core.auto``, the rule of
+    ``search(constants="auto")``), measured at the dense model on the first batches of ``batches``; returns
+    (kappa / alpha / nu / lam, {"measured", "implied", "rule"}). A table derives them once per model, on its first
+    seed's batches (the same batches ``search(constants="auto")`` of that seed measures on), and every seed and every
+    baseline whose step follows SPP's uses them."""
+    device = next(iter(m.mask_parameters().values())).device
+    it = iter(batches)
+    head = []
+    for _ in range(A.MEASURE_BATCHES):
+        try:
+            head.append(to_device(next(it), device))
+        except StopIteration:
+            break
+    meas = measure_dense(m, head, loss_fn, seed=seed)
+    consts, implied = A.derive(meas, steps)
+    return consts, {"measured": meas, "implied": implied, "rule": A.RULE, "batches": len(head)}

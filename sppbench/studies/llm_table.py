@@ -27,6 +27,7 @@ from ..families import attach_masks
 from ..methods.llm import LLM_METHODS, RECONSTRUCTION, SPP_RIA_DEFAULTS, parse_pattern, prune_llm
 from ..methods.structured import magnitude_path
 from ..tasks import llm_data, zeroshot
+from ..tasks.models import hf_causal_lm, hf_model_type, is_spec, split_spec
 from ..tasks.zeroshot import CONSTANT_SHARE, correct_key, samples_log_bytes
 from ..tasks.zeroshot import TASKS as ZS_TASKS
 from .common import check_types, path_health, write_record
@@ -44,7 +45,7 @@ REFERENCES = ("ria", "wanda")        # the paired perplexity ratios are taken ag
 class LLMTableConfig:
     """Parameters of one LLM table (defaults: the embedded SmolLM2 profile at reproduce size)."""
 
-    model: str = "smollm2"
+    model: str = "smollm2"           # the embedded SmolLM2, or hf:<folder> (a local LLaMA / Mistral / Qwen2 causal LM)
     methods: tuple[str, ...] = LLM_METHODS
     patterns: tuple[str, ...] = ("0.5", "2:4")
     n_samples: int = 32              # calibration windows (first 90 articles), one draw per seed below
@@ -107,9 +108,12 @@ class LLMTableConfig:
         if self.zero_shot_docs < 0 or self.zero_shot_batch < 1:
             raise ValueError(f"zero_shot_docs must be >= 0 (0 = the whole splits) and zero_shot_batch >= 1, got "
                              f"{self.zero_shot_docs}, {self.zero_shot_batch}")
-        if self.model != "smollm2":
-            raise SppBenchError(f"unknown LLM {self.model!r}: the embedded profile is 'smollm2'; LLaMA-2 / OPT run "
+        if self.model != "smollm2" and not is_spec(self.model, "hf"):
+            raise SppBenchError(f"unknown LLM {self.model!r}: the embedded profile is 'smollm2', a local Hugging Face "
+                                "causal LM is hf:<folder>; other LLMs run "
                                 "from Python with sppbench.methods.llm.prune_llm on a model you load")
+        if is_spec(self.model, "hf"):
+            hf_model_type(split_spec(self.model)[1])  # a missing folder or an unsupported architecture stops here
         return self
 
 
@@ -151,7 +155,7 @@ def run_llm_table(cfg: LLMTableConfig | None = None, *, record: bool = True, pro
             print(f"[llm {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     if model is None:
-        model, tokenizer = llm_data.smollm2()
+        model, tokenizer = llm_data.smollm2() if cfg.model == "smollm2" else hf_causal_lm(split_spec(cfg.model)[1])
     calibs = {seed: llm_data.calibration_tokens(tokenizer, n_samples=cfg.n_samples, seqlen=cfg.seqlen, seed=seed,
                                                 text=calib_text) for seed in cfg.seeds}
     calib = calibs[cfg.seeds[0]]

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .. import methods
+from ..errors import SppBenchError
 from ..tasks.vision import get_task
 from . import stats
 from .common import write_record
@@ -35,7 +36,11 @@ def default_knobs(cfg: VisionTableConfig) -> dict:
     """Each searching method's knob and its default value for this table (``methods.TUNING_KNOBS``)."""
     cfg = cfg.resolved()
     spp = spp_constants(cfg)
-    out = {"spp-official": 2 * methods.DEFAULTS["spp-official"]["lam"] / cfg.steps,
+    if spp is None:
+        raise SppBenchError(f"tuning {cfg.model} needs its SPP constants (Lasso's step follows SPP's): pass all four "
+                            "of kappa, alpha, nu, lam (e.g. the automatic ones a vision-table record holds under "
+                            "info.spp_constants)")
+    out = {"spp-official": methods.official_constants(cfg.model, cfg.steps)["alpha"],
            "lasso": spp["kappa"] * spp["alpha"], "lasso-rank": spp["kappa"] * spp["alpha"],
            "dessilbi": methods.DEFAULTS["dessilbi"]["alpha"]}
     if cfg.form == "adam":
@@ -58,9 +63,9 @@ def tune_vision(cfg: VisionTableConfig | None = None, *, factors=FACTORS, record
     if not tuned:
         raise ValueError(f"none of {cfg.methods} has a tuning knob; tunable: {sorted(defaults)}")
     if task is None:
-        task = get_task(cfg.model, cfg.data_root, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
-                                                      "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
-                                                     if cfg.model.startswith("embedded") else {}))
+        task = get_task(cfg.model, cfg.data_root, weights=cfg.weights or None, n_val=cfg.n_val, n_test=cfg.n_test,
+                        n_refit=cfg.n_refit, **({"n_head": cfg.n_head, "split_seed": cfg.split_seed}
+                                                if cfg.model.startswith("embedded") else {}))
     rows, health, n_val = [], {}, None
     per_image: dict = {}  # (method, factor) -> each validation image's head-refit correctness, mean over budgets
     arrays: dict = {}     # the per-image 0/1 arrays behind every score, kept in the record (val_correct.npz)

@@ -22,7 +22,7 @@ from ..tasks.data import preprocess
 from ..tasks.evaluate import fit_linear_head, loader_features, own_head_top1
 from ..tasks.vision import VisionTask, get_task
 from . import stats
-from .common import check_types, flat_keep, flat_ranking, path_health, search_defaults, write_record
+from .common import check_types, derive_constants, flat_keep, flat_ranking, path_health, search_defaults, write_record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,14 +122,15 @@ class VisionTableConfig:
     finetune_steps: int = 0          # 0 = no fine-tune column (the short CPU fine-tune recovered nothing; issue 18)
     finetune_batch: int = 32
     finetune_lr: float = FINETUNE_DEFAULTS["lr"]
-    kappa: float = 0.0               # SPP constants; 0 = the embedded profile's tuned defaults (embedded models
-    alpha: float = 0.0               # only: the paper profile's constants are not published and must be given,
-    nu: float = 0.0                  # chosen by the kappa/lambda study on a validation split)
-    lam: float = 0.0
+    kappa: float = 0.0               # SPP constants (paper form); 0 = the embedded profile's tuned defaults on the
+    alpha: float = 0.0               # embedded models, and on every other model the automatic constants derived from
+    nu: float = 0.0                  # the model at the table's step count (sppbench.core.auto); given ones (all four)
+    lam: float = 0.0                 # are used as they are
     spp_form: str = ""               # the 'spp' rows' search: "adam" (the labelled variant whose path is healthy on the
                                      # stand-ins; methods.adam_constants) or "paper" (the constants above);
                                      # "" = adam for the embedded stand-ins, paper for the paper models
-    data_root: str = ""              # paper profile: the ImageNet folder (else $SPPBENCH_IMAGENET)
+    data_root: str = ""              # paper profile / timm:<name>: the ImageNet-layout folder (else $SPPBENCH_IMAGENET)
+    weights: str = ""                # paper models / timm:<name>: a local weights file (else the hub's weights)
     method_settings: dict = field(default_factory=dict)  # method -> its knob's value, e.g. {"lasso-rank": {"lr": 0.02}}
                                      # (chosen on validation by sppbench.studies.tuning; methods.TUNING_KNOBS)
     eval_split: str = "test"         # "val" only for tuning: every row is scored on the validation split
@@ -185,17 +186,26 @@ def _width_spread(head_dims, mlp_hidden) -> dict:
     return out
 
 
-def spp_constants(cfg: VisionTableConfig) -> dict:
-    """The SPP constants of a run: given, or the embedded profile's tuned defaults for embedded models."""
+def spp_constants(cfg: VisionTableConfig) -> dict | None:
+    """The SPP constants of a run: given (all four), the embedded profile's tuned defaults for the embedded models
+    (missing ones filled), or None = derive them from the model (``derive_constants``: every other model)."""
     given = {k: getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")}
     if all(given.values()):
         return given
     if not cfg.model.startswith("embedded"):
-
-        raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam); the paper does not publish "
-                         "them for its paper form; choose them with the kappa/lambda study on a validation split")
+        if any(given.values()):
+            raise SppBenchError(f"{cfg.model}: give all four SPP constants (kappa, alpha, nu, lam) or none (then they "
+                                f"are derived from the model, sppbench.core.auto); given only "
+                                f"{[k for k, v in given.items() if v]}")
+        return None
     d = search_defaults("embedded")["constants"]
     return {k: (v or d[k]) for k, v in given.items()}
+
+
+def constants_source(cfg: VisionTableConfig) -> str:
+    """Where a table's SPP constants come from: "given", "tuned" (the embedded profile's) or "auto"."""
+    given = [getattr(cfg, k) for k in ("kappa", "alpha", "nu", "lam")]
+    return "given" if all(given) else ("tuned" if cfg.model.startswith("embedded") else "auto")
 
 
 def study_task(model: str, n_val: int, n_test: int, n_refit: int):
@@ -204,8 +214,12 @@ def study_task(model: str, n_val: int, n_test: int, n_refit: int):
 
 
 def spp_for(model: str) -> dict:
-    """The vision table's SPP constants for ``model`` (the studies search with the table's settings)."""
-    return spp_constants(VisionTableConfig(model=model))
+    """The vision table's SPP constants for the embedded ``model`` (the studies search with the table's settings)."""
+    spp = spp_constants(VisionTableConfig(model=model))
+    if spp is None:
+        raise SppBenchError(f"{model}: the studies run on the embedded models (their tuned constants); on other models "
+                            "the vision table derives the constants from the model (info.spp_constants of its record)")
+    return spp
 
 
 def _spread_cols(keep, groups) -> dict:
@@ -232,13 +246,12 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         if progress:
             print(f"[vision {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    spp = spp_constants(cfg)
-    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
-    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
+    spp = spp_constants(cfg)  # None: derived from the model below, once the masks are on (automatic constants)
+    spp_auto = None
     if task is None:
-        task = get_task(cfg.model, cfg.data_root, **({"n_head": cfg.n_head, "n_val": cfg.n_val, "n_test": cfg.n_test,
-                                                      "n_refit": cfg.n_refit, "split_seed": cfg.split_seed}
-                                                     if cfg.model.startswith("embedded") else {}))
+        task = get_task(cfg.model, cfg.data_root, weights=cfg.weights or None, n_val=cfg.n_val, n_test=cfg.n_test,
+                        n_refit=cfg.n_refit, **({"n_head": cfg.n_head, "split_seed": cfg.split_seed}
+                                                if cfg.model.startswith("embedded") else {}))
     x_macs = preprocess(torch.zeros(2, 28, 28, dtype=torch.uint8), task.img_size) if task.name.startswith("embedded") \
         else torch.randn(2, 3, task.img_size, task.img_size)
     dense = task.dense
@@ -266,6 +279,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
         """LP-FT: start from the head re-fit on the pruned features, then the shared AdamW fine-tune."""
         tuned = copy.deepcopy(model)
         lin = tuned.get_classifier()
+        if lin.out_features != head.weight.shape[0]:  # a head for another label set (e.g. 1000 classes, a 4-class
+            dev = lin.weight.device                   # folder): the fine-tune trains a head of the task's classes
+            tuned.reset_classifier(head.weight.shape[0])
+            lin = tuned.get_classifier().to(dev)
         with torch.no_grad():
             lin.weight.copy_(head.weight.to(lin.weight))
             lin.bias.copy_(head.bias.to(lin.bias))
@@ -287,6 +304,21 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     test_images = len(correct[correct_key(task.name, "dense", 1.0, cfg.seed, "no_retrain")])
     budgets = [{"macs": int(f * dense_macs)} for f in cfg.macs_fractions]
     m = task.attach(dense)
+    if spp is None:
+        try:
+            spp, spp_auto = derive_constants(m, task.train_batches(cfg.batch_size, cfg.steps, cfg.seed),
+                                             F.cross_entropy, cfg.steps, seed=cfg.seed)
+        except BaseException:
+            m.detach_masks()
+            raise
+        log("automatic SPP constants (sppbench.core.auto): " + ", ".join(f"{k} {v:.4g}" for k, v in spp.items())
+            + ("" if spp_auto["implied"]["can_hold"] else
+               f"; the paper form needs about {spp_auto['implied']['steps_to_hold']:,} steps to hold the model"))
+    # the 'spp' rows' own search (docs/path_health.md); the baselines keep the paper-form constants above
+    spp_search = methods.spp_search_constants(cfg.form, spp, cfg.model, cfg.steps)
+    official = methods.official_constants(cfg.model, cfg.steps)
+    if "spp-official" in cfg.methods and official.get("note"):
+        log(f"spp-official: {official['note']}")
     searches, skipped, refused = {}, {}, {}
     configs: dict[str, object] = {}  # every search's settings (Lasso: each lambda try; peers: each ratio try)
     paths: dict[str, object] = {}     # the solution paths of the path methods, saved with their health
@@ -304,6 +336,9 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
             for seed in seeds:
                 batches = task.train_batches(cfg.batch_size, cfg.steps, seed)
                 own = dict(cfg.method_settings.get(method, {}))  # the method's tuned knob (methods.TUNING_KNOBS)
+                if method == "spp-official" and not cfg.model.startswith("embedded"):
+                    # real models: the released constants (the stand-ins keep the step-scaled default)
+                    own = {**{k: official[k] for k in ("kappa", "lam", "alpha")}, **own}
                 spp_m = {**spp_search, **own} if method == "spp" else spp  # baselines keep the paper-form step
                 common = dict(batches=batches, loss_fn=F.cross_entropy, steps=cfg.steps, spp=spp_m, seed=seed,
                               settings={"trials": cfg.lasso_trials, "shared_tries": True,
@@ -406,7 +441,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     info = {"label": task.label, "task": task.info, "dense_macs": dense_macs, "dense_params": dense_params,
             "test_images": test_images, "stages": list(stages), "eval_split": cfg.eval_split,
             "method_settings": {k: dict(v) for k, v in cfg.method_settings.items()},
-            "spp_constants": spp, "spp_form": cfg.form, "spp_search_constants": spp_search,
+            "spp_constants": spp, "spp_constants_source": constants_source(cfg),
+            **({"spp_auto": spp_auto} if spp_auto is not None else {}),
+            "spp_official_constants": official if "spp-official" in cfg.methods else None,
+            "spp_form": cfg.form, "spp_search_constants": spp_search,
             "spp_form_note": ("the 'spp' rows come from the adam form, a labelled research variant of the paper's "
                               "update (docs/path_health.md); the paper form's path is degenerate at these step "
                               "counts" if cfg.form == "adam" else "the paper's update"),

@@ -100,7 +100,7 @@ def _folder_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != _SMOLLM2_MARKER}
 
 
-def _load_checked(folder: Path, dtype: torch.dtype, **kwargs):
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32, **kwargs):
     """Model + tokenizer from ``folder``; raises if any weight was missing, unexpected or mis-shaped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,7 +142,7 @@ def _read_smollm2_cache(folder: Path, stamp: str, dtype: torch.dtype):
         return None
     if meta.get("files") != _folder_sizes(folder):
         raise assets.AssetCorruptError(f"the files in {folder} do not match the sizes recorded when it was written")
-    return _load_checked(folder, dtype, local_files_only=True)
+    return load_causal_lm(folder, dtype, local_files_only=True)
 
 
 def _write_smollm2_cache(target: Path, model, tokenizer, meta: dict) -> None:
@@ -199,7 +199,7 @@ def smollm2(refresh: bool = False, dtype: torch.dtype = torch.float32):
         if loaded is not None:
             return loaded[0].eval(), loaded[1]
 
-    model, tokenizer = _load_checked(gguf.parent, torch.float32, gguf_file=gguf.name)
+    model, tokenizer = load_causal_lm(gguf.parent, torch.float32, gguf_file=gguf.name)
     meta = {"format": _SMOLLM2_FORMAT, "source": str(gguf), "source_stamp": stamp, "label": SMOLLM2_LABEL}
     try:
         _write_smollm2_cache(target, model, tokenizer, meta)

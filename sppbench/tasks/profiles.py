@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import paper_plan
 from ..configs import load_config
 from ..errors import DataError, SppBenchError, UnsupportedModelError
 from .captions import karpathy_paths
 from .data import StepBatches
 from .task import VisionTask
 
-PAPER_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
-                "swin_tiny_patch4_window7_224")
+PAPER_MODELS = paper_plan.VISION  # the one list (sppbench/paper_plan.py, which the noxfile reads)
 
 
 def paper_config(model: str) -> dict:
@@ -71,17 +71,47 @@ def imagenet_root(root: str | os.PathLike | None, cfg: dict) -> Path:
     return root
 
 
+FOLDER_DATA = {"env": "SPPBENCH_IMAGENET",
+               "layout": "an ImageFolder root with train/<class>/*.JPEG and val/<class>/*.JPEG (the same classes)",
+               "val_from_train_per_class": 10}
+
+
+def timm_config(name: str, model: nn.Module, weights: str | os.PathLike | None = None) -> dict:
+    """A profile for any timm model (``--model timm:<name>``): its own input size, an ImageNet-layout folder."""
+    from .models import timm_input_size
+
+    return {"profile": "timm", "model": f"timm:{name}", "img_size": timm_input_size(model),
+            "weights": {"hub": f"timm/{name}", "file": str(weights) if weights else None},
+            "data": dict(FOLDER_DATA),
+            "hardware": {"gpus": 1, "note": "one GPU is enough; torchrun spreads the search over several"}}
+
+
+def _loader_workers(workers: int) -> int:
+    """DataLoader workers: ``workers``, at most the CPUs this process may use (0 = load in the main process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(workers), cpus))
+
+
 def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn.Module | None = None,
                   eval_batch: int = 250, workers: int = 8, val_per_class: int | None = None, refit_per_class: int = 10,
-                  device: str | torch.device = "cpu"):
-    """A VisionTask on ImageNet: search / fine-tune batches from train (minus a held-out val carved from
-    train, ``val_per_class`` images per class), 'val' = that held-out part (read-out and constant choice),
-    'refit' = ``refit_per_class`` other train images per class, 'test' = ImageNet val (reporting only)."""
+                  n_val: int | None = None, n_refit: int | None = None, n_test: int | None = None,
+                  weights_file: str | None = None, device: str | torch.device | None = None):
+    """A VisionTask on an ImageNet-layout folder: search / fine-tune batches from train (minus a held-out val carved
+    from train, ``val_per_class`` images per class), 'val' = that held-out part (read-out and constant choice),
+    'refit' = ``refit_per_class`` other train images per class, 'test' = the folder's val/ (reporting only).
+
+    ``n_val`` / ``n_refit`` (totals, spread evenly over the classes) override the per-class counts; ``n_test`` keeps
+    a seeded random subset of the test images. Loaders use ``workers`` processes (at most the CPUs available) and
+    pinned memory on CUDA; the evaluation loaders are built once and keep their workers. ``device``: default CUDA
+    when available."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-
     root = imagenet_root(root, cfg)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     size = int(cfg["img_size"])
     norm = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
@@ -93,19 +123,33 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
     test = datasets.ImageFolder(root / "val", transform=eval_tf)
     if train.classes != test.classes:
         raise DataError(f"train/ and val/ under {root} hold different class folders")
-    per_class = val_per_class if val_per_class is not None else int(cfg["data"]["val_from_train_per_class"])
+    n_classes = len(train.classes)
+    per_class = val_per_class if val_per_class is not None else (
+        max(1, n_val // n_classes) if n_val else int(cfg["data"]["val_from_train_per_class"]))
+    refit_per = max(1, n_refit // n_classes) if n_refit else refit_per_class
     g = torch.Generator().manual_seed(0)
     by_class: dict[int, list[int]] = {}
     for i, t in enumerate(train.targets):
         by_class.setdefault(t, []).append(i)
+    short = {train.classes[c]: len(idx) for c, idx in by_class.items() if len(idx) <= per_class}
+    if short or len(by_class) < n_classes:
+        raise DataError(f"{root / 'train'}: every class needs more than the {per_class} images per class carved out "
+                        f"for validation; too few in {dict(list(short.items())[:5]) or 'an empty class folder'} "
+                        "(lower n_val / val_per_class or add images)")
     val_idx, refit_idx, train_idx = [], [], []
     for idx in by_class.values():
         perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
         val_idx += perm[:per_class]
-        refit_idx += perm[per_class:per_class + refit_per_class]
+        refit_idx += perm[per_class:per_class + refit_per]
         train_idx += perm[per_class:]
-    sets = {"val": Subset(train_eval, val_idx), "refit": Subset(train_eval, refit_idx), "test": test}
+    test_part = test
+    if n_test and n_test < len(test):
+        keep = sorted(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n_test].tolist())
+        test_part = Subset(test, keep)
+    sets = {"val": Subset(train_eval, val_idx), "refit": Subset(train_eval, refit_idx), "test": test_part}
     train_part = Subset(train, train_idx)
+    nw = _loader_workers(workers)
+    pin = device.type == "cuda"
 
     def train_batches(batch_size: int, steps: int, seed: int, shard: tuple[int, int] = (0, 1)):
         """Shuffled global batches of ``batch_size`` (drop last); ``shard=(rank, world)`` loads only this
@@ -116,24 +160,101 @@ def imagenet_task(cfg: dict, root: str | os.PathLike | None = None, *, model: nn
                              f"({world})")
         per = batch_size // world
         n_batches = len(train_part) // batch_size
+        if n_batches < 1:
+            raise DataError(f"{root / 'train'} leaves {len(train_part)} training images after the validation carve-out, "
+                            f"fewer than one batch of {batch_size}")
 
         def epoch(gen, skip: int = 0):
             perm = torch.randperm(len(train_part), generator=gen)
             rows = [perm[i * batch_size + rank * per:i * batch_size + (rank + 1) * per].tolist()
                     for i in range(skip, n_batches)]
             if rows:
-                yield from DataLoader(train_part, batch_sampler=rows, num_workers=workers)
+                yield from DataLoader(train_part, batch_sampler=rows, num_workers=nw, pin_memory=pin)
 
         return StepBatches(epoch, steps, seed, epoch_len=n_batches)
 
-    def loader(split: str):
-        return DataLoader(sets[split], batch_size=eval_batch, shuffle=False, num_workers=workers)
+    loaders: dict = {}
 
-    dense = model if model is not None else paper_model(cfg)
-    return VisionTask(cfg["model"], "paper profile: ImageNet", dense.to(device), size, len(train.classes),
+    def loader(split: str):
+        if split not in loaders:
+            loaders[split] = DataLoader(sets[split], batch_size=eval_batch, shuffle=False, num_workers=nw,
+                                        pin_memory=pin, persistent_workers=nw > 0)
+        return loaders[split]
+
+    dense = model if model is not None else paper_model(cfg, weights_file=weights_file)
+    heads = getattr(dense, "num_classes", None)
+    what = "paper profile: ImageNet" if cfg.get("profile") == "paper" else \
+        f"{cfg['model']} on the ImageNet-layout folder {root.name}/"
+    return VisionTask(cfg["model"], what, dense.to(device), size, n_classes,
                       train_batches, loader, 1e-4,
-                      {"data": str(root), "val_from_train": len(val_idx), "refit_images": len(refit_idx),
-                       "train_images": len(train_idx), "test_images": len(test)})
+                      {"data": str(root), "classes": n_classes, "val_from_train": len(val_idx),
+                       "refit_images": len(refit_idx), "train_images": len(train_idx), "test_images": len(test_part),
+                       "weights": cfg["weights"].get("file") or weights_file or cfg["weights"].get("hub"),
+                       "loader_workers": nw, "pin_memory": pin,
+                       **({"own_head_note": f"the model's head has {heads} classes and the folder {n_classes}: the "
+                                            "own-head read-outs compare unrelated label sets; read the re-fit head"}
+                          if heads not in (None, n_classes) else {})})
+
+
+def vision_profile(name: str, weights: str | os.PathLike | None = None) -> dict:
+    """The profile ``check_ready`` reads for a vision model: a paper model's config (``weights`` replacing its
+    weights file), or ``timm:<name>``'s (checked to be a timm family sppbench prunes; no weight is read)."""
+    from .models import split_spec, timm_skeleton
+
+    scheme, rest = split_spec(name)
+    if scheme == "timm":
+        return timm_config(rest, timm_skeleton(rest), weights)
+    if scheme is not None:
+        raise UnsupportedModelError(f"{name} is not a vision model; vision models: {', '.join(PAPER_MODELS)} or "
+                                    "timm:<name>")
+    cfg = paper_config(name)
+    if weights:
+        cfg["weights"] = {**cfg["weights"], "file": str(weights)}
+    return cfg
+
+
+def clip_profile(name: str, pretrained: str | os.PathLike | None = None) -> dict:
+    """The profile ``clip_check_ready`` reads: a CLIP paper model's config (``pretrained`` replacing its tag), or
+    ``open_clip:<name>``'s (an open_clip model name and its tag or checkpoint file)."""
+    from .models import split_spec
+
+    scheme, rest = split_spec(name)
+    if scheme == "open_clip":
+        import open_clip
+
+        from .clip import register_configs
+
+        register_configs()
+        if open_clip.get_model_config(rest) is None:
+            raise UnsupportedModelError(f"open_clip has no model {rest!r}; see open_clip.list_models() "
+                                        "(e.g. ViT-B-32, ViT-L-14)")
+        return {"profile": "open_clip", "model": name, "pretrained": str(pretrained) if pretrained else "",
+                "data": {"datasets": ["coco", "flickr30k"]},
+                "hardware": {"gpus": 1, "note": "one GPU is enough for the table's settings"}}
+    cfg = clip_paper_config(name)
+    if pretrained:
+        cfg["pretrained"] = str(pretrained)
+    return cfg
+
+
+def hf_check_ready(name: str, *, min_gpus: int = 1) -> dict:
+    """Stop an ``hf:<folder>`` run at once, with what to do, if the folder is not a causal LM sppbench prunes or the
+    GPUs are missing."""
+    from .models import hf_model_type, split_spec
+
+    scheme, folder = split_spec(name)
+    if scheme != "hf":
+        raise UnsupportedModelError(f"{name} is not an hf:<folder> model")
+    problems = []
+    try:
+        kind = hf_model_type(folder)
+    except SppBenchError as exc:
+        problems.append(str(exc))
+        kind = None
+    gpus = _gpu_problem({"hardware": {"note": "a 7B model needs one 80 GB GPU"}}, min_gpus, problems)
+    if problems:
+        raise SppBenchError(f"{name} cannot run here:\n  - " + "\n  - ".join(problems))
+    return {"gpus": gpus, "model_type": kind}
 
 
 def _gpu_problem(cfg: dict, min_gpus: int, problems: list) -> int:
@@ -153,7 +274,10 @@ def check_ready(cfg: dict, root: str | os.PathLike | None = None, *, min_gpus: i
     except DataError as exc:
         problems.append(str(exc))
     gpus = _gpu_problem(cfg, min_gpus, problems)
-    if os.environ.get("HF_HUB_OFFLINE") and not cfg["weights"].get("file"):
+    file = cfg["weights"].get("file")
+    if file and not Path(file).expanduser().is_file():
+        problems.append(f"the weights file {file} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") and not file:
         problems.append(f"HF_HUB_OFFLINE is set and no local weights file is given for {cfg['model']}: unset it on a "
                         f"machine with hub access, or download {cfg['weights']['hub']} and set weights.file")
     if problems:
@@ -164,7 +288,7 @@ def check_ready(cfg: dict, root: str | os.PathLike | None = None, *, min_gpus: i
 # ---------------------------------------------------------------------------------------------
 # CLIP (open_clip) paper profiles: ViT-B-32 / ViT-L-14 on COCO / Flickr30K Karpathy splits
 # ---------------------------------------------------------------------------------------------
-CLIP_PAPER_MODELS = ("ViT-B-32", "ViT-L-14")
+CLIP_PAPER_MODELS = paper_plan.CLIP
 
 
 def clip_paper_config(model: str) -> dict:
@@ -188,7 +312,9 @@ def clip_check_ready(cfg: dict, dataset: str = "coco", root: str | os.PathLike |
         except DataError as exc:
             problems.append(str(exc))
     gpus = _gpu_problem(cfg, min_gpus, problems)
-    if os.environ.get("HF_HUB_OFFLINE") and not Path(str(cfg.get("pretrained", ""))).is_file():
+    if not cfg.get("pretrained"):
+        problems.append(f"{cfg['model']} needs its weights: an open_clip tag or a checkpoint file (--pretrained)")
+    elif os.environ.get("HF_HUB_OFFLINE") and not Path(str(cfg.get("pretrained", ""))).is_file():
         problems.append(f"HF_HUB_OFFLINE is set and {cfg['model']}'s weights are the hub tag {cfg['pretrained']!r}: "
                         "unset it on a machine with hub access, or pass a local checkpoint file as pretrained")
     if problems:

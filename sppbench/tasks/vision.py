@@ -10,7 +10,8 @@ from .data import Batches
 from .embedded import HEAD_WEIGHT_DECAY, IMG_SIZE, STAND_IN, embedded_classifier
 from .embedded_swin import SWIN_STAND_IN, embedded_swin
 from .evaluate import image_batches
-from .profiles import PAPER_MODELS, imagenet_task, paper_config
+from .models import split_spec, timm_model
+from .profiles import PAPER_MODELS, imagenet_task, paper_config, timm_config
 from .task import VisionTask
 
 
@@ -56,12 +57,27 @@ def embedded_swin_task(n_val: int = 1000, n_test: int = 2000, n_refit: int = 100
 TASKS: dict[str, Callable[..., VisionTask]] = {"embedded-vit": embedded_vit_task, "embedded-swin": embedded_swin_task}
 
 
-def get_task(name: str, data_root: str = "", **kw) -> VisionTask:
-    """An embedded task by name, or a paper-profile model (timm name) on the ImageNet folder ``data_root``."""
-
+def get_task(name: str, data_root: str = "", *, weights: str | None = None, n_val: int | None = None,
+             n_test: int | None = None, n_refit: int | None = None, **kw) -> VisionTask:
+    """A vision task by name: an embedded stand-in, a paper-profile model (timm name) or ``timm:<name>`` (any timm
+    ViT / DeiT / Swin, with the weights file ``weights``, else timm's hub weights) on the ImageNet-layout folder
+    ``data_root`` (else $SPPBENCH_IMAGENET). ``n_val`` / ``n_test`` / ``n_refit``: split sizes (folder tasks: the
+    validation and re-fit images carved from train, spread over the classes, and a subset of the test images)."""
+    sizes = {k: v for k, v in (("n_val", n_val), ("n_test", n_test), ("n_refit", n_refit)) if v is not None}
+    scheme, rest = split_spec(name)
+    if scheme == "timm":
+        model = timm_model(rest, weights)
+        return imagenet_task(timm_config(rest, model, weights), data_root or None, model=model, **sizes)
+    if scheme is not None:
+        raise UnsupportedModelError(f"{name}: the vision tasks take timm:<name>; open_clip models run in the CLIP table "
+                                    f"(clip-table --model open_clip:<name>) and hf:<folder> in the LLM table")
     if name in PAPER_MODELS:
-        return imagenet_task(paper_config(name), data_root or None)
+        return imagenet_task(paper_config(name), data_root or None, weights_file=weights, **sizes)
     if name not in TASKS:
         raise UnsupportedModelError(f"unknown vision model {name!r}; embedded: {', '.join(TASKS)}; paper profiles: "
-                                    f"{', '.join(PAPER_MODELS)} (sppbench/configs/paper_*.json)")
-    return TASKS[name](**kw)
+                                    f"{', '.join(PAPER_MODELS)} (sppbench/configs/paper_*.json); any timm ViT / DeiT / "
+                                    "Swin: timm:<name> with --weights <file>")
+    if weights:
+        raise UnsupportedModelError(f"{name} is an embedded stand-in with its own weights; --weights applies to paper "
+                                    "models and timm:<name>")
+    return TASKS[name](**sizes, **kw)

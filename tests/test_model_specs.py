@@ -140,3 +140,41 @@ def test_constants_are_automatic_on_real_models_and_given_ones_stay():
     assert {k: real[k] for k in ("kappa", "lam", "alpha")} == {"kappa": 1.0, "lam": 3.0, "alpha": 1e-3}
     assert "note" not in real and "no entry can enter" in methods.official_constants("timm:x", 100)["note"]
     assert methods.official_constants("embedded-vit", 160)["alpha"] == pytest.approx(2 * 3.0 / 160)
+
+
+def test_the_tables_automatic_constants_are_the_ones_search_derives_itself():
+    """A table derives the constants once (first seed's batches); they equal search(constants="auto")'s."""
+    import torch.nn.functional as F
+
+    import sppbench
+    from conftest import synthetic_batches, tiny_vit
+    from sppbench.studies.common import derive_constants
+
+    model = tiny_vit()
+    batches = synthetic_batches(model, 32, n=3)
+    m = sppbench.attach_masks(model)
+    consts, info = derive_constants(m, batches, F.cross_entropy, 20)
+    assert info["batches"] == 2 and info["implied"]["threshold"] == pytest.approx(0.9)
+    path = sppbench.search(m, batches, F.cross_entropy, steps=20)
+    assert {k: path.config[k] for k in ("kappa", "alpha", "nu", "lam")} == consts
+    assert all(bool((p == 1).all()) for p in m.mask_parameters().values())  # the measurement left the masks at 1
+
+
+def test_a_rehearsal_record_says_so_and_the_report_refuses_it(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from sppbench.report.build import RecordError, _check
+    from sppbench.studies.common import REHEARSAL_ENV, write_record
+    from sppbench.studies.records import load_record
+
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    monkeypatch.setenv(REHEARSAL_ENV, "unit test")
+    folder = write_record("vision_table", {"model": "timm:test_vit"}, None, pd.DataFrame([{"model": "x", "a": 1}]),
+                          {"label": "x"})
+    rec = load_record(folder)
+    assert "DRESS REHEARSAL" in rec["metrics"]["info"]["rehearsal"] and "unit test" in rec["metrics"]["info"]["rehearsal"]
+    with pytest.raises(RecordError, match="dress-rehearsal record"):
+        _check(rec)
+    monkeypatch.delenv(REHEARSAL_ENV)
+    plain = load_record(write_record("vision_table", {"model": "x"}, None, pd.DataFrame([{"model": "x"}]), {}))
+    assert "rehearsal" not in plain["metrics"]["info"] and _check(plain)

@@ -26,8 +26,8 @@ def _check_model(name: str) -> None:
         scheme, _ = split_spec(name)
         if scheme != "timm":
             raise UnsupportedModelError(f"{name}: search / prune / finetune / vision-table take timm:<name>; "
-                                        "open_clip:<name> runs in clip-table and hf:<folder> in the LLM table "
-                                        "(notebooks/30_llm_zero_shot.ipynb, sppbench.studies.llm_table)")
+                                        "open_clip:<name> runs in clip-table and hf:<folder> in llm-table "
+                                        "(or notebooks/30_llm_zero_shot.ipynb)")
         return
     if name not in _models():
         raise UnsupportedModelError(
@@ -334,6 +334,24 @@ def cmd_clip_table(args) -> int:
     return 0
 
 
+def cmd_llm_table(args) -> int:
+    from .studies.llm_table import LLMTableConfig, run_llm_table
+
+    cfg = LLMTableConfig(model=args.model, methods=tuple(args.methods), patterns=tuple(args.patterns),
+                         n_samples=args.n_samples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
+                         eval_windows=args.eval_windows, seeds=tuple(args.seeds),
+                         structured_methods=tuple(args.structured_methods),
+                         structured_fractions=tuple(args.structured_fractions), structured_steps=args.structured_steps,
+                         zero_shot_tasks=tuple(args.zero_shot_tasks), zero_shot_docs=args.zero_shot_docs,
+                         resamples=args.resamples).resolved()  # a bad model, method or task stops before any work
+    res = run_llm_table(cfg)
+    cols = [c for c in ("method", "pattern", "seeds", "perplexity", "perplexity_sd", "ratio_vs_ria", "verdict_vs_ria")
+            if c in res["summary"]]
+    print(res["summary"][cols].to_string(index=False) if cols else res["summary"].to_string(index=False))
+    print(f"record: {res['record']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report.build import build_report
 
@@ -556,6 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{k}", type=_positive(float), default=None, help="SPP constant (all four or none; none = "
                        "derived from the model on real models, sppbench.core.auto)")
     t.set_defaults(fn=cmd_clip_table)
+
+    lt = sub.add_parser("llm-table", help="layer-wise LLM pruners (Wanda, RIA, SPP-RIA, ...) on one causal LM: "
+                                          "perplexity, zero-shot tasks, the structured variant")
+    lt.add_argument("--model", default="smollm2", help="smollm2 (the embedded stand-in) or hf:<folder> (a local "
+                    "LLaMA / Mistral / Qwen2 folder written by save_pretrained)")
+    lt.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "ria", "spp-ria", "sparsegpt"])
+    lt.add_argument("--patterns", nargs="+", default=["0.5", "2:4"], help="sparsity (unstructured) or N:M")
+    lt.add_argument("--n-samples", type=_positive(int), default=32, help="calibration windows per seed")
+    lt.add_argument("--seqlen", type=_positive(int), default=256, help="calibration window length (tokens)")
+    lt.add_argument("--eval-seqlen", type=_positive(int), default=256)
+    lt.add_argument("--eval-windows", type=_positive(int), default=128)
+    lt.add_argument("--seeds", type=_SEED, nargs="+", default=[0, 1, 2], help="calibration draws")
+    lt.add_argument("--structured-methods", nargs="*", default=["spp", "magnitude"])
+    lt.add_argument("--structured-fractions", type=_fraction, nargs="+", default=[0.8, 0.6])
+    lt.add_argument("--structured-steps", type=_positive(int), default=20)
+    lt.add_argument("--zero-shot-tasks", nargs="*", default=[], help="lm-eval tasks on local data (docs/zero_shot.md)")
+    lt.add_argument("--zero-shot-docs", type=_positive(int, zero=True), default=50, help="documents per task (0: all)")
+    lt.add_argument("--resamples", type=_positive(int), default=2000)
+    lt.set_defaults(fn=cmd_llm_table)
 
     c = sub.add_parser("paper-check", help="say whether the paper profile can run here (data, weights, GPUs)")
     c.add_argument("--models", nargs="*", default=None)

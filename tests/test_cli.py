@@ -92,6 +92,8 @@ def test_paper_check_says_what_is_missing(capsys, monkeypatch):
     (["clip-table", "--n-test", "-5"], "expected a positive int, got '-5'"),
     (["quickstart", "--fractions", "nan"], "expected a number in (0, 1], got 'nan'"),
     (["paper-check", "--min-gpus", "-1"], "expected a non-negative int, got '-1'"),
+    (["llm-table", "--structured-fractions", "0"], "expected a number in (0, 1], got '0'"),
+    (["llm-table", "--seeds", "-1"], "expected a non-negative int, got '-1'"),
     (["search", "--log-every", "-1"], "expected a non-negative int, got '-1'"),  # 0 (no progress lines) is valid
 ])
 def test_every_bad_number_is_a_one_line_error_not_a_traceback(argv, says, capsys, tmp_path):

@@ -97,6 +97,9 @@ def test_open_clip_spec_needs_weights_and_loads_a_checkpoint(tmp_path, monkeypat
     (["paper-check", "--models", "timm:test_vit", "--weights", "/no/such.pth", "--min-gpus", "0"],
      "weights file /no/such.pth does not exist"),
     (["clip-table", "--model", "open_clip:not-a-model", "--data-root", "/nowhere"], "open_clip has no model"),
+    (["llm-table", "--model", "hf:/no/such/folder"], "does not exist"),
+    (["llm-table", "--model", "llama-2-7b"], "a local Hugging Face causal LM is hf:<folder>"),
+    (["llm-table", "--methods", "bogus"], "unknown LLM method"),
 ])
 def test_cli_model_spec_errors_are_one_line(argv, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

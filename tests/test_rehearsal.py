@@ -127,3 +127,11 @@ def test_the_report_refuses_rehearsal_records(records, stage):
 
     rep = build_report(root=stage["dir"] / "results", out=stage["dir"] / "report")
     assert "dress-rehearsal" in json.dumps(rep["missing"])
+
+
+def test_llm_table_command_on_a_local_hf_folder(stage):
+    llm = stage["models"][2]
+    res = _run([sys.executable, "-m", "sppbench", "llm-table", "--model", llm, "--methods", "magnitude", "wanda",
+                "--patterns", "0.5", "--n-samples", "2", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
+                "--seeds", "0", "--structured-methods", "--resamples", "100"], stage["env"])
+    assert "wanda" in res.stdout and "record:" in res.stdout

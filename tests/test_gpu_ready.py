@@ -240,3 +240,29 @@ def test_gpu_check_cpu_smoke(tmp_path):
             r["search"]["images_per_s"] / r["plain"]["images_per_s"], rel=1e-3)
         assert r["verdict"] == ("PASS" if r["ratio_search_over_plain"] >= 0.9 else "BELOW GOAL")
     assert "search/plain" in res.stdout and f"wrote {files[0]}" in res.stdout
+
+
+def test_masked_activations_stay_bf16_under_autocast():
+    """The adapters cast each mask to the activation dtype, so the MLP hidden activations (the widest tensors) stay
+    bf16 under autocast instead of being promoted to fp32 by the fp32 mask (then the search would cost more memory
+    and time than plain training)."""
+    model = tiny_vit()
+    m = sppbench.attach_masks(model)
+    seen = []
+    hooks = [mod.register_forward_pre_hook(lambda _, inp: seen.append(inp[0].dtype))
+             for mod in model.modules() if isinstance(mod, torch.nn.GELU)]
+    x = torch.randn(2, 3, 32, 32)
+    with precision_context("bf16", "cpu"):
+        m(x)
+    for h in hooks:
+        h.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen), seen
+    with torch.no_grad():
+        for p in m.mask_parameters().values():
+            p.mul_(0.5)  # non-trivial masks: still the activation dtype, and fp32 without autocast is unchanged
+    seen.clear()
+    hooks = [mod.register_forward_pre_hook(lambda _, inp: seen.append(inp[0].dtype))
+             for mod in model.modules() if isinstance(mod, torch.nn.GELU)]
+    m(x)
+    assert seen and all(d == torch.float32 for d in seen)
+    assert all(p.dtype == torch.float32 for p in m.mask_parameters().values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sppbench.cli import main
+from sppbench.core.dynamics import official_held_v
 from sppbench.errors import DataError, SppBenchError, UnsupportedModelError
 from sppbench.tasks import miniatures, models
 
@@ -141,8 +142,11 @@ def test_constants_are_automatic_on_real_models_and_given_ones_stay():
     # spp-official: the released constants on real models, the step-scaled rule on the stand-ins
     real = methods.official_constants("deit_small_patch16_224", 50000)
     assert {k: real[k] for k in ("kappa", "lam", "alpha")} == {"kappa": 1.0, "lam": 3.0, "alpha": 1e-3}
-    assert "note" not in real and "no entry can enter" in methods.official_constants("timm:x", 100)["note"]
-    assert methods.official_constants("embedded-vit", 160)["alpha"] == pytest.approx(2 * 3.0 / 160)
+    assert "note" not in real
+    assert "only masks the loss pushes above 1 can enter" in methods.official_constants("timm:x", 100)["note"]
+    # on the stand-ins: the lr at which a held mask's V reaches lambda half-way on the released schedule
+    emb = methods.official_constants("embedded-vit", 160)["alpha"]
+    assert official_held_v(emb, 160, 80) == pytest.approx(3.0) and 1.5 * 3.0 / 160 < emb < 2 * 3.0 / 160
 
 
 def test_the_tables_automatic_constants_are_the_ones_search_derives_itself():

@@ -16,9 +16,16 @@ constants only through kappa*alpha (the loss step), kappa*alpha/nu (the decay ra
 does not hold up) and kappa*lam (the entry threshold, relative to V's ceiling of 1 for such a mask).
 Grids over (kappa, alpha, nu, lam) should vary these three.
 
-Official form (``variant="official"``, to compare with the released DeiT code): M moves by Adam
-on the task loss alone, V <- V + s_k (M_new - Gamma) with s_k Adam's bias-corrected step size,
-Gamma = kappa * max(shrink(V, lam), 0) (one-sided; the released code has kappa = 1, lam = 3).
+Official form (``variant="official"``): the released update, term for term (``adamw_spp.py``,
+``_single_tensor_adamwprox``, as ``deit_search.py`` builds it; docs/method.md section 3 names each term's source).
+With s_t = lr_t / (1 - beta1^t) (lr_t = ``alpha`` on the released cosine schedule, ``official_lr``):
+
+    M     <- M - s_t * m_t / (sqrt(v_t / (1 - beta2^t)) + eps)     (Adam on the task loss alone, eps 1e-4)
+    V     <- V + kappa * s_t * (M_new - Gamma)                      (the same s_t, the mask already moved)
+    Gamma <- max(shrink(V, lam), 0)                                 (one-sided; the released kappa 1, lam 3)
+
+and ``support_steps`` counts Gamma != 0 only every ``OFFICIAL_SUPPORT_EVERY`` steps and at the last one, as the
+released training loop counts its ``step_record``.
 
 Adam form (``variant="adam"``, a labelled research variant: docs/path_health.md): the paper form's coupling,
 V and Gamma, with the M step replaced by Adam (step ``lr``, bias-corrected) on the paper's full gradient
@@ -44,6 +51,48 @@ import torch
 from ..errors import SearchDivergedError
 
 VARIANTS = ("paper", "official", "adam")
+# The released search (deit_search.py / deit_search.sh, deit/engine.py): the optimizer's eps, the interval at which the
+# training loop counts each mask's steps in the support, and the cosine schedule's floor (timm's min_lr).
+OFFICIAL_EPS = 1e-4
+OFFICIAL_SUPPORT_EVERY = 10
+OFFICIAL_LR_FLOOR = 1e-5
+
+
+def official_lr(lr: float, t: int, steps: int | None) -> float:
+    """The released search's learning rate at step ``t`` (1-based) of ``steps``: timm's cosine from ``lr`` to the floor
+    min(OFFICIAL_LR_FLOOR, lr) over the whole search, no warm-up (deit_search.sh: --sched cosine, --warmup-epochs 0,
+    --min-lr 1e-5), taken per step instead of per epoch. ``steps`` None: a constant ``lr``."""
+    if steps is None:
+        return lr
+    floor = min(OFFICIAL_LR_FLOOR, lr)
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * (t - 1) / steps))
+
+
+def official_settings(steps: int) -> dict:
+    """What the official form's search runs at besides its constants (recorded in the path's config; a resumed search
+    must match it: the schedule is fixed by the search's length)."""
+    return {"eps": OFFICIAL_EPS, "support_every": OFFICIAL_SUPPORT_EVERY, "schedule_steps": steps,
+            "schedule": f"cosine from alpha to min({OFFICIAL_LR_FLOOR:g}, alpha) over the search, per step, no warm-up",
+            "follows": "adamw_spp.py _single_tensor_adamwprox; deit_search.py / .sh; deit/engine.py (released code)"}
+
+
+def official_held_v(lr: float, steps: int, upto: int | None = None, beta1: float = 0.9) -> float:
+    """V of the official form after ``upto`` (default: all) of ``steps`` steps for a mask the loss holds at 1 outside
+    the support: the sum of the step sizes s_t = lr_t / (1 - beta1^t). It enters once this passes lam."""
+    n = steps if upto is None else upto
+    return sum(official_lr(lr, t, steps) / (1 - beta1 ** t) for t in range(1, n + 1))
+
+
+def official_lr_for_entry(lam: float, steps: int, share: float = 0.5, beta1: float = 0.9) -> float:
+    """The official form's lr at which a mask held at 1 enters the support after ``share`` of ``steps`` (its V reaches
+    ``lam`` there): the step-scaled default of the embedded stand-ins. Above the floor f, V = f * A + (lr - f) * C with
+    A = sum_t 1 / (1 - beta1^t) and C = sum_t c_t / (1 - beta1^t), c_t the cosine's share; below it, V = lr * A."""
+    k = max(1, round(share * steps))
+    bc = [1 - beta1 ** t for t in range(1, k + 1)]
+    a = sum(1 / b for b in bc)
+    c = sum(0.5 * (1.0 + math.cos(math.pi * (t - 1) / steps)) / b for t, b in enumerate(bc, start=1))
+    lr = OFFICIAL_LR_FLOOR + (lam - OFFICIAL_LR_FLOOR * a) / c
+    return lr if lr >= OFFICIAL_LR_FLOOR else lam / a
 
 
 def shrink(v: torch.Tensor, lam: float) -> torch.Tensor:
@@ -78,11 +127,17 @@ class SLBI(torch.optim.Optimizer):
     """SLBI on mask tensors (W frozen elsewhere); see the module docstring for both forms."""
 
     def __init__(self, params: Iterable[torch.Tensor], kappa: float, alpha: float, nu: float, lam: float,
-                 variant: str = "paper", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 lr: float | None = None):
+                 variant: str = "paper", betas: tuple[float, float] = (0.9, 0.999), eps: float | None = None,
+                 lr: float | None = None, steps: int | None = None):
+        """eps: Adam's (default 1e-8; the official form's OFFICIAL_EPS). steps: the search's length, which the
+        official form's cosine schedule and last support count need (None: a constant lr, support every interval)."""
         check_constants(kappa, alpha, nu, lam, variant, lr)
+        if steps is not None and not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+        if eps is None:
+            eps = OFFICIAL_EPS if variant == "official" else 1e-8
         defaults = dict(kappa=float(kappa), alpha=float(alpha), nu=float(nu), lam=float(lam), variant=variant,
-                        betas=betas, eps=eps, lr=None if lr is None else float(lr))
+                        betas=betas, eps=eps, lr=None if lr is None else float(lr), steps=steps)
         super().__init__(params, defaults)
 
     def state_of(self, p: torch.Tensor) -> dict:
@@ -141,27 +196,36 @@ class SLBI(torch.optim.Optimizer):
                     V.add_(diff, alpha=alpha / nu)
                     gamma.copy_(shrink(V, lam)).mul_(kappa)
                 else:
-                    b1, b2 = group["betas"]
-                    if "exp_avg" not in st:
-                        st["exp_avg"] = torch.zeros_like(p)
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-                    m, v2 = st["exp_avg"], st["exp_avg_sq"]
-                    m.mul_(b1).add_(grad, alpha=1 - b1)
-                    v2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-                    step_size = alpha * math.sqrt(bc2) / bc1
-                    denom = v2.sqrt().add_(group["eps"] * math.sqrt(bc2))
-                    p.addcdiv_(m, denom, value=-step_size)
-                    V.add_(p - gamma, alpha=step_size)
-                    gamma.copy_(shrink(V, lam).clamp_(min=0)).mul_(kappa)
-                self.track_entries(st, v_old, lam, signed=group["variant"] == "official")
+                    self._official_step(p, grad, st, group)
+                counted = group["variant"] != "official" or (t - 1) % OFFICIAL_SUPPORT_EVERY == 0 \
+                    or t == group["steps"]
+                self.track_entries(st, v_old, lam, signed=group["variant"] == "official", count_support=counted)
         return loss
 
     @staticmethod
-    def track_entries(st: dict, v_old: torch.Tensor, lam: float, signed: bool = False) -> None:
+    def _official_step(p: torch.Tensor, grad: torch.Tensor, st: dict, group: dict) -> None:
+        """The released update (module docstring): Adam on the task loss, then V and Gamma with the same step size."""
+        b1, b2 = group["betas"]
+        t = st["step"]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        m, v2 = st["exp_avg"], st["exp_avg_sq"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step_size = official_lr(group["alpha"], t, group["steps"]) / (1 - b1 ** t)
+        denom = (v2.sqrt() / math.sqrt(1 - b2 ** t)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-step_size)
+        st["V"].add_(p - st["gamma"], alpha=step_size * group["kappa"])
+        st["gamma"].copy_(shrink(st["V"], group["lam"]).clamp_(min=0))
+
+    @staticmethod
+    def track_entries(st: dict, v_old: torch.Tensor, lam: float, signed: bool = False,
+                      count_support: bool = True) -> None:
         """After a step (``st["step"]`` already advanced, ``st["V"]`` / ``st["gamma"]`` updated): record the entries
         that just entered supp(Gamma) -- ``entry_step``, the fractional ``entry_time`` where V (|V|, or signed V
-        for the one-sided form) crossed ``lam`` -- and add one to ``support_steps`` of every entry inside.
+        for the one-sided form) crossed ``lam`` -- and (``count_support``) add one to ``support_steps`` of every
+        entry inside.
         Subclasses that change the M step (research variants) call it to keep the path's bookkeeping."""
         t, V = st["step"], st["V"]
         inside = st["gamma"] != 0
@@ -172,7 +236,8 @@ class SLBI(torch.optim.Optimizer):
             st["entry_time"] = torch.where(new, (t - 1) + frac, st.setdefault(
                 "entry_time", torch.full(V.shape, -1.0, dtype=torch.float64, device=V.device)))
         st["entry_step"].masked_fill_(new, t)
-        st["support_steps"].add_(inside.long())
+        if count_support:
+            st["support_steps"].add_(inside.long())
 
     def support(self) -> list[torch.Tensor]:
         """Boolean supp(Gamma) of every parameter, in parameter order."""

@@ -15,7 +15,7 @@ from ..fileio import atomic_write_bytes
 from . import auto as A
 from . import distributed as D
 from .batches import BatchCycle, forward_loss, precision_context, resolve_precision, to_device
-from .dynamics import SLBI
+from .dynamics import SLBI, official_settings
 from .masks import POOLS, MaskedModel
 from .path import SolutionPath
 
@@ -25,7 +25,7 @@ from .path import SolutionPath
 CHECKPOINT_FORMAT = "sppbench.search-state/1"
 # what must agree between a checkpoint and the search resuming from it (steps may grow)
 _MUST_MATCH = ("method", "variant", "kappa", "alpha", "nu", "lam", "lr", "seed", "record_every", "slbi",
-               "precision")
+               "precision", "official")
 # settings checkpoints written before they existed hold implicitly: their value then
 _MUST_MATCH_BEFORE = {"precision": "fp32"}
 
@@ -271,13 +271,15 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
                          if lr is not None else "variant='adam' needs lr= (its Adam step for M), e.g. 0.03")
     config = {"method": "spp", "variant": variant, "kappa": kappa, "alpha": alpha, "nu": nu, "lam": lam,
               **({"lr": lr} if lr is not None else {}),
+              **({"official": official_settings(steps)} if variant == "official" else {}),
               "constants": constants, **({"auto": auto_info} if auto_info is not None else {}),
               "steps": steps, "seed": seed, "record_every": record_every, "precision": precision,
               **({"run": dict(run)} if run is not None else {}),
               **({"processes": D.world()[1]} if use_ddp else {}),
               **({"slbi": f"{slbi.__module__}.{slbi.__qualname__}"} if slbi is not SLBI else {})}
     m.reset_masks()
-    opt = slbi(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant, lr=lr)
+    opt = slbi(list(masks.values()), kappa=kappa, alpha=alpha, nu=nu, lam=lam, variant=variant, lr=lr,
+               steps=steps if variant == "official" else None)
     history: list[dict] = []
     start, before = 0, 0.0
     if resume:

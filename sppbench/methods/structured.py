@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.batches import BatchCycle, forward_loss, to_device
 from ..core.compress import compress
-from ..core.dynamics import DessiLBI, ProximalL1
+from ..core.dynamics import DessiLBI, ProximalL1, official_held_v, official_lr_for_entry
 from ..core.masks import MaskedModel
 from ..core.path import KeepSet, SolutionPath
 from ..core.search import search
@@ -54,9 +54,10 @@ from .registry import Method, get, names, register
 
 # Defaults that are not the tuned SPP constants (those come from sppbench/configs/search_<profile>.json).
 DEFAULTS = {
-    # the released code hard-codes kappa = 1 and lambda = 3; its Adam lr is chosen here so that a mask
-    # held at 1 enters the support half-way through the search (lam / alpha = steps / 2)
-    "spp-official": {"kappa": 1.0, "lam": 3.0, "alpha": "2*lam/steps"},
+    # the released code hard-codes kappa = 1 and lambda = 3; on the stand-ins its Adam lr is chosen here so that a
+    # mask held at 1 enters the support half-way through the search on the released cosine schedule
+    # (dynamics.official_lr_for_entry: 1.73 * lam / steps at 160 steps, 2.21 at 640)
+    "spp-official": {"kappa": 1.0, "lam": 3.0, "alpha": "held mask enters half-way"},
     # ISTA step on the loss = SPP's loss step (kappa*alpha); lambda in units of u = lr*lam*steps
     # (u = 1: a mask the loss does not hold up reaches 0 exactly at the end of the search)
     "lasso": {"lr": "kappa*alpha of spp", "u_start": 2.0, "trials": 5},
@@ -67,23 +68,27 @@ DEFAULTS = {
     "random": {"readout": "per-layer"},
 }
 # The released DeiT-S scripts' constants of the official form (kappa 1, lambda 3, mask Adam lr 1e-3): spp-official's
-# default on real models (paper profiles, timm:<name>). V moves by at most about lr per step, so an entry needs at
-# least lam / lr = 3000 steps: the released search ran 40 ImageNet epochs (tens of thousands of steps). The
-# embedded stand-ins' few hundred steps use lr = 2*lam/steps instead (DEFAULTS above).
+# default on real models (paper profiles, timm:<name>). A mask held at 1 gains sum_t s_t in V (s_t = lr_t / (1 -
+# beta1^t), lr_t on the cosine schedule), so at lr 1e-3 it enters only after about 3,000 steps: the released search
+# ran 300 ImageNet epochs (over a million steps). The embedded stand-ins' few hundred steps use the lr at which a held
+# mask enters half-way instead (DEFAULTS above).
 RELEASED_OFFICIAL = {"kappa": 1.0, "lam": 3.0, "alpha": 1e-3}
 
 
 def official_constants(model: str, steps: int) -> dict:
     """spp-official's constants for ``model`` at ``steps``: the released ones on real models, the step-scaled rule
-    on the embedded stand-ins; with ``note`` saying when the search is too short for any entry to enter."""
+    on the embedded stand-ins; with ``note`` saying when a mask held at 1 cannot enter within the search."""
     if model.startswith("embedded"):
         lam = DEFAULTS["spp-official"]["lam"]
-        return {"kappa": DEFAULTS["spp-official"]["kappa"], "lam": lam, "alpha": 2 * lam / steps,
-                "source": "released kappa and lambda; lr = 2*lam/steps (an entry held at 1 enters half-way)"}
+        return {"kappa": DEFAULTS["spp-official"]["kappa"], "lam": lam, "alpha": official_lr_for_entry(lam, steps),
+                "source": "released kappa and lambda; lr such that a mask held at 1 enters half-way on the released "
+                          "cosine schedule"}
     out = {**RELEASED_OFFICIAL, "source": "the released DeiT-S scripts (kappa 1, lambda 3, mask Adam lr 1e-3)"}
-    if steps * out["alpha"] < out["lam"]:
-        out["note"] = (f"{steps} steps x lr {out['alpha']:g} < lambda {out['lam']:g}: no entry can enter the support, "
-                       f"so spp-official's path is empty (the released search ran tens of thousands of steps)")
+    held = official_held_v(out["alpha"], steps)
+    if held < out["lam"]:
+        out["note"] = (f"in {steps} steps at lr {out['alpha']:g} (cosine schedule) a mask held at 1 reaches V = "
+                       f"{held:.3g} < lambda {out['lam']:g}: only masks the loss pushes above 1 can enter, so "
+                       f"spp-official's path is nearly empty (the released search ran over a million steps)")
     return out
 
 
@@ -460,7 +465,7 @@ def _rank_spp(m, batches, loss_fn, *, steps, seed, spp, settings):
 
 def _rank_official(m, batches, loss_fn, *, steps, seed, spp, settings):
     kappa, lam = settings.get("kappa", 1.0), settings.get("lam", 3.0)
-    alpha = settings.get("alpha", 2 * lam / steps)
+    alpha = settings.get("alpha", official_lr_for_entry(lam, steps))
     return search(m, batches, loss_fn, steps=steps, seed=seed, variant="official", kappa=kappa, alpha=alpha,
                   nu=1.0, lam=lam)
 

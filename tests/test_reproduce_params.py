@@ -33,8 +33,10 @@ def test_every_notebook_named_exists():
 def test_vision_table_keeps_the_statistical_floor():
     from sppbench import methods
 
+    from sppbench.studies import stats
+
     p = _reproduce_params()["10_vision_table.ipynb"]
-    assert p["seeds"] >= 3 and p["resamples"] >= 2000
+    assert p["seeds"] >= stats.MIN_SEEDS_FOR_A_CLAIM and p["resamples"] >= 2000  # else no row could make a claim
     assert p["n_test"] >= 5000            # the whole 10,000-image split, or at least 5,000 when time forces it
     assert all(n >= 5000 for n in p.get("model_n_test", {}).values())
     assert p["n_refit"] == 3000           # the dense head's own fit set (no fit-set advantage for pruned rows)

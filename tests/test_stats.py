@@ -116,3 +116,40 @@ def test_bootstrap_from_cached_draws_equals_the_resample_loop(two_level):
     out = stats.paired_bootstrap(A, B, resamples=400, resample_seeds=two_level)
     assert out["lo"] == pytest.approx(lo, abs=1e-12) and out["hi"] == pytest.approx(hi, abs=1e-12)
     assert stats.paired_bootstrap(A, B, resamples=400, resample_seeds=two_level) == out  # the cache changes nothing
+
+
+def _edge_case(n=400, seed=3):
+    """A difference right at the edge of significance: some bootstrap seeds' intervals exclude zero, some not."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 2, n).astype(float)
+    a = b.copy()
+    flip = rng.choice(n, 40, replace=False)
+    a[flip[:26]], a[flip[26:]] = 1 - b[flip[:26]], b[flip[26:]]
+    return a, b
+
+
+def test_a_verdict_that_flips_with_the_bootstrap_seed_is_not_a_claim():
+    for seed in range(40):  # find data whose single-seed verdict depends on the bootstrap seed
+        a, b = _edge_case(seed=seed)
+        single = {stats.verdict(r["lo"], r["hi"]) for r in
+                  (stats.paired_bootstrap(a, b, resamples=300, seed=k) for k in range(stats.BOOTSTRAP_SEEDS))}
+        if len(single) > 1:
+            break
+    else:
+        pytest.fail("no edge case found")
+    out = stats.compare(a, b, resamples=300)
+    assert out["verdict"] == "tie" and out["verdict_stable"] is False
+    assert out["lo_range"][0] < 0 < out["lo_range"][1] or out["hi_range"][0] < 0 < out["hi_range"][1]
+    first = stats.paired_bootstrap(a, b, resamples=300, seed=0)
+    assert (out["lo"], out["hi"]) == (first["lo"], first["hi"])  # the reported interval is the first seed's
+    clear = stats.compare(np.ones(200), np.zeros(200), resamples=300)
+    assert clear["verdict"] == "better" and clear["verdict_stable"] and clear["bootstrap_seeds"] == stats.BOOTSTRAP_SEEDS
+
+
+def test_a_claim_needs_enough_seeds_on_every_side_with_randomness():
+    assert stats.claim("better", (5, 1), (True, False)) == "better"
+    assert stats.claim("better", (3, 5), (True, True)) == "tie"
+    assert stats.claim("worse", (1, 3), (False, True)) == "tie"
+    assert stats.claim("worse", (1, 1), (False, False)) == "worse"  # two deterministic rows: nothing to draw
+    with pytest.raises(ValueError, match="bootstrap_seeds"):
+        stats.compare(np.ones(5), np.zeros(5), bootstrap_seeds=0)

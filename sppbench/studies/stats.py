@@ -19,6 +19,12 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+# A verdict is a claim only when the interval of every one of these bootstrap seeds (seed, seed + 1, ...) excludes zero
+# on the same side: a verdict that flips with the bootstrap's own draws is Monte Carlo noise, reported as 'tie'.
+BOOTSTRAP_SEEDS = 5
+# ... and only when every side with randomness has at least this many search seeds (3 seeds give the two-level
+# bootstrap's seed level 10 possible multisets; ``claim``).
+MIN_SEEDS_FOR_A_CLAIM = 5
 
 
 def _as_matrix(x) -> np.ndarray:
@@ -32,7 +38,7 @@ def _as_matrix(x) -> np.ndarray:
     return arr
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=2 * BOOTSTRAP_SEEDS + 2)
 def _draws(seed: int, resamples: int, sa: int, sb: int, sizes: tuple, two_level: bool, chunk: int = 0) -> tuple:
     """The bootstrap's random draws, in the order one generator seeded ``seed`` makes them: per resample, each
     side's seeds (two-level only), then one index draw per example set; with ``chunk`` (one set, one level) the
@@ -156,15 +162,36 @@ def verdict(lo: float, hi: float, higher_is_better: bool = True) -> str:
 
 
 def compare(a, b, *, binary: bool = True, higher_is_better: bool = True, resamples: int = RESAMPLES,
-            seed: int = 0, resample_seeds: bool = False) -> dict:
+            seed: int = 0, resample_seeds: bool = False, bootstrap_seeds: int = BOOTSTRAP_SEEDS) -> dict:
     """Row ``a`` against reference ``b`` on the same examples: delta, lo, hi, (McNemar p for 0/1), verdict.
-    ``resample_seeds``: the interval also resamples each side's seeds (``paired_bootstrap``)."""
-    out = paired_bootstrap(a, b, resamples=resamples, seed=seed, resample_seeds=resample_seeds)
+    ``resample_seeds``: the interval also resamples each side's seeds (``paired_bootstrap``).
+
+    The interval is computed under ``bootstrap_seeds`` bootstrap seeds (``seed``, ``seed + 1``, ...): ``lo`` / ``hi``
+    are the first one's, ``lo_range`` / ``hi_range`` the smallest and largest bound over all of them (the Monte Carlo
+    spread of each bound), and ``verdict`` is 'better' / 'worse' only when every one of them says so
+    (``verdict_stable``: all of them agree, ties included)."""
+    if not (isinstance(bootstrap_seeds, int) and bootstrap_seeds >= 1):
+        raise ValueError(f"bootstrap_seeds must be a positive integer, got {bootstrap_seeds!r}")
+    runs = [paired_bootstrap(a, b, resamples=resamples, seed=seed + k, resample_seeds=resample_seeds)
+            for k in range(bootstrap_seeds)]
+    out = dict(runs[0])
+    verdicts = {verdict(r["lo"], r["hi"], higher_is_better) for r in runs}
+    out["verdict"] = verdicts.pop() if len(verdicts) == 1 else "tie"
+    out["verdict_stable"] = not verdicts
+    out["bootstrap_seeds"] = bootstrap_seeds
+    out["lo_range"] = [min(r["lo"] for r in runs), max(r["lo"] for r in runs)]
+    out["hi_range"] = [min(r["hi"] for r in runs), max(r["hi"] for r in runs)]
     if binary:
         out["mcnemar_p"] = mcnemar(a, b)["p"]
-    out["verdict"] = verdict(out["lo"], out["hi"], higher_is_better)
     out["seeds"] = [int(_as_matrix(a).shape[0]), int(_as_matrix(b).shape[0])]
     return out
+
+
+def claim(verdict_: str, seeds: Sequence[int], seeded: Sequence[bool], min_seeds: int = MIN_SEEDS_FOR_A_CLAIM) -> str:
+    """``verdict_`` as a claim: 'tie' unless every side with randomness (``seeded``) has at least ``min_seeds``
+    seeds (``seeds``, one count per side)."""
+    enough = all(n >= min_seeds for n, r in zip(seeds, seeded) if r)
+    return verdict_ if enough or verdict_ in ("tie", "reference") else "tie"
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
@@ -175,4 +202,5 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
 
 
-__all__ = ["compare", "paired_bootstrap", "paired_bootstrap_parts", "mcnemar", "verdict", "mean_sd", "RESAMPLES", "LEVEL"]
+__all__ = ["compare", "claim", "paired_bootstrap", "paired_bootstrap_parts", "mcnemar", "verdict", "mean_sd", "RESAMPLES",
+           "LEVEL", "BOOTSTRAP_SEEDS", "MIN_SEEDS_FOR_A_CLAIM"]

@@ -477,6 +477,9 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                                        "replacement, averages them per test image, then draws test images with "
                                        "replacement (covers search-seed and test-sample variation)",
                            "test": "exact McNemar on seed-averaged correctness rounded at 0.5",
+                           "claim": f"a verdict other than 'tie' holds under each of {stats.BOOTSTRAP_SEEDS} bootstrap "
+                                    f"seeds and every side with randomness has >= {stats.MIN_SEEDS_FOR_A_CLAIM} seeds",
+                           "bootstrap_seeds": stats.BOOTSTRAP_SEEDS, "min_seeds_for_a_claim": stats.MIN_SEEDS_FOR_A_CLAIM,
                            "sd": "sample standard deviation over seeds (ddof = 1)"},
             "summary": summary.to_dict(orient="records"), "sanity": sanity,
             "timing_s": {k: round(v, 1) for k, v in timing.items()},
@@ -525,7 +528,9 @@ def summarize(table, correct: dict | None = None, *, ref: str = "spp", resamples
     the paired statistics against ``ref`` at the same model and budget: ``delta_S`` (seed-averaged top-1 of the row
     minus the reference's), ``delta_S_lo`` / ``delta_S_hi`` (95% two-level paired bootstrap: seeds, then test
     images; ``stats.paired_bootstrap(resample_seeds=True)``),
-    ``mcnemar_p_S`` and ``verdict_S`` (better / worse / tie; 'reference' on the reference's own rows)."""
+    ``mcnemar_p_S`` and ``verdict_S`` (better / worse / tie; 'reference' on the reference's own rows): a claim only
+    when it holds under every bootstrap seed (``stats.compare``) and every side with randomness has
+    ``stats.MIN_SEEDS_FOR_A_CLAIM`` seeds (``stats.claim``), else 'tie'."""
 
     top1 = [c for c in table.columns if c.startswith("top1_")]
     cols = [c for c in (*top1, "macs_fraction", "params", "search_s") if c in table]
@@ -556,12 +561,18 @@ def summarize(table, correct: dict | None = None, *, ref: str = "spp", resamples
                 vals = {"delta": None, "lo": None, "hi": None, "mcnemar_p": None, "verdict": None}
             else:
                 vals = stats.compare(a, b, resamples=resamples, resample_seeds=True)
+                vals["verdict"] = stats.claim(vals["verdict"], (len(a), len(b)), (_seeded(r["method"]), _seeded(ref)))
             for k, n in (("delta", f"delta_{st}"), ("lo", f"delta_{st}_lo"), ("hi", f"delta_{st}_hi"),
                          ("mcnemar_p", f"mcnemar_p_{st}"), ("verdict", f"verdict_{st}")):
                 extra.setdefault(n, []).append(vals[k])
     for n, v in extra.items():
         out[n] = v
     return out
+
+
+def _seeded(method: str) -> bool:
+    """Whether a row's method has randomness (its seeds differ); the dense model and deterministic methods do not."""
+    return method != "dense" and method not in methods.DETERMINISTIC_METHODS
 
 
 def _one_or_all(values):

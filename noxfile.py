@@ -34,11 +34,11 @@ EXECUTED = ROOT / "results" / "executed"
 # each searching method's step size on each model, chosen on the validation split by the same grid and rule
 # (sppbench.studies.tuning; `python tools/tune_vision.py --model ...`; the records are in results/runs/vision_tuning)
 # (x1/4, x1, x4 of each default; first seed; head-refit top-1 on 1,000 validation images; the default stays unless a
-# setting beats it beyond its paired validation interval). Swin: record 20261205T053749Z-e12af31f (lasso lr x4 is
-# better beyond noise; every other method keeps its default); ViT (spp only, the one searching method its reproduce
+# setting beats it beyond its paired validation interval). Swin: record 20261207T234642Z-3991fd95 (lasso lr x4 is
+# better beyond noise; every other method keeps its default; rerun after spp-official became the released update); ViT (spp only, the one searching method its reproduce
 # rows run): 20261205T054407Z-6723fecc (default kept).
 MODEL_SETTINGS = {
-    "embedded-swin": {"spp": {"lr": 0.0025}, "spp-official": {"alpha": 0.009375}, "lasso": {"lr": 0.8},
+    "embedded-swin": {"spp": {"lr": 0.0025}, "spp-official": {"alpha": 0.0103719922671}, "lasso": {"lr": 0.8},
                       "lasso-rank": {"lr": 0.2}, "dessilbi": {"alpha": 0.001}},
     "embedded-vit": {"spp": {"lr": 0.03}},
 }

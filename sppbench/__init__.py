@@ -13,8 +13,8 @@ from .core.compress import compress, load_pruned, save_pruned
 from .core.masks import MaskedModel, MaskGroup
 from .core.path import KeepSet, SolutionPath
 from .core.search import finetune, search
-from .errors import (BudgetError, ConfigError, DataError, SearchDivergedError, SpecError, SppBenchError,
-                     UnsupportedModelError)
+from .errors import (AutoConstantsError, BudgetError, ConfigError, DataError, SearchDivergedError, SpecError,
+                     SppBenchError, UnsupportedModelError)
 from .families import attach_masks
 
 __version__ = "0.1.0"
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attach_masks", "search", "finetune", "compress", "save_pruned", "load_pruned", "SolutionPath", "KeepSet",
     "MaskedModel", "MaskGroup", "distributed", "dynamics", "measure", "SppBenchError", "UnsupportedModelError",
-    "BudgetError", "ConfigError", "SearchDivergedError", "SpecError", "DataError", "__version__",
+    "BudgetError", "ConfigError", "SearchDivergedError", "SpecError", "DataError", "AutoConstantsError", "__version__",
 ]

@@ -27,6 +27,11 @@ class SearchDivergedError(SppBenchError, FloatingPointError):
         self.step = step
 
 
+class AutoConstantsError(SppBenchError, ValueError):
+    """The automatic constants cannot be derived from this model and data (the masks get no gradient, the curvature
+    estimate is noise, a derived value is out of bounds); raised before the search's first step."""
+
+
 class SpecError(SppBenchError, ValueError):
     """A pruned-model spec or weights file that is missing, corrupt or does not match."""
 

@@ -32,10 +32,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import AutoConstantsError
 from .batches import forward_loss
 
 RULE = ("theta = kappa*lam = 0.9; r = kappa*alpha/nu = -ln(0.1)/(0.8*steps) (unheld entries enter at 0.8 of the "
-        "steps); a = kappa*alpha = 0.5/lambda_max (half the stability limit); nu = a/r; kappa = 10")
+        "steps); a = kappa*alpha = 0.5/lambda_max (half the stability limit), capped so that a*max|grad| <= 0.5; "
+        "nu = a/r; kappa = 10")
 THETA = 0.9            # kappa * lam
 SPAN = 0.8             # unheld entries enter at this share of the steps
 STEP_SHARE = 0.5       # a = STEP_SHARE * (1 / lambda_max) ... half of the stability limit 2 / lambda_max
@@ -43,6 +45,10 @@ KAPPA = 10.0
 HOLD_SHRINK = 0.05     # tolerated uniform shrink of a held model
 MEASURE_BATCHES = 2
 POWER_ITERS = 6
+# Checks on the measurement and bounds on what it implies (docs/auto_constants.md, "Checks and bounds"):
+GRAD_FLOOR = 1e-6      # mask-gradient rms / |dense loss| below this: the masks barely change the loss
+CURVATURE_DRIFT = 0.5  # the power iteration's last two curvature estimates differ by more than this share: noise
+FIRST_MOVE = 0.5       # the first loss step a * max|grad| moves no mask by more than this (a is capped to hold it)
 
 
 def _grads(m, masks: Sequence[torch.Tensor], batches: list, loss_fn: Callable) -> tuple[torch.Tensor, float]:
@@ -106,20 +112,43 @@ def measure(m, batches: list, loss_fn: Callable, *, power_iters: int = POWER_ITE
         gen = torch.Generator().manual_seed(seed)
         v = torch.randn(n, generator=gen, dtype=torch.float64)
         v /= v.norm()
-        lam = 0.0
+        trace = []
         for _ in range(power_iters):
             hv = hvp(v)
-            lam = float(hv @ v)
+            trace.append(float(hv @ v))
             v = hv / hv.norm().clamp_min(1e-30)
     finally:
         _set(masks, base)
     return {"batches": len(batches), "loss_dense": loss0,
             "grad_rms": float(g0.pow(2).mean().sqrt()), "grad_abs_mean": float(g0.abs().mean()),
-            "grad_abs_median": float(g0.abs().median()),
+            "grad_abs_median": float(g0.abs().median()), "grad_abs_max": float(g0.abs().max()),
             "grad_snr_median": (float((gstack.mean(0).abs() / gstack.std(0).clamp_min(1e-30)).median())
                                 if len(batches) > 1 else None),
-            "lambda_max": abs(lam), "h_uniform": h_uniform, "entries": n, "power_iters": power_iters,
+            "lambda_max": abs(trace[-1]) if trace else 0.0, "lambda_trace": trace, "h_uniform": h_uniform,
+            "entries": n, "power_iters": power_iters,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def check(meas: dict) -> None:
+    """Stop before any search step when ``measure``'s figures cannot drive the rule: AutoConstantsError, one line
+    saying what was found and what to do."""
+    loss, g = meas["loss_dense"], meas["grad_rms"]
+    hand = "pass kappa, alpha, nu, lam yourself (or variant='adam' with lr)"
+    if not all(math.isfinite(x) for x in (loss, g, meas["lambda_max"], meas["h_uniform"])):
+        raise AutoConstantsError(f"auto constants: the dense model's loss, mask gradient or curvature is not finite on "
+                                 f"the search's first batches (loss {loss}, gradient rms {g}); check the data and the "
+                                 "loss function")
+    if g <= GRAD_FLOOR * max(abs(loss), 1e-12):
+        raise AutoConstantsError(f"auto constants: the masks barely change this model's loss (mask-gradient rms {g:.3g} "
+                                 f"against a loss of {loss:.3g}, below {GRAD_FLOOR:g} of it), so there is nothing to "
+                                 "rank: is the model random-init, or its LayerScale at its initial value? Search trained "
+                                 f"weights, or {hand}")
+    trace = meas.get("lambda_trace") or [meas["lambda_max"]]
+    last, prev = trace[-1], trace[-2] if len(trace) > 1 else trace[-1]
+    if last <= 0 or abs(last - prev) > CURVATURE_DRIFT * abs(last):
+        raise AutoConstantsError(f"auto constants: the curvature estimate is noise (power iteration "
+                                 f"{', '.join(f'{x:.3g}' for x in trace[-3:])}): the finite-difference Hessian does "
+                                 f"not resolve this model's mask curvature; measure on more or larger batches, or {hand}")
 
 
 def derive(meas: dict, steps: int, *, kappa: float = KAPPA, theta: float = THETA) -> tuple[dict, dict]:
@@ -133,16 +162,23 @@ def derive(meas: dict, steps: int, *, kappa: float = KAPPA, theta: float = THETA
                          "at kappa*lam >= 1 an entry the loss does not hold never enters")
     if not (math.isfinite(kappa) and kappa > 0):
         raise ValueError(f"kappa must be a positive finite number, got {kappa!r}")
-    lmax = max(meas["lambda_max"], 1e-12)
+    check(meas)
+    lmax = meas["lambda_max"]
     a = STEP_SHARE / lmax
+    gmax = meas.get("grad_abs_max", 0.0)
+    capped = gmax > 0 and a * gmax > FIRST_MOVE
+    if capped:
+        a = FIRST_MOVE / gmax
     r = -math.log(1 - theta) / (SPAN * steps)
     nu = a / r
     consts = {"kappa": kappa, "alpha": a / kappa, "nu": nu, "lam": theta / kappa}
+    if not all(math.isfinite(v) and v > 0 for v in consts.values()):
+        raise AutoConstantsError(f"auto constants out of bounds ({consts}); pass kappa, alpha, nu, lam yourself")
     h = max(meas["h_uniform"], 1e-12)
     shrink = 1.0 / (1.0 + h * nu)
     nu_hold = (1.0 / HOLD_SHRINK - 1.0) / h
     steps_to_hold = int(math.ceil(-math.log(1 - theta) / SPAN * nu_hold / a))
-    implied = {"loss_step": a, "decay_rate": r, "threshold": theta,
+    implied = {"loss_step": a, "loss_step_capped": capped, "first_move": a * gmax, "decay_rate": r, "threshold": theta,
                "held_entry_step": theta / r, "unheld_entry_step": -math.log(1 - theta) / r,
                "stability_limit_loss_step": 2.0 / (lmax + 1.0 / nu),
                "condition_number": lmax / h,

@@ -319,7 +319,9 @@ def _vision_text(rec: dict, s, figure: str) -> list[str]:
              f"{params.get('n_val')} validation images; head re-fit on {params.get('n_refit')} training images; "
              + (f"{info['statistics']['resamples']} bootstrap resamples. " if info.get("statistics") else "")
              + (f"Claims: {info['statistics']['claim']}; otherwise 'tie', even where the interval shown excludes "
-                "zero. " if (info.get("statistics") or {}).get("claim") else "")
+                "zero. " if (info.get("statistics") or {}).get("claim") else
+                "Verdicts: one bootstrap seed's interval (this record predates the claim rule of docs/statistics.md). "
+                if info.get("statistics") else "")
              + f"Hardware: {_hardware(rec)}. Run time {info.get('seconds', '?')} s."]
     table = s.copy()
     for st in stages:

@@ -209,7 +209,8 @@ class SolutionPath:
 
         paper: entry time ascending (the fractional crossing instant, or the entry step for paths
         without one; never entered last), ties by |V| then |M| descending.
-        official: steps spent in the support descending, ties the same way.
+        official: the support count descending (Gamma != 0 counted every 10th step, as the released code counts its
+        step_record), ties the same way.
         score (baselines: Lasso's |M|, magnitude, random): score descending, ties the same way.
         Remaining ties (exactly equal statistics) go by group then entry index: deterministic.
         """

@@ -9,7 +9,7 @@ prune their own (slightly different) units.
 name               kind         what ranks the entries
 =================  ===========  ==============================================================
 spp                one search   entry step on the SLBI path (paper form, docs/method.md section 3)
-spp-official       one search   steps spent in the support (the released code's Adam form)
+spp-official       one search   the support count of the released update (counted every 10th step)
 lasso              per budget   the support of an L1-penalised mask search (ISTA), lambda by a
                                 recorded bisection per budget (or tries shared by all budgets,
                                 ``lasso_family``; the tables use it), trimmed to the budget by |M|

@@ -119,6 +119,8 @@ def test_each_check_names_what_it_found():
         A.derive(_meas(lambda_trace=[0.5, -0.2, 0.4], lambda_max=0.4), 100)
     with pytest.raises(AutoConstantsError, match="curvature estimate is noise"):
         A.derive(_meas(lambda_trace=[0.1, 0.0], lambda_max=0.0), 100)
+    # a settled negative estimate (a saddle: the largest curvature in magnitude is negative) is a measurement
+    A.derive(_meas(lambda_trace=[-0.0164, -0.0182, -0.0195], lambda_max=0.0195), 100)
 
 
 def test_the_loss_step_is_capped_by_the_first_move():

@@ -145,7 +145,7 @@ def check(meas: dict) -> None:
                                  f"weights, or {hand}")
     trace = meas.get("lambda_trace") or [meas["lambda_max"]]
     last, prev = trace[-1], trace[-2] if len(trace) > 1 else trace[-1]
-    if last <= 0 or abs(last - prev) > CURVATURE_DRIFT * abs(last):
+    if last == 0 or abs(last - prev) > CURVATURE_DRIFT * abs(last):  # a settled negative estimate is real: |it| is used
         raise AutoConstantsError(f"auto constants: the curvature estimate is noise (power iteration "
                                  f"{', '.join(f'{x:.3g}' for x in trace[-3:])}): the finite-difference Hessian does "
                                  f"not resolve this model's mask curvature; measure on more or larger batches, or {hand}")

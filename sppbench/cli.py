@@ -518,12 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_quickstart)
 
     from .methods.structured import METHODS
+    from .studies.vision_table import VisionTableConfig
 
+    TABLE_METHODS = VisionTableConfig().methods + tuple(m for m in METHODS if m not in VisionTableConfig().methods)
     v = sub.add_parser("vision-table", help="every method on the same model, budgets (by MACs) and fine-tune")
     v.add_argument("--model", default="embedded-vit",
                    help="embedded-vit, embedded-swin, a paper model (e.g. deit_small_patch16_224) with --data-root, "
                         "or timm:<name> with --weights and --data-root")
-    v.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    v.add_argument("--methods", nargs="+", default=list(TABLE_METHODS), choices=TABLE_METHODS,
+                   help="pruning methods and SPP's order arms (spp-final-m, spp-final-v, random-spp-widths: rows "
+                        "read off spp's own search, after spp)")
     v.add_argument("--macs-fractions", type=_fraction, nargs="+", default=[0.7, 0.5, 0.35])
     v.add_argument("--steps", type=_positive(int), default=160)
     v.add_argument("--spp-form", choices=("", "adam", "paper"), default="",

@@ -86,6 +86,26 @@ def test_per_layer_readout_keeps_the_same_share_in_every_group():
         assert int(keep.masks[g.name].sum()) == round(0.5 * g.size)
 
 
+def test_keep_widths_keeps_each_groups_best_ranked_at_the_given_widths():
+    """keep_widths: exactly the given width per group, the best-ranked entries inside each group, and the cost of
+    another keep-set with those widths, whatever the order (a random order at SPP's widths costs what SPP's does)."""
+    path, other = synthetic_path(0), synthetic_path(1)
+    ref = other.keep(macs=int(0.5 * path.dense()[1]), readout="global")
+    keep = path.keep_widths(ref.widths(), request={"macs": ref.macs})
+    assert keep.widths() == ref.widths() and (keep.params, keep.macs) == (ref.params, ref.macs)
+    ranks = path.ranking("global")
+    for g in path.groups:
+        kept, dropped = ranks[g.name][keep.masks[g.name]], ranks[g.name][~keep.masks[g.name]]
+        if len(kept) and len(dropped):
+            assert int(kept.max()) < int(dropped.min())  # the group's best-ranked entries
+    rescored = path.rescored({g.name: -path.ranking("global")[g.name].double() for g in path.groups}, what="same")
+    assert rescored.order("global") == path.order("global") and rescored.config["what"] == "same"
+    with pytest.raises(sppbench.BudgetError, match="every group"):
+        path.keep_widths({path.groups[0].name: 1})
+    with pytest.raises(sppbench.BudgetError, match="every group"):
+        path.keep_widths({g.name: g.size + 1 for g in path.groups})
+
+
 @pytest.mark.parametrize("kind,idx", [("params", 0), ("macs", 1)])
 def test_achieved_budget_is_within_one_entry_of_the_request(kind, idx):
     path = synthetic_path()

@@ -80,6 +80,38 @@ def test_ranking_uses_the_fractional_time_and_old_paths_still_load(tmp_path):
         SolutionPath.from_dict(bad)
 
 
+def test_health_is_watched_as_the_search_runs():
+    """Entries entering all at once are warned at the step they do (not only at the end) and kept in the path's
+    config with that step; the step really is one at which more than the limit's share of all entries entered."""
+    model = tiny_vit()
+    m = sppbench.attach_masks(model)
+    with pytest.warns(RuntimeWarning, match="search health: .* of all entries entered at step"):
+        path = sppbench.search(m, synthetic_batches(model, 32, n=3), F.cross_entropy, steps=12, kappa=10.0,
+                               alpha=0.09, nu=1.0, lam=0.05)
+    watch = path.config["health_watch"]
+    ev = [e for e in watch["events"] if e["kind"] == "entered_at_once"]
+    assert len(ev) == 1 and watch["dense_loss"] == pytest.approx(path.history[0]["loss"])
+    total = sum(g.size for g in path.groups)
+    at = sum(int((path.entry_step[g.name] == ev[0]["step"]).sum()) for g in path.groups)
+    assert at / total == pytest.approx(ev[0]["value"], abs=1e-6) and at / total > HEALTH_LIMITS["max_step_share"]
+    earlier = sum(int(((path.entry_step[g.name] > 0) & (path.entry_step[g.name] < ev[0]["step"])).sum())
+                  for g in path.groups)
+    assert earlier <= HEALTH_LIMITS["max_step_share"] * total * ev[0]["step"]  # no earlier step passed the limit
+
+
+def test_health_watch_warns_each_kind_once_at_its_step():
+    from sppbench.core.path import HealthWatch
+
+    w = HealthWatch(100)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for step, (loss, entered) in enumerate([(1.0, 0), (2.0, 5), (3.5, 1), (9.0, 20), (1.0, 0)], 1):
+            w.check(step, loss, entered)
+    assert [(e["kind"], e["step"]) for e in w.events] == [("loss_above_limit", 3), ("entered_at_once", 4)]
+    assert len(got) == 2 and all(issubclass(x.category, RuntimeWarning) for x in got)
+    assert w.state["dense_loss"] == 1.0 and w.events[0]["value"] == pytest.approx(3.5)
+
+
 def test_diagnostics_flag_a_collapsed_path():
     # a huge coupling decay: every mask falls towards 0 together and enters in the same step or two
     _, path = _path(steps=12, kappa=10.0, alpha=0.09, nu=1.0, lam=0.05)

@@ -390,12 +390,19 @@ def test_report_shows_the_vision_table_inline_with_verdicts_and_hardware(tmp_pat
 
     root = tmp_path / "runs"
     monkeypatch.setenv("SPPBENCH_RESULTS", str(root))
-    cfg = VisionTableConfig(methods=("spp", "magnitude", "random"), macs_fractions=(0.8, 0.5), steps=3, batch_size=8,
-                            seeds=2, resamples=200)
+    cfg = VisionTableConfig(methods=("spp", "spp-final-m", "random-spp-widths", "magnitude", "random"),
+                            macs_fractions=(0.8, 0.5), steps=3, batch_size=8, seeds=2, resamples=200)
     res = run_vision_table(cfg, task=tiny_task(), progress=False)
     rep = build_report(root=root, out=tmp_path, studies=["vision_table"])
     assert rep["missing"] == {}
     text = Path(rep["index"]).read_text()
+    # what was found comes first: the central question in words (2 seeds: no claim, so within noise), files last
+    assert text.index("## What was found") < text.index("## Vision table") < text.index("## Files")
+    m = res["summary"].set_index(["method", "budget_macs_fraction"]).loc[("spp-final-m", 0.5)]
+    assert (f"- tiny-vit at 0.5 of the dense MACs: the entry order is within noise of its own final |M| "
+            f"({-m['delta_head_refit'] * 100:+.2f} [{-m['delta_head_refit_hi'] * 100:+.2f}, "
+            f"{-m['delta_head_refit_lo'] * 100:+.2f}] points)") in text
+    assert "- tiny-vit, over its budgets: its own final |M|: beats at 0, loses at 0, within noise at 2 of 2" in text
     assert "## Vision table" in text and f"run `{res['record'].name}`" in text
     assert "Test images: 32; seeds: 2 per method with randomness (magnitude deterministic: one run)" in text
     assert "Hardware: " in text and " torch threads, " in text and "200 bootstrap resamples" in text

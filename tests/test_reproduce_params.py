@@ -42,9 +42,12 @@ def test_vision_table_keeps_the_statistical_floor():
     assert p["n_refit"] == 3000           # the dense head's own fit set (no fit-set advantage for pruned rows)
     assert p["finetune_steps"] == 0       # no fine-tune column until one recovers accuracy
     assert p["lasso_trials"] >= 5         # Lasso brackets each budget or refuses it
-    for model, ms in p.get("model_methods", {}).items():
-        for m in ms:
-            methods.check_method(m)
+    from sppbench.studies.vision_table import ORDER_ARMS, QUESTION, VisionTableConfig
+
+    for model in p["models"]:  # every model's list is a valid table (the order arms after spp)
+        VisionTableConfig(model=model, methods=tuple(p.get("model_methods", {}).get(model, p["methods"]))).resolved()
+    headline = set(p["methods"])  # the central question in full on the models that run the default list
+    assert {m for m, _ in QUESTION} <= headline and set(ORDER_ARMS) <= headline
     for model, by_method in p.get("model_settings", {}).items():
         for m, knob in by_method.items():
             assert set(knob) == {methods.TUNING_KNOBS[m]}, (model, m, knob)

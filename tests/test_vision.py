@@ -53,7 +53,11 @@ def test_vision_table_runs_every_method_on_the_same_budgets(tmp_path, monkeypatc
     assert (pruned["macs"] <= pruned["target_macs"]).all()
     assert set(pruned.loc[pruned["method"] == "random", "readout"]) == {"per-layer"}
     assert set(pruned.loc[pruned["method"] == "spp", "readout"]) <= {"global", "per-layer"}
-    assert pruned.loc[pruned["method"] == "spp", "val_head_refit"].notna().all()  # chosen on val
+    sp = pruned[pruned["method"] == "spp"]
+    assert sp.loc[sp["seed"] == 0, "val_head_refit"].notna().all()  # chosen on val at the first seed ...
+    assert sp.loc[sp["seed"] == 1, "val_head_refit"].isna().all()  # ... and used as it is at the later seeds
+    for frac in (0.8, 0.5):
+        assert sp.loc[sp["budget_macs_fraction"] == frac, "readout"].nunique() == 1
     assert (pruned.loc[pruned["method"] == "lasso", "lasso_tries"] == 3).all()  # tries shared by both budgets
     for st in (*STAGES, "finetuned"):
         assert pruned[f"top1_{st}"].between(0, 1).all()
@@ -88,7 +92,7 @@ def test_vision_table_runs_every_method_on_the_same_budgets(tmp_path, monkeypatc
     fc = res["info"]["family_cost"]
     assert fc["family_size"] == 5 and 0 < fc["ratio_final_runs_only"] and fc["lasso_tries_recorded"] == 3
     rec = json.loads((res["record"] / "metrics.json").read_text())
-    assert rec["info"]["readout_rule"].startswith("per budget") and len(rec["rows"]) == len(t)
+    assert rec["info"]["readout_rule"].startswith("per method and budget") and len(rec["rows"]) == len(t)
     assert len(rec["info"]["summary"]) == len(s) and rec["info"]["test_images"] == 32
 
 
@@ -101,6 +105,48 @@ def test_vision_table_rejects_bad_parameters():
         VisionTableConfig(macs_fractions=(0.5, 1.5)).resolved()
     with pytest.raises(ValueError, match="readout"):
         VisionTableConfig(readout="best").resolved()
+    with pytest.raises(ValueError, match="put 'spp' before it"):
+        VisionTableConfig(methods=("spp-final-m", "spp")).resolved()
+
+
+def test_order_arms_read_spp_own_search_at_the_same_budgets(tmp_path, monkeypatch):
+    """The order arms reuse SPP's search of their seed: final |M| / |V| re-rank that path (their rankings are its
+    entries sorted by |M| / |V|), and random-spp-widths keeps exactly SPP's per-layer widths, so the same MACs."""
+    import numpy as np
+
+    from sppbench.studies.vision_table import keep_key, rank_key
+
+    monkeypatch.setenv("SPPBENCH_RESULTS", str(tmp_path))
+    cfg = VisionTableConfig(model="embedded-vit", methods=("spp", "spp-final-m", "spp-final-v", "random-spp-widths",
+                                                           "random"),
+                            macs_fractions=(0.8, 0.5), steps=4, batch_size=8, seeds=2, resamples=200)
+    res = run_vision_table(cfg, task=tiny_task(), progress=False)
+    t, info = res["table"], res["info"]
+    assert set(info["order_arms"]) == {"spp-final-m", "spp-final-v", "random-spp-widths"}
+    assert {k for k in info["search_seconds"] if not k.startswith(("spp@", "random@"))} == {
+        f"{a}@seed{s}" for a in info["order_arms"] for s in (0, 1)}
+    assert all(info["search_seconds"][f"{a}@seed{s}"] == 0.0 for a in info["order_arms"] for s in (0, 1))
+    keeps = np.load(res["record"] / "keepsets.npz")
+    ranks = np.load(res["record"] / "rankings.npz")
+    for seed in (0, 1):
+        path = res["paths"][f"spp@seed{seed}"]
+        for arm, stat in (("spp-final-m", path.M), ("spp-final-v", path.V)):
+            score = torch.cat([stat[n].abs() for n in sorted(stat)]).double()  # rankings.npz: groups by name
+            ranked = score[torch.argsort(torch.as_tensor(ranks[rank_key("tiny-vit", arm, seed)]))]
+            assert bool((ranked[:-1] >= ranked[1:]).all())  # the arm's order is the path's entries by |M| / |V|
+        for frac in (0.8, 0.5):
+            row = lambda m: t[(t["method"] == m) & (t["seed"] == seed) & (t["budget_macs_fraction"] == frac)].iloc[0]
+            assert row("random-spp-widths")["macs"] == row("spp")["macs"]
+            assert row("random-spp-widths")["readout"] == "widths"
+            spp_keep = keeps[keep_key("tiny-vit", "spp", frac, seed)]
+            rnd_keep = keeps[keep_key("tiny-vit", "random-spp-widths", frac, seed)]
+            assert spp_keep.sum() == rnd_keep.sum()
+            offsets = np.cumsum([0] + [g.size for g in sorted(path.groups, key=lambda g: g.name)])
+            for a, b in zip(offsets[:-1], offsets[1:]):  # the same width in every group
+                assert spp_keep[a:b].sum() == rnd_keep[a:b].sum()
+    s = res["summary"]
+    arms = s[s["method"].isin(list(info["order_arms"]))]
+    assert len(arms) == 3 * 2 and arms["verdict_head_refit"].isin(["better", "worse", "tie"]).all()
 
 
 def test_a_peer_that_cannot_prune_the_family_is_skipped_with_its_reason(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import warnings
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,48 @@ def loss_near(history: Sequence[Mapping], step: float, half_width: int = 2) -> f
     if not near:
         near = [h["loss"] for h in history if h["step"] >= step and "loss" in h][:1]
     return float(sum(near) / len(near)) if near else None
+
+
+class HealthWatch:
+    """The path-health limits (``HEALTH_LIMITS``) watched while a search runs: the first step at which more than
+    ``max_step_share`` of ALL entries enter at once (the end-of-search check counts the share of the entered ones,
+    so this fires no later), and the first step at which the loss passes ``max_loss_ratio_half`` x the dense loss
+    (the first step's, every mask at 1; the end-of-search check applies that limit where half the entries have
+    entered, so an early spike the search recovers from is an event, not a failure). Each is warned once, at its
+    step (RuntimeWarning). ``state`` ({"dense_loss", "events"}) is updated in place: the search keeps it as
+    ``path.config["health_watch"]`` (and a resumed search continues its own)."""
+
+    def __init__(self, total: int, state: dict | None = None, limits: Mapping[str, float] | None = None):
+        self.total, self.lim = int(total), {**HEALTH_LIMITS, **(limits or {})}
+        self.state = state if state is not None else {}
+        self.state.setdefault("dense_loss", None)
+        self.state.setdefault("events", [])
+
+    @property
+    def events(self) -> list[dict]:
+        return self.state["events"]
+
+    def check(self, step: int, loss: float, entered_now: int) -> None:
+        """One search step: its loss and how many entries entered at it."""
+        if self.state["dense_loss"] is None:
+            self.state["dense_loss"] = loss
+        dense = self.state["dense_loss"]
+        seen = {e["kind"] for e in self.events}
+        share = entered_now / self.total if self.total else 0.0
+        if "entered_at_once" not in seen and share > self.lim["max_step_share"]:
+            self._event("entered_at_once", step, share,
+                        f"{share:.1%} of all entries entered at step {step} (limit {self.lim['max_step_share']:.0%}): "
+                        "their order among themselves is a tie-break")
+        ratio = loss / dense if dense > 0 else math.inf
+        if "loss_above_limit" not in seen and ratio > self.lim["max_loss_ratio_half"]:
+            self._event("loss_above_limit", step, ratio,
+                        f"the search loss {loss:.3g} at step {step} is {ratio:.1f}x the dense {dense:.3g} "
+                        f"(limit {self.lim['max_loss_ratio_half']:g}x where half the entries have entered; "
+                        "path.diagnostics() decides at the end)")
+
+    def _event(self, kind: str, step: int, value: float, message: str) -> None:
+        self.events.append({"kind": kind, "step": int(step), "value": round(float(value), 6), "message": message})
+        warnings.warn(f"search health: {message}", RuntimeWarning, stacklevel=3)
 
 
 def entry_health(entry_time: torch.Tensor, entry_step: torch.Tensor, history: Sequence[Mapping],
@@ -229,6 +272,13 @@ class SolutionPath:
         keys = sorted(range(len(cols)), key=cols.__getitem__)
         order = torch.as_tensor(keys, dtype=torch.long)
         return gi[order], ei[order], order
+
+    def rescored(self, score: Mapping[str, torch.Tensor], **config) -> "SolutionPath":
+        """A copy of this search ranked by ``score`` instead (higher first; ties as in ``_sort_keys``), e.g. its
+        own final |M|; ``config`` entries are added to the copy's config (what the score is)."""
+        return SolutionPath(self.groups, self.entry_step, self.V, self.M, self.cost_model, {**self.config, **config},
+                            self.history, self.support_steps, self.info, score=score,
+                            entry_time=self._entry_time)
 
     def order(self, readout: str = "global") -> list[tuple[int, int]]:
         """Every entry as (group index, entry index), most important first.
@@ -399,6 +449,23 @@ class SolutionPath:
         if round_to > 1:
             return self._keepset(fixed + self._rounded(order, lo, round_to, idx, value, tower), request, readout)
         return self._keepset(fixed + order[:lo], request, readout)
+
+    def keep_widths(self, widths: Mapping[str, int], request: dict | None = None) -> KeepSet:
+        """The keep-set with exactly ``widths[group]`` entries of every group, each group's best-ranked by this
+        path (e.g. a random order at another keep-set's per-layer widths: ``rescored`` random, then the other
+        keep-set's ``widths()``). Its cost is the cost of those widths, whatever the order."""
+        names = {g.name for g in self.groups}
+        if set(widths) != names or any(not 0 <= int(w) <= g.size for g, w in
+                                        ((g, widths[g.name]) for g in self.groups)):
+            raise BudgetError(f"widths must give every group of this path a width between 0 and its size; got "
+                              f"{len(widths)} widths for {len(names)} groups")
+        taken = dict.fromkeys(range(len(self.groups)), 0)
+        chosen = []
+        for g, e in self.order("global"):
+            if taken[g] < int(widths[self.groups[g].name]):
+                taken[g] += 1
+                chosen.append((g, e))
+        return self._keepset(chosen, dict(request or {"widths": "given"}), "widths")
 
     def _rounded(self, order: list, prefix: int, r: int, idx: int, value: int, tower: str | None) -> list:
         """Widths that are multiples of ``r`` (or full), within ``value`` (params or MACs): see keep()."""

@@ -1,6 +1,7 @@
 """The search loop: SLBI on the masks of a MaskedModel, W frozen, producing a SolutionPath."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -17,7 +18,7 @@ from . import distributed as D
 from .batches import BatchCycle, forward_loss, precision_context, resolve_precision, to_device
 from .dynamics import SLBI, official_settings
 from .masks import POOLS, MaskedModel
-from .path import SolutionPath
+from .path import HealthWatch, SolutionPath
 
 # ---------------------------------------------------------------------------------------------
 # Search checkpoints (resume)
@@ -293,7 +294,10 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
         _set_rng_state(state["rng"])
         start, before = int(state["step"]), float(state["seconds"])
         config["resumed_at"] = [*state["config"].get("resumed_at", []), start]
+        config["health_watch"] = copy.deepcopy(state["config"].get("health_watch", {}))
         data = BatchCycle(batches, start=start)
+    # the health limits watched as the search runs (events kept in the config: a resumed search keeps its own)
+    watch = HealthWatch(sum(g.size for g in m.groups), config.setdefault("health_watch", {}))
     t0 = time.perf_counter()
 
     def snapshot(done: int) -> SolutionPath:
@@ -324,6 +328,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
                 exc.path = snapshot(step - 1)
                 exc.step = step
                 raise
+            watch.check(step, value, sum(int((opt.state_of(p)["entry_step"] == step).sum()) for p in masks.values()))
             if step % record_every == 0 or step == steps:
                 history.append(_record(m, opt, step, value))
             if callback is not None:

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 from ..core.path import entry_health
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..studies.path_study import entry_rows
+from ..studies.vision_table import central_question
 from ..studies.records import list_records, load_record, results_root
 from . import reference
 from .plots import method_label
@@ -336,6 +337,13 @@ def _vision_text(rec: dict, s, figure: str) -> list[str]:
     cols = [("method", "method"), ("budget_macs_fraction", "MACs budget"), ("seeds", "seeds")]
     for st in stages:
         cols += [(f"{st}_txt", f"top-1 {st} (mean ± sd)"), (f"{st}_vs", f"{st}: vs spp, delta [95% CI] verdict")]
+    question = central_question(s) if "verdict_head_refit" in s else []
+    if question:
+        arms = info.get("order_arms") or {}
+        lines += ["", "**The central question** (head re-fit read-out; SPP's entry order minus the other, points of "
+                      "top-1, paired 95% interval" + ("; the order arms: " + "; ".join(f"`{k}`, {v}" for k, v in
+                                                                                          arms.items()) if arms else "")
+                  + "):", *question]
     lines += ["", *_md_table(table, cols)]
     if "verdict_head_refit" in s:
         lines += ["", "In words (head re-fit read-out; a difference counts only when its paired 95% interval "
@@ -1109,18 +1117,42 @@ def _health_text(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _findings(recs: list[dict]) -> list[str]:
+    """What was found, first: the central question (issue 36) per vision record, in words."""
+    import pandas as pd
+
+    lines = []
+    for rec in recs:
+        summ = (rec["metrics"]["info"] or {}).get("summary")
+        said = central_question(pd.DataFrame(summ)) if summ and "verdict_head_refit" in summ[0] else []
+        if said:
+            lines += ["", f"**{_model_of(rec)}** ({_label(rec)}; run `{rec['run_id']}`, "
+                          f"{(rec['metrics']['info'] or {}).get('test_images')} test images):", *said]
+    if not lines:
+        return ["", "No vision record answers the central question yet (it needs spp and the order arms)."]
+    return ["", "Does SPP's solution path carry information simpler rankings do not? On the head re-fit read-out, "
+                "SPP's entry order against each other ranking at the same budget: **beats** / **loses to** only "
+                "where the paired 95% interval (search seeds, then test images) excludes zero under every "
+                "bootstrap seed and both sides have 5 seeds (docs/statistics.md); the figures are SPP's entry order "
+                "minus the other, in points of top-1 (positive: SPP ahead). Stand-ins only: no paper row is "
+                "reproduced.", *lines]
+
+
 def _index(root: Path, written: list[tuple[str, str, str]], missing: dict[str, str],
-           health: list[dict] | None = None, sections: list[str] | None = None) -> str:
+           health: list[dict] | None = None, sections: list[str] | None = None,
+           findings: list[str] | None = None) -> str:
     lines = ["# sppbench report", "",
              f"Built from the run records under `{root}` only (each study: its newest record; vision_table and "
              "solution_path: the newest record per model). Rows from a stand-in model carry its label in "
-             f"`stand_in`; `paper_*.csv` hold numbers reported by others, marked `source = \"{PAPER_SOURCE}\"`.",
-             "", "| file | study | source run(s) |", "|---|---|---|"]
-    for rel, study, runs in written:
-        lines.append(f"| `{rel}` | {study} | {runs} |")
+             f"`stand_in`; `paper_*.csv` hold numbers reported by others, marked `source = \"{PAPER_SOURCE}\"`. "
+             "The files written are listed at the end.", "", "## What was found"]
+    lines += list(findings or _findings([]))
     lines += list(sections or [])
     if health is not None:
         lines += _health_text(health)
+    lines += ["", "## Files", "", "| file | study | source run(s) |", "|---|---|---|"]
+    for rel, study, runs in written:
+        lines.append(f"| `{rel}` | {study} | {runs} |")
     lines += ["", "## Missing", ""]
     if missing:
         lines += [f"- **{study}**: {reason}" for study, reason in missing.items()]
@@ -1149,6 +1181,7 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
     written: list[tuple[str, str, str]] = []
     health: list[dict] = []
     sections: list[str] = []  # inline markdown of the studies that give it (tables, verdicts, figures)
+    findings: list[str] = []  # what was found (the central question), at the top
     for study in chosen:
         recs, problems = select_records(study, root)
         if not recs:
@@ -1163,7 +1196,8 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
             reason = f"record {runs} is malformed for this study ({type(e).__name__}: {e})"
             result["missing"][study] = "; ".join([*problems, reason])
             continue
-        if study == "vision_table":  # the tuning behind its step sizes, right after it
+        if study == "vision_table":  # the tuning behind its step sizes, right after it; its answer goes first
+            findings = _findings(recs)
             tuned, _ = select_records("vision_tuning", root)
             sections += _tuning_text(tuned)
         if study == "llm_table":  # a second run of notebook 30 with other settings, when there is one
@@ -1208,7 +1242,7 @@ def build_report(root: str | os.PathLike | None = None, out: str | os.PathLike |
     shown = _shown(root, out)
     result["index"] = str(atomic_write_text(out / "report.md", _index(
         Path(shown), written, {k: v.replace(str(root), shown) for k, v in result["missing"].items()}, health,
-        sections)))
+        sections, findings)))
     return result
 
 

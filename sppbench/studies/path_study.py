@@ -146,17 +146,11 @@ def order_variants(path: SolutionPath, seed: int = 0) -> dict[str, tuple[Solutio
     """The same search read four ways: by entry order (the path itself), by final |V| only, by final |M|
     only (score-ranked copies of the path) and random per layer; (path, read-out) per arm."""
     g = torch.Generator().manual_seed(seed)
-
-    def scored(score: dict) -> SolutionPath:
-        return SolutionPath(path.groups, path.entry_step, path.V, path.M, path.cost_model,
-                            dict(path.config), path.history, path.support_steps, path.info,
-                            score=score)
-
     return {"entry-order": (path, "global"),
-            "final-abs-V": (scored({n: v.abs().double() for n, v in path.V.items()}), "global"),
-            "final-abs-M": (scored({n: v.abs().double() for n, v in path.M.items()}), "global"),
-            "random-per-layer": (scored({gr.name: torch.rand(gr.size, generator=g, dtype=torch.float64)
-                                         for gr in path.groups}), "per-layer")}
+            "final-abs-V": (path.rescored({n: v.abs().double() for n, v in path.V.items()}), "global"),
+            "final-abs-M": (path.rescored({n: v.abs().double() for n, v in path.M.items()}), "global"),
+            "random-per-layer": (path.rescored({gr.name: torch.rand(gr.size, generator=g, dtype=torch.float64)
+                                                for gr in path.groups}), "per-layer")}
 
 
 def order_ablation(m, path: SolutionPath, task, macs_fractions, *, seed: int = 0) -> tuple[list[dict], dict]:

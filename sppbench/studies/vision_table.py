@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import methods
 from ..core import measure
+from ..core.compress import compress
 from ..core.path import READOUTS
 from ..core.search import FINETUNE_DEFAULTS, finetune
 from ..errors import SppBenchError, UnsupportedModelError
@@ -90,6 +91,18 @@ def rank_key(model: str, method: str, seed: int) -> str:
     return f"{model}|{method}|{int(seed)}"
 
 
+# The order arms (issue 36): SPP's own search of the same seed, read other ways at the same budgets, so that their rows
+# compare orders, not searches (does the entry order carry information its final state or its widths do not?). They
+# are rows of the table (these method names), not pruning methods: each reads the 'spp' search of its seed, so 'spp'
+# must come before them in the table's method list. No search of their own (search_s 0).
+ORDER_ARMS = {
+    "spp-final-m": "SPP's search ranked by its own final |M| (read-out chosen as for every ranking method)",
+    "spp-final-v": "SPP's search ranked by its own final |V| (read-out chosen as for every ranking method)",
+    "random-spp-widths": "the 'random' method's order of the same seed, kept at the per-layer widths of SPP's row of "
+                         "the same seed and budget (the same widths, so the same MACs, as that row)",
+}
+
+
 def parse_key(key: str) -> dict:
     model, method, budget, seed, stage = key.split("|")
     return {"model": model, "method": method, "budget": float(budget), "seed": int(seed), "stage": stage}
@@ -103,8 +116,9 @@ class VisionTableConfig:
     """Parameters of one vision table (defaults: the embedded profile at full size)."""
 
     model: str = "embedded-vit"
-    methods: tuple[str, ...] = ("spp", "spp-official", "lasso", "lasso-rank", "dessilbi", "magnitude", "random",
-                                "tp-magnitude", "tp-taylor")
+    methods: tuple[str, ...] = ("spp", "spp-final-m", "spp-final-v", "random-spp-widths", "spp-official", "lasso",
+                                "lasso-rank", "dessilbi", "magnitude", "random", "tp-magnitude", "tp-taylor")
+                                     # (the order arms, ORDER_ARMS, read spp's own search: after spp)
     macs_fractions: tuple[float, ...] = (0.7, 0.5, 0.35)   # budgets: fractions of the dense model's MACs
     steps: int = 160                 # search steps (every searching method: the same count)
     batch_size: int = 32
@@ -138,8 +152,11 @@ class VisionTableConfig:
 
     def resolved(self) -> "VisionTableConfig":
         check_types(self)
-        for m in self.methods:
-            methods.check_method(m)
+        for i, m in enumerate(self.methods):
+            if m not in ORDER_ARMS:
+                methods.check_method(m)
+            elif "spp" not in self.methods[:i]:
+                raise ValueError(f"{m} reads SPP's own search: put 'spp' before it in methods (got {self.methods})")
         if self.readout not in ("val", *READOUTS):
             raise ValueError(f"readout must be 'val', 'global' or 'per-layer', got {self.readout!r}")
         if not self.macs_fractions or not all(0 < f <= 1 for f in self.macs_fractions):
@@ -326,6 +343,43 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
     keep_digest: dict[tuple, str] = {}  # (method, seed, budget) -> digest of the keep-set: identical rows are flagged
     keepsets: dict[str, np.ndarray] = {}  # keep_key -> every kept entry as one bool vector (keepsets.npz)
     rankings: dict[str, np.ndarray] = {}  # rank_key -> a ranking method's global order of every entry (rankings.npz)
+    spp_runs: dict[int, tuple] = {}   # seed -> (spp's path, its chosen rows): what the order arms read
+    readout_of: dict[tuple, str] = {}  # (method, budget) -> the read-out chosen on validation at the first seed
+
+    def choose(method: str, path, common: dict) -> list:
+        """(val top-1 or None, Pruned, fitted read-outs) per budget: the read-out chosen per method and budget on the
+        validation split's head re-fit at the method's first seed, and used as it is at its later seeds."""
+        fixed = ["per-layer"] if method == "random" else [cfg.readout] if cfg.readout != "val" else None
+        chosen = []
+        for b, frac in zip(budgets, cfg.macs_fractions):
+            candidates = fixed or ([readout_of[(method, frac)]] if (method, frac) in readout_of else list(READOUTS))
+            best = None
+            for ro in candidates:
+                p = methods.prune("spp" if method in ORDER_ARMS else method, m, [b], readout=ro, path=path,
+                                  **common)[0]
+                fitted = fit_readouts(p.model, task)
+                val = None
+                if len(candidates) > 1:
+                    val = float(stage_correct(p.model, task, "val", fitted, dense_fitted)["head_refit"].float().mean())
+                if best is None or (val is not None and val > best[0]):
+                    best = (val, p, fitted)
+            readout_of.setdefault((method, frac), best[1].readout)
+            chosen.append(best)
+        return chosen
+
+    def at_spp_widths(seed: int) -> list:
+        """random-spp-widths: the random order of ``seed`` at the widths of SPP's rows of the same seed."""
+        order = methods.random_path(m, seed)
+        chosen = []
+        for _, sp, _ in spp_runs[seed][1]:
+            t = time.perf_counter()
+            keep = order.keep_widths(sp.keep.widths(), request=sp.budget)
+            small = compress(m, keep)
+            p = methods.Pruned("random-spp-widths", dict(sp.budget), small, keep, time.perf_counter() - t, 0.0,
+                               "widths", {"search": {"method": "random", "seed": seed, "widths": f"spp@seed{seed}"}})
+            chosen.append((None, p, fit_readouts(small, task)))
+        return chosen
+
     try:
         for method in cfg.methods:
             if method in methods.PEER_METHODS and methods.peer_reason(method):
@@ -344,30 +398,30 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                               settings={"trials": cfg.lasso_trials, "shared_tries": True,
                                         **(own if method != "spp" else {})}, example_inputs=x_macs)
                 t0 = time.perf_counter()
-                if method in methods.RANKING_METHODS:
+                if method in ORDER_ARMS:
+                    t1 = time.perf_counter()
+                    searches[(method, seed)] = 0.0  # SPP's search of this seed, read again
+                    spp_path = spp_runs[seed][0]
+                    if method == "random-spp-widths":
+                        chosen = at_spp_widths(seed)
+                    else:
+                        arm = spp_path.rescored({n: v.abs().double() for n, v in
+                                                 (spp_path.M if method == "spp-final-m" else spp_path.V).items()},
+                                                arm=method)
+                        chosen = choose(method, arm, common)
+                        rankings[rank_key(task.name, method, seed)] = flat_ranking(arm).numpy().astype(np.int32)
+                    timing["readout_choice_s"] += time.perf_counter() - t1
+                elif method in methods.RANKING_METHODS:
                     path = methods.ranking(method, m, batches, F.cross_entropy, steps=cfg.steps, seed=seed, spp=spp_m,
                                            settings=own if method != "spp" else None)
                     searches[(method, seed)] = path.config.get("seconds", time.perf_counter() - t0)
                     timing["search_s"] += time.perf_counter() - t0
                     configs[f"{method}@seed{seed}"] = path.config
-                    candidates = [cfg.readout] if cfg.readout != "val" else list(READOUTS)
-                    if method == "random":
-                        candidates = ["per-layer"]
-                    chosen = []
                     t1 = time.perf_counter()
-                    for b in budgets:
-                        best = None
-                        for ro in candidates:
-                            p = methods.prune(method, m, [b], readout=ro, path=path, **common)[0]
-                            fitted = fit_readouts(p.model, task)
-                            val = None
-                            if len(candidates) > 1:
-                                res = stage_correct(p.model, task, "val", fitted, dense_fitted)
-                                val = float(res["head_refit"].float().mean())
-                            if best is None or (val is not None and val > best[0]):
-                                best = (val, p, fitted)
-                        chosen.append(best)
+                    chosen = choose(method, path, common)
                     timing["readout_choice_s"] += time.perf_counter() - t1
+                    if method == "spp":
+                        spp_runs[seed] = (path, chosen)
                     rankings[rank_key(task.name, method, seed)] = flat_ranking(path).numpy().astype(np.int32)
                     if path.rank_by != "score":
                         paths[f"{method}@seed{seed}"] = path
@@ -450,8 +504,9 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                               "counts" if cfg.form == "adam" else "the paper's update"),
             "seeds": {"seeded_methods": cfg.seeds, "deterministic": [x for x in cfg.methods
                                                                        if x in methods.DETERMINISTIC_METHODS],
-                      "what_varies": "search batch order (spp, spp-official, lasso, lasso-rank, dessilbi), the random "
-                                     "order (random), the Taylor batches (tp-taylor)"},
+                      "what_varies": "search batch order (spp, spp-official, lasso, lasso-rank, dessilbi; the order "
+                                     "arms read spp's search of the same seed), the random order (random, "
+                                     "random-spp-widths), the Taylor batches (tp-taylor)"},
             "skipped": skipped, "refused": refused, "search_configs": configs,
             "search_seconds": {f"{k[0]}@seed{k[1]}": v for k, v in searches.items()},
             "identical_keep_sets": {f"{k[0]}@seed{k[1]}@{k[2]}": v for k, v in identical.items()},
@@ -462,8 +517,10 @@ def run_vision_table(cfg: VisionTableConfig | None = None, *, record: bool = Tru
                           "lr_choice": "given (not chosen on validation)"} if cfg.finetune_steps else
                          {"steps": 0, "note": "no fine-tune column: the short CPU fine-tune (20 steps, lr 3e-6) of "
                                               "earlier tables changed little or lowered accuracy"}),
-            "readout_rule": "per budget, the read-out with the higher head-refit top-1 on the validation split"
-                            if cfg.readout == "val" else f"fixed: {cfg.readout}",
+            "readout_rule": "per method and budget, the read-out with the higher head-refit top-1 on the validation "
+                            "split at the method's first seed, used as it is at its later seeds (random: per layer; "
+                            "random-spp-widths: SPP's widths)" if cfg.readout == "val" else f"fixed: {cfg.readout}",
+            "order_arms": {a: ORDER_ARMS[a] for a in cfg.methods if a in ORDER_ARMS},
             "top1_settings": {"no_retrain": "the dense model's head on the pruned features (test split)",
                               "restandardised": "the dense head after the pruned features' mean and scale are mapped "
                                                 "to the dense features' on the refit split (no training)",
@@ -568,6 +625,40 @@ def summarize(table, correct: dict | None = None, *, ref: str = "spp", resamples
     for n, v in extra.items():
         out[n] = v
     return out
+
+
+# The central question's comparisons (issue 36): each against spp's entry order at the same model and budget.
+QUESTION = (("spp-final-m", "its own final |M|"), ("spp-final-v", "its own final |V|"),
+            ("random-spp-widths", "a random order at its widths"), ("lasso", "Lasso"), ("lasso-rank", "Lasso-rank"),
+            ("magnitude", "magnitude"), ("spp-official", "spp-official"))
+
+
+def central_question(summary, stage: str = "head_refit") -> list[str]:
+    """In words, per model and budget: does SPP's entry order beat its own final |M| / |V|, random at its widths,
+    Lasso, Lasso-rank, magnitude, spp-official (``QUESTION``; those in the table), on the ``stage`` read-out; then per
+    model, how many budgets each comparison was won, lost and tied. A verdict is the summary's (a claim or 'tie')."""
+    lines, tally = [], {}
+    for (model, budget), part in summary.groupby(["model", "budget_macs_fraction"], sort=False):
+        rows = {r["method"]: r for _, r in part.iterrows()}
+        if "spp" not in rows:
+            continue
+        said = []
+        for method, what in QUESTION:
+            r = rows.get(method)
+            v = r.get(f"verdict_{stage}") if r is not None else None
+            if not isinstance(v, str):
+                continue
+            d, lo, hi = (-r[f"delta_{stage}"], -r[f"delta_{stage}_hi"], -r[f"delta_{stage}_lo"])
+            word = {"worse": "beats", "better": "loses to", "tie": "is within noise of"}[v]
+            said.append(f"{word} {what} ({d * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}] points)")
+            tally.setdefault((model, what), []).append(word)
+        if said:
+            lines.append(f"- {model} at {budget:g} of the dense MACs: the entry order " + "; ".join(said) + ".")
+    for model in dict.fromkeys(m for m, _ in tally):
+        counts = [f"{what}: beats at {w.count('beats')}, loses at {w.count('loses to')}, within noise at "
+                  f"{w.count('is within noise of')} of {len(w)}" for (mm, what), w in tally.items() if mm == model]
+        lines.append(f"- {model}, over its budgets: " + "; ".join(counts) + ".")
+    return lines
 
 
 def _seeded(method: str) -> bool:

@@ -125,7 +125,7 @@ class VisionTableConfig:
     seed: int = 0
     seeds: int = 3                   # every method with randomness (search batch order, random order, Taylor batches)
                                      # runs with seeds seed, seed+1, ...; magnitude and tp-magnitude once
-    readout: str = "val"             # 'val' = choose global / per-layer per budget on the val split
+    readout: str = "val"             # 'val' = global / per-layer chosen per method and budget on val (first seed)
     lasso_trials: int = 6            # Lasso searches per seed, shared by every budget (methods.lasso_family)
     n_head: int = 3000
     n_val: int = 1000

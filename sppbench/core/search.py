@@ -328,7 +328,7 @@ def search(m: MaskedModel, batches: Iterable, loss_fn: Callable, *, steps: int, 
                 exc.path = snapshot(step - 1)
                 exc.step = step
                 raise
-            watch.check(step, value, sum(int((opt.state_of(p)["entry_step"] == step).sum()) for p in masks.values()))
+            watch.check(step, value, int(sum((opt.state_of(p)["entry_step"] == step).sum() for p in masks.values())))
             if step % record_every == 0 or step == steps:
                 history.append(_record(m, opt, step, value))
             if callback is not None:

@@ -337,13 +337,8 @@ def _vision_text(rec: dict, s, figure: str) -> list[str]:
     cols = [("method", "method"), ("budget_macs_fraction", "MACs budget"), ("seeds", "seeds")]
     for st in stages:
         cols += [(f"{st}_txt", f"top-1 {st} (mean ± sd)"), (f"{st}_vs", f"{st}: vs spp, delta [95% CI] verdict")]
-    question = central_question(s) if "verdict_head_refit" in s else []
-    if question:
-        arms = info.get("order_arms") or {}
-        lines += ["", "**The central question** (head re-fit read-out; SPP's entry order minus the other, points of "
-                      "top-1, paired 95% interval" + ("; the order arms: " + "; ".join(f"`{k}`, {v}" for k, v in
-                                                                                          arms.items()) if arms else "")
-                  + "):", *question]
+    if info.get("order_arms"):  # their verdicts, in words, open the report ("What was found")
+        lines += ["", "Order arms: " + "; ".join(f"`{k}`, {v}" for k, v in info["order_arms"].items()) + "."]
     lines += ["", *_md_table(table, cols)]
     if "verdict_head_refit" in s:
         lines += ["", "In words (head re-fit read-out; a difference counts only when its paired 95% interval "
